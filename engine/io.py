@@ -1,0 +1,127 @@
+"""Atomic file writes and the Parquet schemas of a run directory (docs/design.md).
+
+Every table is written to a temporary file in the destination folder and moved into place
+with `os.replace`, so a crash leaves either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("source_key", pa.string()),
+    ]
+)
+ANNOTATIONS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("ann_id", pa.int64()),
+        ("category_id", pa.int32()),
+        ("x1", pa.float32()),
+        ("y1", pa.float32()),
+        ("x2", pa.float32()),
+        ("y2", pa.float32()),
+    ]
+)
+LEDGER_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("state", pa.string()),  # pool | labeled | test | rejected
+        ("cycle", pa.int32()),
+        ("selected_by", pa.string()),
+    ]
+)
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("uri", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+SELECTION_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("rank", pa.int32()),
+        ("score", pa.float64()),
+        ("rationale", pa.string()),  # JSON
+    ]
+)
+STATES = ("pool", "labeled", "test", "rejected")
+
+
+def _tmp_in(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = _tmp_in(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_table(table: pa.Table, path: str | Path, schema: pa.Schema | None = None) -> None:
+    """Write one Parquet file atomically, cast to `schema` when given."""
+    path = Path(path)
+    if schema is not None:
+        table = table.select(schema.names).cast(schema)
+    tmp = _tmp_in(path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    return pq.read_table(path, columns=columns)
+
+
+def empty_table(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()

@@ -1,0 +1,1 @@
+"""Numba kernels with plain-NumPy reference twins (box matching, k-center updates)."""
