@@ -1,0 +1,261 @@
+"""`poolscout score`: the Ray Data stream over the unlabeled pool (docs/design.md, flow 1).
+
+    work list (pool + labeled rows) -> decode/letterbox (CPU tasks)
+      -> detector actor pool (canonical predictions per view; embeddings only for labeled rows)
+      -> signals (CPU map_batches) -> partitioned Parquet in cycles/<k>/predictions/
+
+The driver then reads only the id and signal columns to write scores.parquet, and moves
+images that failed to decode to rejects.parquet: |pool rows| = |scored| + |rejected|.
+The driver never holds images or predictions of the pool.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from engine import io
+from engine.config import Config
+from engine.run import RunDir, RunError
+
+WORK_COLUMNS = ["image_id", "uri", "width", "height", "state"]
+
+
+def worklist(run: RunDir, include_labeled: bool) -> pa.Table:
+    """Manifest rows of the pool (and labeled) images, as a small columnar table."""
+    led = io.read_table(run.ledger, columns=["image_id", "state"])
+    states = ["pool", "labeled"] if include_labeled else ["pool"]
+    led = led.filter(pc.is_in(led["state"], pa.array(states)))
+    man = io.read_table(run.manifest, columns=["image_id", "uri", "width", "height"])
+    return man.join(led, "image_id", join_type="inner").sort_by("image_id").select(WORK_COLUMNS)
+
+
+class DecodeStage:
+    """Stateless decode + letterbox of a batch of manifest rows (a Ray Data task)."""
+
+    def __init__(self, size: int, max_pixels: int):
+        self.size, self.max_pixels = size, max_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from engine.images import load_batch
+
+        out = load_batch(list(batch["uri"]), self.size, self.max_pixels)
+        err = np.array(["" if e is None else str(e) for e in out["error"]], dtype=object)
+        return {**{k: batch[k] for k in WORK_COLUMNS}, "image": out["image"], "scale": out["scale"],
+                "content_w": out["content_w"], "content_h": out["content_h"], "error": err}
+
+
+class DetectorStage:
+    """Detector actor: loads the model once, returns canonical predictions as Arrow."""
+
+    def __init__(self, model_path: str, views: tuple[str, ...], max_boxes: int, roi_embeddings: bool,
+                 threads: int, embedding_dtype: str = "float16"):
+        import torch
+
+        from engine.detectors import load_checkpoint
+
+        torch.set_num_threads(threads or (os.cpu_count() or 1))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.meta = load_checkpoint(model_path, map_location=self.device)
+        self.model.to(self.device).eval()
+        self.views, self.max_boxes, self.roi = tuple(views), max_boxes, roi_embeddings
+        self.embedding_dtype = embedding_dtype
+
+    def _widths(self) -> dict[str, int]:
+        w = {"boxes": 4, "scores": 1, "labels": 1, "probs": int(self.meta["num_classes"]) + 1}
+        if self.roi:
+            w["roi_embedding"] = int(getattr(self.model, "poolscout_roi_dim", 1))
+        return w
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from engine import predictions as P
+        from engine.inference import embed, predict
+
+        n = len(batch["image_id"])
+        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
+        pool = ok & (batch["state"] == "pool")
+        lab = ok & (batch["state"] == "labeled")
+        # Run the detector on the pool rows, the backbone only on labeled rows, nothing on errors.
+        parts: dict[str, np.ndarray] = {}
+        emb = None
+        if pool.any():
+            idx = np.flatnonzero(pool)
+            pred = predict(self.model, batch["image"][idx], image_id=batch["image_id"][idx],
+                           width=batch["width"][idx], height=batch["height"][idx], scale=batch["scale"][idx],
+                           content_w=batch["content_w"][idx], content_h=batch["content_h"][idx],
+                           views=self.views, max_boxes=self.max_boxes, roi_embeddings=self.roi,
+                           device=self.device)
+            parts = pred
+            emb = np.zeros((n, pred["embedding"].shape[1]), np.float32)
+            emb[idx] = pred["embedding"]
+        if lab.any():
+            idx = np.flatnonzero(lab)
+            e = embed(self.model, batch["image"][idx], device=self.device)
+            if emb is None:
+                emb = np.zeros((n, e.shape[1]), np.float32)
+            emb[idx] = e
+        if emb is None:
+            emb = np.zeros((n, int(getattr(self.model, "poolscout_embed_dim", 1))), np.float32)
+        full = _scatter(parts, pool, n, self.views, self._widths())
+        full.update(image_id=batch["image_id"], width=batch["width"], height=batch["height"], embedding=emb)
+        return P.to_arrow(full, self.embedding_dtype, extra={
+            "state": pa.array(list(batch["state"]), pa.string()),
+            "error": pa.array(list(batch["error"]), pa.string())})
+
+
+def _scatter(pred: dict[str, np.ndarray], rows: np.ndarray, n: int, views: tuple[str, ...],
+             widths: dict[str, int]) -> dict:
+    """Spread per-box arrays of the predicted rows over all n rows (others get 0 boxes).
+
+    Every field is always present (empty when no row was predicted) so that every
+    Parquet file of the predictions has the same schema.
+    """
+    from engine import predictions as P
+
+    out: dict[str, np.ndarray] = {}
+    idx = np.flatnonzero(rows)
+    for view in views:
+        p = P.prefix(view)
+        cnt = np.zeros(n, np.int64)
+        if pred:
+            cnt[idx] = np.diff(pred[p + "offsets"])
+        out[p + "offsets"] = P.offsets_from_counts(cnt)
+        for field in P.BOX_FIELDS:
+            if pred and p + field in pred:
+                out[p + field] = pred[p + field]  # boxes stay in row order: rows are a subsequence
+            elif field in widths:
+                w = widths[field]
+                dtype = P.BOX_FIELDS[field]
+                out[p + field] = np.zeros((0, w) if w > 1 else (0,), dtype)
+    return out
+
+
+class SignalStage:
+    """Computes the configured signals of each pool row (a Ray Data task on Arrow batches)."""
+
+    def __init__(self, specs: tuple[str, ...], seed: int, cycle: int, num_classes: int):
+        self.specs, self.seed, self.cycle, self.num_classes = specs, seed, cycle, num_classes
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from engine import predictions as P
+        from engine import signals as S
+
+        specs = [S.parse_spec(s) for s in self.specs]
+        views = sorted({s.view for s in specs} | {"orig"})
+        batch = P.from_arrow(table, views=views, fields=["scores", "labels", "probs"], num_classes=self.num_classes)
+        values = S.compute(batch, specs, seed=self.seed, cycle=self.cycle)
+        for col, v in values.items():
+            table = table.append_column(f"sig__{col}", pa.array(np.asarray(v, dtype=np.float64)))
+        return table
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | None = None,
+          progress: bool = True) -> dict:
+    """Score the pool of cycle k with its model; returns a summary with counts and timings."""
+    import ray
+
+    from engine import signals as S
+
+    run.require()
+    k = run.current_cycle() if cycle is None else cycle
+    model = run.model_path(k)
+    if not model.is_file():
+        raise RunError(f"{model} is missing: run `poolscout train {run.root}` first")
+    sc = cfg.score
+    specs = tuple(sc.signals)
+    for s in specs:  # fail before starting Ray work
+        S.parse_spec(s)
+    work = worklist(run, sc.embed_labeled)
+    n_pool = int(pc.sum(pc.equal(work["state"], "pool")).as_py() or 0)
+    if n_pool == 0:
+        raise RunError(f"{run.ledger}: the pool is empty; nothing to score")
+    cdir = run.cycle_dir(k)
+    cdir.mkdir(parents=True, exist_ok=True)
+    wl_path = cdir / "worklist.parquet"
+    io.write_table(work, wl_path)
+    tmp_dir = cdir / f".predictions.tmp-{uuid.uuid4().hex[:8]}"
+
+    t0 = time.time()
+    nblocks = blocks or max(1, min(200, len(work) // max(1, sc.decode_batch_size)))
+    ds = ray.data.read_parquet(str(wl_path), override_num_blocks=nblocks)
+    ds = ds.map_batches(DecodeStage, fn_constructor_kwargs={"size": cfg.detector.input_size,
+                                                            "max_pixels": cfg.dataset.max_pixels},
+                        batch_size=sc.decode_batch_size, batch_format="numpy", num_cpus=0.5,
+                        concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))))
+    ds = ds.map_batches(DetectorStage, fn_constructor_kwargs={
+        "model_path": str(model), "views": tuple(sc.views), "max_boxes": cfg.detector.max_boxes,
+        "roi_embeddings": sc.store_roi_embeddings, "threads": sc.torch_threads},
+        batch_size=sc.batch_size, batch_format="numpy", concurrency=sc.concurrency,
+        num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None)
+    ds = ds.map_batches(SignalStage, fn_constructor_kwargs={"specs": specs, "seed": cfg.seed, "cycle": k,
+                                                            "num_classes": run.num_classes()},
+                        batch_format="pyarrow", batch_size=None, num_cpus=0.25, concurrency=1)
+    ds.write_parquet(str(tmp_dir))
+    seconds = time.time() - t0
+    _replace_dir(tmp_dir, run.predictions_dir(k))
+    summary = finalize_scores(run, cfg, k, specs)
+    summary.update(cycle=k, seconds=round(seconds, 2), images=int(len(work)), pool=n_pool,
+                   images_per_s=round(len(work) / seconds, 2) if seconds else None)
+    io.atomic_write_json(cdir / "score.json", summary)
+    return summary
+
+
+def finalize_scores(run: RunDir, cfg: Config, k: int, specs: tuple[str, ...]) -> dict:
+    """Predictions -> scores.parquet (empty images filled) and rejects for failed decodes."""
+    from engine import signals as S
+
+    parsed = [S.parse_spec(s) for s in specs]
+    cols = [p.column for p in parsed]
+    dataset = pads.dataset(str(run.predictions_dir(k)), format="parquet")
+    t = dataset.to_table(columns=["image_id", "state", "error", "num_boxes"] + [f"sig__{c}" for c in cols])
+    pool = t.filter(pc.equal(t["state"], "pool"))
+    bad = pool.filter(pc.not_equal(pool["error"], ""))
+    good = pool.filter(pc.equal(pool["error"], "")).sort_by("image_id")
+    n_pool_expected = len(run.ids_in_state("pool"))
+    if len(good) + len(bad) != n_pool_expected:
+        raise RuntimeError(f"scoring lost rows: pool {n_pool_expected} != scored {len(good)} + rejected {len(bad)}")
+    if len(bad):
+        man = io.read_table(run.manifest, columns=["image_id", "uri"])
+        rej = bad.select(["image_id", "error"]).join(man, "image_id")
+        run.append_rejects(pa.table({"image_id": rej["image_id"], "uri": rej["uri"],
+                                     "stage": pa.array(["score"] * len(rej)), "reason": rej["error"]}))
+        run.set_state(bad["image_id"].to_numpy(), "rejected", cycle=k)
+    empty = good["num_boxes"].to_numpy() == 0
+    out = {"image_id": good["image_id"], "num_boxes": good["num_boxes"]}
+    for p, c in zip(parsed, cols):
+        v = good[f"sig__{c}"].to_numpy(zero_copy_only=False).astype(np.float64)
+        out[c] = S.fill_empty(v, empty & np.isnan(v), _empty_rule(cfg.score.empty_value), S.direction(p))
+    io.write_table(pa.table(out), run.scores_path(k))
+    return {"scored": int(len(good)), "rejected": int(len(bad)), "signals": cols, "empty_images": int(empty.sum())}
+
+
+def _empty_rule(text: str) -> str | float:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+if __name__ == "__main__":  # python -m jobs.score RUN_DIR [options] (also under `ray job submit`)
+    import sys
+
+    from jobs.cli import main
+
+    main(["score", *sys.argv[1:]])

@@ -1,0 +1,141 @@
+"""`poolscout select`: run a strategy over scores.parquet (and embeddings) -> selection.parquet."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from engine import io
+from engine.config import Config
+from engine.run import RunDir, RunError
+
+
+def _pred_dataset(run: RunDir, k: int) -> pads.Dataset:
+    d = run.predictions_dir(k)
+    if not d.is_dir():
+        raise RunError(f"{d} is missing: run `poolscout score {run.root}` first")
+    return pads.dataset(str(d), format="parquet")
+
+
+def compute_missing(run: RunDir, cfg: Config, k: int, specs: list, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Signals a strategy needs that scoring did not store, computed from the stored predictions.
+
+    Streams the predictions in Arrow batches (never the whole pool at once); values are
+    aligned to `ids` and empty images are filled with the configured rule.
+    """
+    from engine import predictions as P
+    from engine import signals as S
+    from jobs.score import _empty_rule
+
+    views = sorted({s.view for s in specs} | {"orig"})
+    cols = ["image_id", "state", "error"] + [P.prefix(v) + f for v in views
+                                              for f in ("num_boxes", "scores", "labels", "probs")]
+    ds = _pred_dataset(run, k)
+    cols = [c for c in cols if c in ds.schema.names]
+    got_ids, got_vals, got_empty = [], {s.column: [] for s in specs}, []
+    for rb in ds.to_batches(columns=cols, batch_size=2048):
+        t = pa.Table.from_batches([rb])
+        t = t.filter(pc.and_(pc.equal(t["state"], "pool"), pc.equal(t["error"], "")))
+        if len(t) == 0:
+            continue
+        b = P.from_arrow(t, views=views, fields=["scores", "labels", "probs"], num_classes=run.num_classes())
+        vals = S.compute(b, specs, seed=cfg.seed, cycle=k)
+        got_ids.append(b["image_id"])
+        got_empty.append(np.diff(b["offsets"]) == 0)
+        for s in specs:
+            got_vals[s.column].append(vals[s.column])
+    if not got_ids:
+        raise RunError(f"{run.predictions_dir(k)} holds no scored pool images")
+    all_ids = np.concatenate(got_ids)
+    order = np.argsort(all_ids)
+    pos = order[np.searchsorted(all_ids[order], ids)]
+    empty = np.concatenate(got_empty)[pos]
+    out = {}
+    for s in specs:
+        v = np.concatenate(got_vals[s.column])[pos]
+        out[s.column] = S.fill_empty(v, empty & np.isnan(v), _empty_rule(cfg.score.empty_value), S.direction(s))
+    return out
+
+
+def load_embeddings(run: RunDir, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image_id, state, embedding (n, d) float32) of the scored pool and labeled rows."""
+    ds = _pred_dataset(run, k)
+    if "embedding" not in ds.schema.names:
+        raise RunError(f"{run.predictions_dir(k)} has no embedding column")
+    t = ds.to_table(columns=["image_id", "state", "error", "embedding"], filter=pc.field("error") == "")
+    flat = pc.list_flatten(t["embedding"].combine_chunks()).to_numpy(zero_copy_only=False)
+    emb = flat.astype(np.float32).reshape(len(t), -1) if len(t) else np.zeros((0, 0), np.float32)
+    return t["image_id"].to_numpy(), np.asarray(t["state"].to_pylist(), dtype=object), emb
+
+
+def select(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int | None = None,
+           cycle: int | None = None) -> dict:
+    """Pick `budget` pool images with a named strategy; writes cycles/<k>/selection.parquet."""
+    from engine import strategies as St
+    from engine.selectors import SelectContext
+
+    run.require()
+    k = run.current_cycle() if cycle is None else cycle
+    strat = St.load_strategy(strategy or cfg.select.strategy)
+    budget = int(budget if budget is not None else cfg.select.budget)
+    if budget <= 0:
+        raise ValueError(f"--budget must be positive, got {budget}")
+    sp = run.scores_path(k)
+    if not sp.is_file():
+        raise RunError(f"{sp} is missing: run `poolscout score {run.root}` first")
+    t0 = time.time()
+    specs = St.required_signals(strat)
+    have = io.read_table(sp).schema.names
+    scores = io.read_table(sp, columns=["image_id"] + sorted({s.column for s in specs if s.column in have}))
+    # Only images still in the pool are candidates (a rerun after labeling must not re-pick).
+    pool_ids = run.ids_in_state("pool")
+    scores = scores.filter(pc.is_in(scores["image_id"], pa.array(pool_ids))).sort_by("image_id")
+    ids = scores["image_id"].to_numpy()
+    if len(ids) == 0:
+        raise RunError(f"{sp}: no scored images left in the pool")
+    table: dict[str, np.ndarray] = {"image_id": ids}
+    for c in scores.column_names[1:]:
+        table[c] = scores[c].to_numpy(zero_copy_only=False).astype(np.float64)
+    missing = [s for s in specs if s.column not in table]
+    if missing:
+        table.update(compute_missing(run, cfg, k, missing, ids))
+    labeled_emb = None
+    if St.needs_embedding(strat):
+        eid, state, emb = load_embeddings(run, k)
+        pos = {int(i): j for j, i in enumerate(eid)}
+        table["embedding"] = emb[[pos[int(i)] for i in ids]]
+        labeled_emb = emb[state == "labeled"]
+    ctx = SelectContext(rng=np.random.default_rng([cfg.seed, k]), labeled_embedding=labeled_emb)
+    sel = St.select(strat, table, budget, ctx=ctx)
+    out = pa.table({
+        "image_id": pa.array(sel.image_id, pa.int64()),
+        "rank": pa.array(np.arange(1, len(sel.image_id) + 1), pa.int32()),
+        "score": pa.array(np.asarray(sel.score, dtype=np.float64)),
+        "rationale": pa.array([json.dumps(r, default=_jsonable) for r in sel.rationale], pa.string()),
+    })
+    io.write_table(out, run.selection_path(k), io.SELECTION_SCHEMA)
+    summary = {"cycle": k, "strategy": strat.name, "budget": budget, "selected": len(out),
+               "candidates": int(len(ids)), "seconds": round(time.time() - t0, 3),
+               "selection": str(run.selection_path(k))}
+    io.atomic_write_json(run.cycle_dir(k) / "select.json", summary)
+    return summary
+
+
+def _jsonable(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+if __name__ == "__main__":  # python -m jobs.select RUN_DIR [options] (also under `ray job submit`)
+    import sys
+
+    from jobs.cli import main
+
+    main(["select", *sys.argv[1:]])
