@@ -1,0 +1,492 @@
+"""Signals: one informativeness value per image of a canonical prediction batch.
+
+A signal is a function registered in `SIGNALS` by name with its direction ("high": a
+higher value is more informative; "low": a lower value is). Two kinds exist:
+
+* per-box signals (meta `per_box=True`): `fn(batch, *, view) -> (M,)` float64, one value
+  per kept box of the view; `compute` reduces them per image with a named reduction.
+* image-level signals (`per_box=False`): `fn(batch, *, view, seed, cycle) -> (N,)` float64.
+  A signal that needs several views (CALD, HUALE) or MC samples (BALD) is one of these: it
+  reads whatever keys of the batch it needs. Only the keyword arguments a function
+  declares are passed to it.
+
+Meta `fields` lists the per-box fields a signal reads (so a job loads only those columns).
+
+Spec syntax (used in configs and strategy `by:` keys)::
+
+    [view/]name[:reduce[:k]]
+
+    random                  image-level signal
+    entropy:max             max box entropy of the original view
+    margin:mean             mean box margin
+    entropy:topk_mean:3     mean of the 3 most informative boxes
+    hflip/entropy:max       max box entropy of the horizontally flipped view
+    entropy                 a per-box signal without reduction means "max"
+
+The result column is `[view_]name[_reduce[_k]]`: "random", "entropy_max",
+"entropy_topk_mean_3", "hflip_entropy_max" (the view prefix is omitted for "orig").
+
+Reductions are oriented by the signal's direction: `max` is "the most informative box"
+(for margin, direction "low", that is the SMALLEST margin) and `topk_mean` averages the k
+most informative boxes (the k smallest margins); `mean` and `sum` are plain. An image with
+no boxes gets NaN for a box-reduced signal; `fill_empty` replaces those over the whole
+pool (do it after gathering a column, not per shard, since "pool" rules look at all rows).
+
+All arithmetic is float64 and per row / per image, so a value does not depend on how the
+pool is cut into batches.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import predictions as P
+from .registry import Registry
+
+SIGNALS: Registry[Callable[..., np.ndarray]] = Registry("signal")
+REDUCTIONS = ("max", "mean", "sum", "topk_mean")
+DIRECTIONS = ("high", "low")
+
+
+# --------------------------------------------------------------------------------------
+# specs
+@dataclass(frozen=True)
+class SignalSpec:
+    """A parsed signal spec.
+
+    Attributes:
+        name: registered signal name.
+        reduce: reduction over boxes (per-box signals only), one of REDUCTIONS.
+        k: number of boxes for "topk_mean".
+        view: the prediction view read ("orig", "hflip", ...).
+    """
+
+    name: str
+    reduce: str | None = None
+    k: int | None = None
+    view: str = "orig"
+
+    @property
+    def column(self) -> str:
+        parts = [self.name]
+        if self.reduce is not None:
+            parts.append(self.reduce)
+        if self.k is not None:
+            parts.append(str(self.k))
+        col = "_".join(parts)
+        return col if self.view == "orig" else f"{self.view}_{col}"
+
+    @property
+    def text(self) -> str:
+        """The canonical spec text (inverse of `parse_spec`)."""
+        s = self.name
+        if self.reduce is not None:
+            s += f":{self.reduce}"
+        if self.k is not None:
+            s += f":{self.k}"
+        return s if self.view == "orig" else f"{self.view}/{s}"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _known_signals() -> str:
+    return ", ".join(SIGNALS.names())
+
+
+def parse_spec(text: str | SignalSpec) -> SignalSpec:
+    """Parse `[view/]name[:reduce[:k]]` into a validated `SignalSpec`.
+
+    Raises:
+        ValueError: unknown view, signal or reduction (the message lists the known ones),
+            a reduction on an image-level signal, a missing or bad k for topk_mean, or k
+            given for another reduction.
+    """
+    if isinstance(text, SignalSpec):
+        text = text.text
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"bad signal spec {text!r}: expected '[view/]name[:reduce[:k]]'")
+    raw = text.strip()
+    view = "orig"
+    body = raw
+    if "/" in raw:
+        view, body = raw.split("/", 1)
+        if view not in P.VIEWS:
+            raise ValueError(f"signal spec {raw!r}: unknown view {view!r}; known: {', '.join(P.VIEWS)}")
+    parts = body.split(":")
+    name = parts[0]
+    if name not in SIGNALS:
+        raise ValueError(f"signal spec {raw!r}: unknown signal {name!r}; known: {_known_signals()}")
+    if len(parts) > 3:
+        raise ValueError(f"signal spec {raw!r}: too many ':' parts (expected name[:reduce[:k]])")
+    per_box = SIGNALS.entry(name).meta["per_box"]
+    reduce = parts[1] if len(parts) > 1 else None
+    k: int | None = None
+    if not per_box:
+        if reduce is not None:
+            raise ValueError(f"signal spec {raw!r}: {name!r} is an image-level signal and takes no reduction")
+        return SignalSpec(name, None, None, view)
+    if reduce is None or reduce == "":
+        reduce = "max"
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"signal spec {raw!r}: unknown reduction {reduce!r}; known: {', '.join(REDUCTIONS)}")
+    if reduce == "topk_mean":
+        if len(parts) < 3:
+            raise ValueError(f"signal spec {raw!r}: topk_mean needs k, e.g. '{name}:topk_mean:3'")
+        try:
+            k = int(parts[2])
+        except ValueError:
+            raise ValueError(f"signal spec {raw!r}: k must be an integer, got {parts[2]!r}") from None
+        if k < 1:
+            raise ValueError(f"signal spec {raw!r}: k must be >= 1, got {k}")
+    elif len(parts) == 3:
+        raise ValueError(f"signal spec {raw!r}: only topk_mean takes k")
+    return SignalSpec(name, reduce, k, view)
+
+
+def from_column(column: str) -> SignalSpec:
+    """Reverse of `SignalSpec.column`: "hflip_entropy_topk_mean_3" -> its spec.
+
+    Raises:
+        ValueError: the column is not the name of any valid spec.
+    """
+    view, rest = "orig", column
+    for v in P.VIEWS[1:]:
+        if column.startswith(v + "_"):
+            view, rest = v, column[len(v) + 1 :]
+            break
+    # longest signal name first: a name may contain underscores ("least_confidence")
+    for name in sorted(SIGNALS.names(), key=len, reverse=True):
+        if rest == name:
+            return parse_spec(name if view == "orig" else f"{view}/{name}")
+        if rest.startswith(name + "_"):
+            tail = rest[len(name) + 1 :]
+            for red in REDUCTIONS:
+                if tail == red:
+                    spec = f"{name}:{red}"
+                elif red == "topk_mean" and tail.startswith(red + "_"):
+                    spec = f"{name}:{red}:{tail[len(red) + 1:]}"
+                else:
+                    continue
+                spec = spec if view == "orig" else f"{view}/{spec}"
+                out = parse_spec(spec)
+                if out.column == column:
+                    return out
+    raise ValueError(f"column {column!r} is not a signal column; known signals: {_known_signals()}")
+
+
+def direction(spec: SignalSpec | str) -> str:
+    """"high" or "low": whether a larger value of the signal means more informative."""
+    name = spec.name if isinstance(spec, SignalSpec) else parse_spec(spec).name
+    return SIGNALS.entry(name).meta["direction"]
+
+
+def required_fields(specs: Sequence[SignalSpec | str]) -> dict[str, list[str]]:
+    """View -> per-box fields the specs read (so a job loads only those columns)."""
+    out: dict[str, list[str]] = {}
+    for s in specs:
+        s = parse_spec(s)
+        need = out.setdefault(s.view, [])
+        for f in SIGNALS.entry(s.name).meta.get("fields", ()):
+            if f not in need:
+                need.append(f)
+    return out
+
+
+def register_signal(name: str, *, direction: str, per_box: bool, fields: tuple[str, ...] = ()):
+    """Decorator: register a signal function (see the module docstring for the two kinds)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"signal {name!r}: direction must be one of {DIRECTIONS}, got {direction!r}")
+    return SIGNALS.register(name, direction=direction, per_box=per_box, fields=tuple(fields))
+
+
+# --------------------------------------------------------------------------------------
+# per-box functions (reused by later methods)
+def box_entropy(probs: np.ndarray) -> np.ndarray:
+    """Shannon entropy of each box's softmax, natural log, 0 log 0 = 0.
+
+    Args:
+        probs: (M, C+1) class probabilities (background included).
+
+    Returns:
+        (M,) float64, H(p) = -sum_c p_c log p_c.
+
+    References:
+        Shannon 1948; as an acquisition function e.g. Settles, "Active Learning Literature
+        Survey", 2009, §3.1.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probs must be (M, C+1), got shape {p.shape}")
+    logp = np.log(p, out=np.zeros_like(p), where=p > 0)
+    return -np.einsum("ij,ij->i", p, logp) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def _top2(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if p.shape[1] == 0:
+        z = np.zeros(p.shape[0])
+        return z, z
+    if p.shape[1] == 1:
+        return p[:, 0], np.zeros(p.shape[0])
+    part = np.partition(p, p.shape[1] - 2, axis=1)
+    return part[:, -1], part[:, -2]
+
+
+def box_margin(probs: np.ndarray) -> np.ndarray:
+    """Margin between the two largest probabilities of each box (over all C+1 columns).
+
+    Args:
+        probs: (M, C+1).
+
+    Returns:
+        (M,) float64, p(1) - p(2) in [0, 1]; LOW = uncertain.
+
+    References:
+        Scheffer et al., "Active Hidden Markov Models for Information Extraction", 2001.
+    """
+    p1, p2 = _top2(np.asarray(probs, dtype=np.float64))
+    return p1 - p2
+
+
+def box_least_confidence(probs: np.ndarray) -> np.ndarray:
+    """1 - the largest probability of each box.
+
+    Args:
+        probs: (M, C+1).
+
+    Returns:
+        (M,) float64 in [0, 1); high = uncertain.
+
+    References:
+        Culotta & McCallum, "Reducing Labeling Effort for Structured Prediction Tasks", 2005.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.shape[1] == 0:
+        return np.ones(p.shape[0])
+    return 1.0 - p.max(axis=1)
+
+
+def _probs(batch: dict[str, np.ndarray], view: str) -> np.ndarray:
+    key = P.prefix(view) + "probs"
+    if key not in batch or batch[key] is None:
+        raise KeyError(f"signal needs {key!r} but the batch has no such field")
+    p = np.asarray(batch[key])
+    if p.ndim == 1:  # an empty batch may come back as (0,)
+        p = p.reshape(len(p), -1) if len(p) else p.reshape(0, 0)
+    return p
+
+
+@register_signal("entropy", direction="high", per_box=True, fields=("probs",))
+def entropy(batch: dict[str, np.ndarray], *, view: str = "orig") -> np.ndarray:
+    """Per-box entropy of the (C+1)-way softmax of `view`: (M,). See `box_entropy`."""
+    return box_entropy(_probs(batch, view))
+
+
+@register_signal("margin", direction="low", per_box=True, fields=("probs",))
+def margin(batch: dict[str, np.ndarray], *, view: str = "orig") -> np.ndarray:
+    """Per-box margin p(1) - p(2) of `view`: (M,). See `box_margin`."""
+    return box_margin(_probs(batch, view))
+
+
+@register_signal("least_confidence", direction="high", per_box=True, fields=("probs",))
+def least_confidence(batch: dict[str, np.ndarray], *, view: str = "orig") -> np.ndarray:
+    """Per-box 1 - p(1) of `view`: (M,). See `box_least_confidence`."""
+    return box_least_confidence(_probs(batch, view))
+
+
+# --------------------------------------------------------------------------------------
+# image-level signals
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def hash_uniform(image_id: np.ndarray, seed: int = 0, cycle: int = 0) -> np.ndarray:
+    """Uniform [0, 1) values from a SplitMix64 hash of (seed, cycle, image_id).
+
+    Args:
+        image_id: (N,) int64.
+
+    Returns:
+        (N,) float64; each value depends only on its own (seed, cycle, image_id).
+
+    References:
+        Steele, Lea & Flood, "Fast Splittable Pseudorandom Number Generators", OOPSLA 2014.
+    """
+    ids = np.asarray(image_id, dtype=np.int64).view(np.uint64)
+    key = _splitmix64(np.array([seed], dtype=np.int64).view(np.uint64))
+    key = _splitmix64(key ^ np.array([cycle], dtype=np.int64).view(np.uint64))
+    h = _splitmix64(ids ^ key)
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+@register_signal("random", direction="high", per_box=False)
+def random_signal(batch: dict[str, np.ndarray], *, seed: int = 0, cycle: int = 0) -> np.ndarray:
+    """Random baseline: (N,) uniform [0, 1) from a hash of (seed, cycle, image_id), so a
+    value is the same however the pool is batched or ordered.
+
+    References:
+        The random-sampling baseline of every active-learning benchmark.
+    """
+    return hash_uniform(batch["image_id"], seed, cycle)
+
+
+# --------------------------------------------------------------------------------------
+# reductions
+def reduce_boxes(values: np.ndarray, offsets: np.ndarray, reduce: str, k: int | None = None,
+                 direction: str = "high") -> np.ndarray:
+    """Reduce per-box values to one value per image.
+
+    Args:
+        values: (M,) per-box values, rows offsets[0]:offsets[-1] used.
+        offsets: (N+1,) int64 box offsets per image.
+        reduce: "max" (most informative box), "mean", "sum", or "topk_mean" (mean of the
+            k most informative boxes; all of them when an image has fewer than k).
+        k: for "topk_mean".
+        direction: "high" or "low"; for "low", "max" takes the minimum and "topk_mean" the
+            k smallest.
+
+    Returns:
+        (N,) float64; NaN for images without boxes.
+    """
+    off = np.asarray(offsets, dtype=np.int64)
+    n = len(off) - 1
+    v = np.asarray(values, dtype=np.float64)[off[0] : off[-1]]
+    cnt = np.diff(off)
+    out = np.full(n, np.nan)
+    ne = cnt > 0
+    if not ne.any():
+        return out
+    starts = off[:-1][ne] - off[0]
+    sign = 1.0 if direction == "high" else -1.0
+    if reduce == "max":
+        # reduceat over only non-empty starts: each segment then ends exactly where the
+        # next non-empty image begins (empty images own no rows)
+        out[ne] = sign * np.maximum.reduceat(sign * v, starts)
+    elif reduce == "sum":
+        out[ne] = np.add.reduceat(v, starts)
+    elif reduce == "mean":
+        out[ne] = np.add.reduceat(v, starts) / cnt[ne]
+    elif reduce == "topk_mean":
+        if k is None or k < 1:
+            raise ValueError(f"topk_mean needs k >= 1, got {k!r}")
+        seg = np.repeat(np.arange(n), cnt)
+        order = np.lexsort((-sign * v, seg))  # by image, then most informative first
+        rank = np.arange(len(v)) - np.repeat(off[:-1] - off[0], cnt)
+        keep = order[rank < k]
+        s = np.bincount(seg[keep], weights=v[keep], minlength=n)
+        out[ne] = s[ne] / np.minimum(cnt[ne], k)
+    else:
+        raise ValueError(f"unknown reduction {reduce!r}; known: {', '.join(REDUCTIONS)}")
+    return out
+
+
+def _call(fn: Callable[..., np.ndarray], batch: dict[str, np.ndarray], **ctx) -> np.ndarray:
+    sig = inspect.signature(fn)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return fn(batch, **ctx)
+    return fn(batch, **{k: v for k, v in ctx.items() if k in sig.parameters})
+
+
+def compute_one(batch: dict[str, np.ndarray], spec: SignalSpec | str, *, seed: int = 0,
+                cycle: int = 0) -> np.ndarray:
+    """One signal column: (N,) float64 (NaN for images without boxes if box-reduced)."""
+    spec = parse_spec(spec)
+    entry = SIGNALS.entry(spec.name)
+    n = len(batch["image_id"])
+    vals = _call(entry.obj, batch, view=spec.view, seed=seed, cycle=cycle)
+    vals = np.asarray(vals, dtype=np.float64)
+    if not entry.meta["per_box"]:
+        if vals.shape != (n,):
+            raise ValueError(f"signal {spec.name!r} returned shape {vals.shape}, expected ({n},)")
+        return vals
+    off = batch[P.prefix(spec.view) + "offsets"]
+    m = int(off[-1] - off[0])
+    if vals.shape != (m,):
+        raise ValueError(f"per-box signal {spec.name!r} returned shape {vals.shape}, expected ({m},)")
+    return reduce_boxes(vals, off, spec.reduce, spec.k, entry.meta["direction"])
+
+
+def compute(batch: dict[str, np.ndarray], specs: Sequence[SignalSpec | str], *, seed: int = 0,
+            cycle: int = 0) -> dict[str, np.ndarray]:
+    """Compute several signals on a canonical batch.
+
+    Args:
+        batch: canonical prediction batch (engine.predictions) of N images.
+        specs: SignalSpec objects or spec strings.
+        seed, cycle: passed to signals that take them (random).
+
+    Returns:
+        column name -> (N,) float64. Box-reduced signals are NaN for images without boxes.
+    """
+    out: dict[str, np.ndarray] = {}
+    per_box_cache: dict[tuple[str, str], np.ndarray] = {}
+    n = len(batch["image_id"])
+    for s in specs:
+        s = parse_spec(s)
+        entry = SIGNALS.entry(s.name)
+        if entry.meta["per_box"]:  # share the per-box values between reductions
+            key = (s.name, s.view)
+            if key not in per_box_cache:
+                per_box_cache[key] = np.asarray(_call(entry.obj, batch, view=s.view, seed=seed, cycle=cycle),
+                                                dtype=np.float64)
+            off = batch[P.prefix(s.view) + "offsets"]
+            out[s.column] = reduce_boxes(per_box_cache[key], off, s.reduce, s.k, entry.meta["direction"])
+        else:
+            out[s.column] = compute_one(batch, s, seed=seed, cycle=cycle)
+        assert out[s.column].shape == (n,)
+    return out
+
+
+def fill_empty(values: np.ndarray, empty: np.ndarray, rule: str | float, direction: str) -> np.ndarray:
+    """Give images without boxes a value, over the whole pool.
+
+    Args:
+        values: (N,) float64 signal column (NaN where empty).
+        empty: (N,) bool, True for images without boxes.
+        rule: "pool_max" (the most informative non-empty value: max for direction "high",
+            min for "low"), "pool_min" (the least informative one), or a number.
+        direction: the signal's direction.
+
+    Returns:
+        (N,) float64 copy with the empty rows filled; 0.0 for a pool_* rule when no row is
+        non-empty (or no non-empty value is finite).
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    out = np.array(values, dtype=np.float64, copy=True)
+    empty = np.asarray(empty, dtype=bool)
+    if out.shape != empty.shape:
+        raise ValueError(f"values {out.shape} and empty {empty.shape} differ in shape")
+    if isinstance(rule, str):
+        if rule not in ("pool_max", "pool_min"):
+            raise ValueError(f"unknown empty rule {rule!r}; use 'pool_max', 'pool_min' or a number")
+        rest = out[~empty]
+        rest = rest[np.isfinite(rest)]
+        if rest.size == 0:
+            fill = 0.0
+        else:
+            most = rule == "pool_max"
+            fill = float(rest.max() if most == (direction == "high") else rest.min())
+    else:
+        fill = float(rule)
+    out[empty] = fill
+    return out
+
+
+__all__ = [
+    "SIGNALS", "REDUCTIONS", "SignalSpec", "parse_spec", "from_column", "direction", "compute", "compute_one",
+    "fill_empty", "reduce_boxes", "required_fields", "register_signal", "box_entropy", "box_margin",
+    "box_least_confidence", "hash_uniform",
+]
