@@ -1,0 +1,357 @@
+"""Selectors: turn a table of signal columns (and embeddings) into a ranked batch of images.
+
+A selector is `fn(table, budget, *, ctx, **params) -> Selection`, registered in
+`SELECTORS` with meta `final` (whether it may be the last stage of a strategy: a
+narrowing stage such as `retrieve` returns more than `budget` rows) and `needs_embedding`.
+
+`table` maps column names to arrays of one row per candidate image: "image_id" (N,) int64,
+signal columns (N,) float64 named as `engine.signals.SignalSpec.column`, and optionally
+"embedding" (N, d) float32 (float16 is converted).
+
+`by` parameters accept a signal spec ("entropy:max", "hflip/margin:mean"), a signal column
+name ("entropy_max"), or, together with an explicit `direction`, any column of the table.
+
+Ranking order everywhere: most informative first, ties by image_id ascending, NaN last
+(a NaN should have been filled with `signals.fill_empty` before selection). This is a
+strict total order, so the top-k of a union of per-shard top-k lists equals the global
+top-k (`merge_topk`).
+
+Rationale dicts are keyed by the selector name, e.g.
+`{"topk": {"by": "margin_max", "value": 0.02, "rank": 1}}`; ranks are 1-based, like the
+`rank` column of selection.parquet.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from . import signals as S
+from .registry import Registry
+
+SELECTORS: Registry[Callable[..., "Selection"]] = Registry("selector")
+DEFAULT_CHUNK = 65536
+
+
+@dataclass
+class Selection:
+    """The picks of one selector.
+
+    Attributes:
+        image_id: (B,) int64, in pick order.
+        score: (B,) float64, the value that ranked each pick in this stage.
+        rationale: one JSON-able dict per pick.
+    """
+
+    image_id: np.ndarray
+    score: np.ndarray
+    rationale: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+
+@dataclass
+class SelectContext:
+    """What a selector may need beyond the table.
+
+    Attributes:
+        rng: the random generator of the cycle.
+        labeled_embedding: (L, d) float32 embeddings of already labeled images (initial
+            core-set centres), or None.
+        distance: pairwise kernel (x (a, d), y (b, d)) -> squared L2 (a, b); None = the
+            built-in path (FAISS IndexFlatL2 search for the labeled centres, a Numba
+            min-update for each pick). Pass a GPU kernel (torch, faiss-gpu) to swap it.
+    """
+
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    labeled_embedding: np.ndarray | None = None
+    distance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+
+
+def sq_l2_faiss(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """FAISS pairwise squared L2 distances.
+
+    Args:
+        x: (a, d) float32.
+        y: (b, d) float32.
+
+    Returns:
+        (a, b) float32, |x_i - y_j|^2.
+    """
+    import faiss
+
+    return faiss.pairwise_distances(np.ascontiguousarray(x, dtype=np.float32),
+                                    np.ascontiguousarray(y, dtype=np.float32))
+
+
+def _json_float(v: float) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def resolve_by(by: str, table: dict[str, np.ndarray], direction: str | None = None) -> tuple[str, str]:
+    """`by` -> (column name, direction).
+
+    Raises:
+        ValueError: `by` is neither a signal spec nor a signal column, nor a table column
+            with an explicit direction; or the column is missing from the table.
+    """
+    if direction is not None and direction not in S.DIRECTIONS:
+        raise ValueError(f"direction must be one of {S.DIRECTIONS}, got {direction!r}")
+    spec: S.SignalSpec | None = None
+    try:
+        spec = S.parse_spec(by)
+    except ValueError as err:
+        try:
+            spec = S.from_column(by)
+        except ValueError:
+            if direction is None or by not in table:
+                raise ValueError(f"by={by!r}: {err}") from None
+    col = spec.column if spec is not None else by
+    if col not in table:
+        raise ValueError(f"by={by!r}: the table has no column {col!r}; columns: {', '.join(sorted(table))}")
+    return col, direction or S.direction(spec)
+
+
+def topk_indices(values: np.ndarray, ids: np.ndarray, k: int, direction: str = "high") -> np.ndarray:
+    """Rows of the k most informative values; ties by id ascending, NaN last.
+
+    Args:
+        values: (N,) float.
+        ids: (N,) int64 tie-breakers.
+        k: how many (clipped to N).
+        direction: "high" or "low".
+
+    Returns:
+        (min(k, N),) int64 row indices in rank order. O(N + k log k) via argpartition.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    key = v if direction == "high" else -v
+    key = np.where(np.isnan(key), -np.inf, key)
+    n = len(key)
+    k = max(0, min(int(k), n))
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    if k < n:
+        kth = np.partition(-key, k - 1)[k - 1]  # the k-th largest key is -kth
+        cand = np.flatnonzero(-key <= kth)  # every row tied with the k-th comes along
+    else:
+        cand = np.arange(n)
+    # NaN rows were mapped to -inf; push them below genuine -inf values too
+    nan_last = np.isnan(v[cand])
+    order = np.lexsort((np.asarray(ids)[cand], nan_last, -key[cand]))
+    return cand[order[:k]].astype(np.int64)
+
+
+def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int, direction: str = "high") -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard top-k lists [(ids, values), ...] into the global top-k (ids, values)."""
+    ids = np.concatenate([np.asarray(p[0], dtype=np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
+    vals = np.concatenate([np.asarray(p[1], dtype=np.float64) for p in parts]) if parts else np.zeros(0)
+    rows = topk_indices(vals, ids, k, direction)
+    return ids[rows], vals[rows]
+
+
+def _ranked(name: str, table: dict[str, np.ndarray], k: int, by: str, direction: str | None) -> Selection:
+    col, dirn = resolve_by(by, table, direction)
+    ids = np.asarray(table["image_id"], dtype=np.int64)
+    vals = np.asarray(table[col], dtype=np.float64)
+    rows = topk_indices(vals, ids, k, dirn)
+    picked = vals[rows]
+    rat = [{name: {"by": col, "direction": dirn, "value": _json_float(v), "rank": r}}
+           for r, v in enumerate(picked.tolist(), start=1)]
+    return Selection(ids[rows], picked, rat)
+
+
+def _check_budget(budget: int) -> int:
+    if int(budget) != budget or budget <= 0:
+        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+    return int(budget)
+
+
+@SELECTORS.register("topk", final=True, needs_embedding=False)
+def topk(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, by: str,
+         direction: str | None = None) -> Selection:
+    """Take the `budget` most informative images by one column.
+
+    Args:
+        table: candidate table with "image_id" and the `by` column.
+        budget: how many to take.
+        ctx: unused.
+        by: signal spec or column.
+        direction: "high" | "low"; default the signal's own.
+
+    Returns:
+        Selection with score = the column value; rationale {"topk": {by, direction, value, rank}}.
+
+    References:
+        Uncertainty sampling: Lewis & Gale, "A Sequential Algorithm for Training Text
+        Classifiers", SIGIR 1994.
+    """
+    return _ranked("topk", table, _check_budget(budget), by, direction)
+
+
+@SELECTORS.register("retrieve", final=False, needs_embedding=False)
+def retrieve(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, by: str,
+             keep: float = 2.0, direction: str | None = None) -> Selection:
+    """Narrowing stage: keep the ceil(keep * budget) most informative candidates.
+
+    Args:
+        table: candidate table.
+        budget: the final budget of the strategy.
+        ctx: unused.
+        by: signal spec or column.
+        keep: multiple of the budget to keep (> 0).
+        direction: default the signal's own.
+
+    Returns:
+        Selection of ceil(keep * budget) rows (all when fewer); rationale
+        {"retrieve": {by, direction, value, rank}}.
+
+    References:
+        The retrieval gate of hybrid uncertainty-then-diversity methods, e.g. HUALE's
+        E(I) gate and Citovsky et al., "Batch Active Learning at Scale" (Cluster-Margin),
+        NeurIPS 2021.
+    """
+    budget = _check_budget(budget)
+    if not (isinstance(keep, (int, float)) and not isinstance(keep, bool) and keep > 0):
+        raise ValueError(f"retrieve: keep must be a positive number, got {keep!r}")
+    return _ranked("retrieve", table, math.ceil(keep * budget), by, direction)
+
+
+def _min_d2_to_set(x: np.ndarray, centres: np.ndarray, chunk: int,
+                   distance: Callable | None) -> np.ndarray:
+    """(N,) float64 squared distance of each row of x to its nearest centre, chunked."""
+    n = len(x)
+    out = np.empty(n, dtype=np.float64)
+    if distance is None:
+        import faiss
+
+        index = faiss.IndexFlatL2(x.shape[1])
+        index.add(centres)
+        for a in range(0, n, chunk):
+            xb = x[a : a + chunk]
+            _, nn = index.search(xb, 1)
+            # recompute the winner's distance exactly, so values do not depend on the
+            # chunk size (FAISS switches between direct and BLAS code paths by batch size)
+            diff = xb.astype(np.float64) - centres[nn[:, 0]].astype(np.float64)
+            out[a : a + chunk] = np.einsum("ij,ij->i", diff, diff)
+        return out
+    for a in range(0, n, chunk):
+        xb = x[a : a + chunk]
+        best = np.full(len(xb), np.inf)
+        for c in range(0, len(centres), chunk):
+            d = np.asarray(distance(xb, centres[c : c + chunk]), dtype=np.float64)
+            np.minimum(best, d.min(axis=1), out=best)
+        out[a : a + chunk] = np.maximum(best, 0.0)
+    return out
+
+
+def _update_argmax(x: np.ndarray, centre: np.ndarray, min_d2: np.ndarray, chunk: int,
+                   distance: Callable | None) -> int:
+    if distance is None:
+        from kernels.kcenter import update_argmax
+
+        return int(update_argmax(x, centre, min_d2))
+    for a in range(0, len(x), chunk):
+        d = np.asarray(distance(x[a : a + chunk], centre[None, :]), dtype=np.float64)[:, 0]
+        np.minimum(min_d2[a : a + chunk], np.maximum(d, 0.0), out=min_d2[a : a + chunk])
+    return int(np.argmax(min_d2))
+
+
+@SELECTORS.register("coreset", final=True, needs_embedding=True)
+def coreset(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, chunk_size: int = DEFAULT_CHUNK,
+            first: str = "farthest") -> Selection:
+    """k-center greedy: repeatedly take the candidate farthest from its nearest centre.
+
+    Centres start as `ctx.labeled_embedding`. Every candidate keeps its squared distance to
+    the nearest centre (N floats): initialised by a FAISS IndexFlatL2 search against the
+    labeled centres in chunks of `chunk_size` candidates (or `ctx.distance` in chunks),
+    then lowered after each pick with the distances to the new centre. Memory O(N + chunk),
+    time O(B N d); never an N x N matrix.
+
+    Without labeled centres the first pick is, by `first`:
+      * "farthest" (default): the candidate farthest from the candidate mean (deterministic,
+        independent of the RNG and of the row order up to exact ties);
+      * "random": a uniform draw from `ctx.rng`.
+
+    Ties go to the lowest row of `table`.
+
+    Args:
+        table: "image_id" (N,) and "embedding" (N, d).
+        budget: picks (clipped to N).
+        ctx: labeled_embedding, distance, rng.
+        chunk_size: candidates per distance call.
+        first: "farthest" | "random".
+
+    Returns:
+        Selection with score = Euclidean distance to the nearest centre at pick time
+        (+inf for a random first pick); rationale {"coreset": {"distance", "rank"}} plus
+        "init" on a first pick made without labeled centres.
+
+    References:
+        Sener & Savarese, "Active Learning for Convolutional Neural Networks: A Core-Set
+        Approach", ICLR 2018; Gonzalez, "Clustering to minimize the maximum intercluster
+        distance", TCS 1985.
+    """
+    budget = _check_budget(budget)
+    if "embedding" not in table or table["embedding"] is None:
+        raise ValueError("coreset needs an 'embedding' column (N, d) in the table")
+    if first not in ("farthest", "random"):
+        raise ValueError(f"coreset: first must be 'farthest' or 'random', got {first!r}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"coreset: chunk_size must be >= 1, got {chunk_size!r}")
+    chunk = int(chunk_size)
+    ids = np.asarray(table["image_id"], dtype=np.int64)
+    x = np.ascontiguousarray(table["embedding"], dtype=np.float32)
+    n = len(ids)
+    if x.ndim != 2 or len(x) != n:
+        raise ValueError(f"coreset: embedding must be (N={n}, d), got {x.shape}")
+    b = min(budget, n)
+    if b == 0:
+        return Selection(np.zeros(0, np.int64), np.zeros(0), [])
+    lab = ctx.labeled_embedding
+    has_lab = lab is not None and len(lab) > 0
+    init: dict[str, Any] = {}
+    if has_lab:
+        lab = np.ascontiguousarray(lab, dtype=np.float32)
+        if lab.ndim != 2 or lab.shape[1] != x.shape[1]:
+            raise ValueError(f"coreset: labeled_embedding must be (L, {x.shape[1]}), got {lab.shape}")
+        min_d2 = _min_d2_to_set(x, lab, chunk, ctx.distance)
+        nxt = int(np.argmax(min_d2))
+        first_d = math.sqrt(max(min_d2[nxt], 0.0))
+    elif first == "farthest":
+        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+        to_mean = np.full(n, np.inf)
+        nxt = _update_argmax(x, mean, to_mean, chunk, ctx.distance)
+        first_d = math.sqrt(max(to_mean[nxt], 0.0))
+        init = {"init": "farthest_from_mean", "distance_to_mean": first_d}
+        min_d2 = np.full(n, np.inf)
+        first_d = math.inf  # no centre yet: infinitely far
+    else:
+        nxt = int(ctx.rng.integers(n))
+        init = {"init": "random"}
+        min_d2 = np.full(n, np.inf)
+        first_d = math.inf
+    rows = np.empty(b, dtype=np.int64)
+    score = np.empty(b)
+    rat: list[dict] = []
+    for t in range(b):
+        idx = nxt
+        d = first_d if t == 0 else math.sqrt(max(float(min_d2[idx]), 0.0))
+        rows[t] = idx
+        score[t] = d
+        r = {"distance": _json_float(d), "rank": t + 1}
+        if t == 0:
+            r.update(init)
+        rat.append({"coreset": r})
+        min_d2[idx] = -np.inf
+        if t + 1 < b:
+            nxt = _update_argmax(x, x[idx], min_d2, chunk, ctx.distance)
+    return Selection(ids[rows], score, rat)
+
+
+__all__ = ["SELECTORS", "Selection", "SelectContext", "topk", "retrieve", "coreset", "topk_indices",
+           "merge_topk", "resolve_by", "sq_l2_faiss"]
