@@ -1,0 +1,378 @@
+"""Detector inference into the canonical prediction batch (engine/predictions.py).
+
+One eval path per family replaces torchvision's post-processing so that every kept box
+keeps a link to where it came from (the Faster R-CNN proposal or the one-stage anchor).
+That link gives each box its full class distribution `probs` (C + 1 columns, column 0 =
+background) and its `roi_embedding`, which torchvision's outputs drop
+(docs/methods.md §0).
+
+Input canvases are `S x S` letterboxed images (image at the top-left, `scale = S / max(h,
+w)`); with `min_size = max_size = S` the model's transform leaves them at `S x S`, so each
+image's outputs do not depend on the other images of the batch.
+
+Semantics kept from torchvision: class-wise boxes (R-CNN), `score > score_thresh`,
+per-level top-k candidates (one-stage), class-wise (batched) NMS, top `max_boxes` by
+score. Differences, all ours: boxes are clipped to the image *content* region of the
+canvas (not to the padded canvas) and boxes that become empty (< 0.01 px) are removed in
+every family; the one-stage families ignore output column 0 (see engine/detectors.py).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchvision.ops import boxes as box_ops
+
+SUPPORTED_VIEWS = ("orig", "hflip")
+_MIN_BOX_SIZE = 1e-2
+
+
+def _view_prefix(view: str) -> str:
+    return "" if view == "orig" else f"{view}_"
+
+
+def prepare(images: np.ndarray, device: Any) -> torch.Tensor:
+    """uint8 NHWC canvases -> float32 NCHW in [0, 1] on `device`.
+
+    Args:
+        images: (N, S, S, 3) uint8.
+        device: torch device or its name.
+
+    Returns:
+        (N, 3, S, S) float32.
+    """
+    arr = np.asarray(images)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"images must be (N, H, W, 3), got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got {arr.dtype}")
+    x = torch.from_numpy(np.ascontiguousarray(arr)).to(device)  # move uint8: 4x less traffic
+    return x.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _ensure_device(model: nn.Module, device: Any) -> torch.device:
+    dev = torch.device(device)
+    try:
+        cur = next(model.parameters()).device
+    except StopIteration:
+        return dev
+    if cur.type != dev.type or (dev.index is not None and cur.index != dev.index):
+        model.to(dev)
+    return dev
+
+
+def _check_canvas(model: nn.Module, images: np.ndarray) -> None:
+    s = getattr(model, "poolscout_input_size", None)
+    n, h, w = images.shape[:3]
+    if h != w:
+        raise ValueError(f"canvases must be square (letterboxed), got {h}x{w}")
+    if s is not None and h != s:
+        raise ValueError(f"canvases are {h}x{w} but the detector was built for input_size {s}")
+
+
+def _features(model: nn.Module, x: torch.Tensor) -> tuple[Any, "OrderedDict[str, torch.Tensor]"]:
+    """Normalise (the transform's resize is the identity at S x S) and run backbone + FPN.
+
+    Args:
+        x: (N, 3, S, S) float in [0, 1].
+
+    Returns:
+        (ImageList with sizes (S, S), level name -> (N, d, S/s, S/s) feature maps).
+    """
+    image_list, _ = model.transform(list(x))
+    feats = model.backbone(image_list.tensors)
+    if isinstance(feats, torch.Tensor):
+        feats = OrderedDict([("0", feats)])
+    return image_list, feats
+
+
+def _pooled(feats: "OrderedDict[str, torch.Tensor]") -> torch.Tensor:
+    """Image embedding: mean over FPN levels of the globally average-pooled maps -> (N, d)."""
+    return torch.stack([f.mean(dim=(2, 3)) for f in feats.values()], 0).mean(0)
+
+
+@torch.inference_mode()
+def embed(model: nn.Module, images: np.ndarray, device: Any = "cpu") -> np.ndarray:
+    """Image embeddings only (backbone + FPN, no heads).
+
+    Args:
+        model: a detector from `engine.detectors.build_detector`.
+        images: (N, S, S, 3) uint8 letterboxed canvases.
+        device: where to run.
+
+    Returns:
+        (N, d) float32, d = `model.poolscout_embed_dim`; equals `predict(...)["embedding"]`.
+    """
+    images = np.asarray(images)
+    if len(images) == 0:
+        return np.zeros((0, model.poolscout_embed_dim), np.float32)
+    _check_canvas(model, images)
+    dev = _ensure_device(model, device)
+    if model.training:
+        model.eval()
+    _, feats = _features(model, prepare(images, dev))
+    return _pooled(feats).float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- Faster R-CNN
+def _rcnn_raw(model: nn.Module, image_list: Any, feats: "OrderedDict[str, torch.Tensor]"
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """RPN -> ROI pooling -> box head -> predictor, per image.
+
+    Returns:
+        Lists over images of decoded boxes (P, C+1, 4) in canvas pixels, softmax
+        probabilities (P, C+1) and box-head features (P, r), P = proposals of that image.
+    """
+    proposals, _ = model.rpn(image_list, feats)
+    rh = model.roi_heads
+    pooled = rh.box_roi_pool(feats, proposals, image_list.image_sizes)
+    box_feats = rh.box_head(pooled)
+    class_logits, box_regression = rh.box_predictor(box_feats)
+    boxes = rh.box_coder.decode(box_regression, proposals)
+    probs = F.softmax(class_logits, -1)
+    counts = [len(p) for p in proposals]
+    return list(boxes.split(counts)), list(probs.split(counts)), list(box_feats.split(counts))
+
+
+def _rcnn_select(boxes: torch.Tensor, probs: torch.Tensor, content_hw: tuple[int, int], score_thresh: float,
+                 nms_thresh: float, max_boxes: int) -> tuple[torch.Tensor, ...]:
+    """torchvision's RoIHeads.postprocess_detections, keeping each box's proposal index.
+
+    Args:
+        boxes: (P, K, 4) class-wise boxes, K = C + 1.
+        probs: (P, K) softmax.
+        content_hw: clip region (image content on the canvas).
+
+    Returns:
+        boxes (M, 4), scores (M,), labels (M,) in 1..C, proposal index (M,); by score.
+    """
+    p, k = probs.shape
+    boxes = box_ops.clip_boxes_to_image(boxes, content_hw)[:, 1:].reshape(-1, 4)
+    scores = probs[:, 1:].reshape(-1)
+    flat = torch.arange(p * (k - 1), device=probs.device)
+    labels = flat % (k - 1) + 1
+    prop = torch.div(flat, k - 1, rounding_mode="floor")
+    keep = torch.where(scores > score_thresh)[0]
+    boxes, scores, labels, prop = boxes[keep], scores[keep], labels[keep], prop[keep]
+    keep = box_ops.remove_small_boxes(boxes, min_size=_MIN_BOX_SIZE)
+    boxes, scores, labels, prop = boxes[keep], scores[keep], labels[keep], prop[keep]
+    keep = box_ops.batched_nms(boxes, scores, labels, nms_thresh)[:max_boxes]
+    return boxes[keep], scores[keep], labels[keep], prop[keep]
+
+
+def _rcnn_detect(model: nn.Module, image_list: Any, feats: "OrderedDict[str, torch.Tensor]",
+                 content_hw: Sequence[tuple[int, int]], max_boxes: int) -> list[dict[str, torch.Tensor]]:
+    boxes, probs, box_feats = _rcnn_raw(model, image_list, feats)
+    rh = model.roi_heads
+    out = []
+    for i in range(len(boxes)):
+        b, s, lab, prop = _rcnn_select(boxes[i], probs[i], content_hw[i], rh.score_thresh, rh.nms_thresh,
+                                       max_boxes)
+        out.append({"boxes": b, "scores": s, "labels": lab, "probs": probs[i][prop],
+                    "roi_embedding": box_feats[i][prop]})
+    return out
+
+
+# --------------------------------------------------------------------------- RetinaNet / FCOS
+def sigmoid_to_distribution(q: torch.Tensor) -> torch.Tensor:
+    """Per-class sigmoids -> a distribution over background + C classes (our choice).
+
+    p_0 = prod_c (1 - q_c), p_c = q_c, then normalised to sum 1: background is the event
+    "no class fires" under independent per-class detectors.
+
+    Args:
+        q: (M, C) sigmoid outputs.
+
+    Returns:
+        (M, C+1), rows summing to 1.
+    """
+    bg = torch.prod(1.0 - q, dim=1, keepdim=True)
+    p = torch.cat([bg, q], dim=1).clamp_min(0)
+    return p / p.sum(dim=1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+
+
+def _one_stage_detect(model: nn.Module, image_list: Any, feats: "OrderedDict[str, torch.Tensor]",
+                      content_hw: Sequence[tuple[int, int]], max_boxes: int) -> list[dict[str, torch.Tensor]]:
+    """RetinaNet / FCOS post-processing that keeps each detection's anchor.
+
+    Scores as torchvision: RetinaNet q_c, FCOS sqrt(q_c * sigmoid(centerness)), with
+    q_c = sigmoid(class logit). `probs` = `sigmoid_to_distribution(q)` of the anchor (the
+    class sigmoids, without centerness). `roi_embedding` = the FPN feature vector (d,) at
+    the anchor's cell of its level.
+    """
+    fcos = model.poolscout_family == "fcos"
+    maps = list(feats.values())
+    head = model.head(maps)
+    anchors = model.anchor_generator(image_list, maps)
+    hw = [f.shape[2] * f.shape[3] for f in maps]
+    a_per_cell = head["cls_logits"].shape[1] // sum(hw)
+    per_level = [n * a_per_cell for n in hw]
+    starts = np.concatenate([[0], np.cumsum(per_level)]).tolist()
+    logits_all = head["cls_logits"][:, :, 1:]  # column 0 is never a target (detectors.py)
+    c = logits_all.shape[-1]
+    out = []
+    for i in range(len(maps[0])):
+        all_boxes, all_scores, all_labels, all_anchor = [], [], [], []
+        for lvl in range(len(maps)):
+            a0, a1 = starts[lvl], starts[lvl + 1]
+            q = torch.sigmoid(logits_all[i, a0:a1])
+            if fcos:
+                q = torch.sqrt(q * torch.sigmoid(head["bbox_ctrness"][i, a0:a1]))
+            scores = q.flatten()
+            keep = scores > model.score_thresh
+            scores = scores[keep]
+            idx = torch.where(keep)[0]
+            scores, top = scores.topk(min(int(model.topk_candidates), idx.numel()))
+            idx = idx[top]
+            anchor = torch.div(idx, c, rounding_mode="floor")
+            reg = head["bbox_regression"][i, a0:a1][anchor]
+            anc = anchors[i][a0:a1][anchor]
+            boxes = model.box_coder.decode(reg, anc) if fcos else model.box_coder.decode_single(reg, anc)
+            all_boxes.append(box_ops.clip_boxes_to_image(boxes, content_hw[i]))
+            all_scores.append(scores)
+            all_labels.append(idx % c + 1)
+            all_anchor.append(anchor + a0)
+        boxes, scores = torch.cat(all_boxes), torch.cat(all_scores)
+        labels, anchor = torch.cat(all_labels), torch.cat(all_anchor)
+        keep = box_ops.remove_small_boxes(boxes, min_size=_MIN_BOX_SIZE)
+        boxes, scores, labels, anchor = boxes[keep], scores[keep], labels[keep], anchor[keep]
+        keep = box_ops.batched_nms(boxes, scores, labels, model.nms_thresh)[:max_boxes]
+        boxes, scores, labels, anchor = boxes[keep], scores[keep], labels[keep], anchor[keep]
+        probs = sigmoid_to_distribution(torch.sigmoid(logits_all[i][anchor]))
+        emb = torch.empty((len(anchor), maps[0].shape[1]), dtype=maps[0].dtype, device=maps[0].device)
+        starts_t = torch.as_tensor(starts, device=anchor.device)
+        level = torch.bucketize(anchor, starts_t[1:], right=True)
+        for lvl in range(len(maps)):
+            sel = torch.where(level == lvl)[0]
+            if sel.numel() == 0:
+                continue
+            cell = torch.div(anchor[sel] - starts[lvl], a_per_cell, rounding_mode="floor")
+            w = maps[lvl].shape[3]
+            ys, xs = torch.div(cell, w, rounding_mode="floor"), cell % w
+            emb[sel] = maps[lvl][i, :, ys, xs].T
+        out.append({"boxes": boxes, "scores": scores, "labels": labels, "probs": probs, "roi_embedding": emb})
+    return out
+
+
+# --------------------------------------------------------------------------- predict
+def _flip_content(images: np.ndarray, content_w: np.ndarray, content_h: np.ndarray) -> np.ndarray:
+    """Mirror each canvas's image region left-right; the padding stays where it is."""
+    out = images.copy()
+    for i in range(len(images)):
+        cw, ch = int(content_w[i]), int(content_h[i])
+        out[i, :ch, :cw] = images[i, :ch, :cw][:, ::-1]
+    return out
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: np.ndarray, *, image_id: np.ndarray, width: np.ndarray,
+            height: np.ndarray, scale: np.ndarray, content_w: np.ndarray, content_h: np.ndarray,
+            views: Sequence[str] = ("orig",), max_boxes: int = 100, roi_embeddings: bool = True,
+            device: Any = "cpu") -> dict[str, np.ndarray]:
+    """Detections, class distributions and embeddings of a batch, in the canonical layout.
+
+    All views of the batch run as one forward pass of V * N canvases.
+
+    Args:
+        model: detector from `engine.detectors.build_detector` (put in eval mode here if it
+            is in train mode; dropout modules switched on for MC dropout are left alone).
+        images: (N, S, S, 3) uint8 letterboxed canvases, image at the top-left.
+        image_id: (N,) int64.
+        width, height: (N,) original image sizes in pixels.
+        scale: (N,) canvas pixels per original pixel (S / max(height, width)).
+        content_w, content_h: (N,) size of the image region on the canvas.
+        views: subset of ("orig", "hflip"); "hflip" mirrors the content region and maps its
+            boxes back (x -> content_w - x) before scaling.
+        max_boxes: at most this many boxes per image and view, highest score first.
+        roi_embeddings: add `{v}roi_embedding` (M, r).
+        device: where to run (the model is moved there if needed).
+
+    Returns:
+        image_id (N,) int64, width / height (N,) int32, embedding (N, d) float32 (of the
+        original view), and per view v with prefix p ("" or "hflip_"): p+offsets (N+1,)
+        int64, p+boxes (M, 4) float32 in original pixels clipped to the image, p+scores (M,)
+        float32, p+labels (M,) int64 in 1..C, p+probs (M, C+1) float32 (column 0 =
+        background; for R-CNN scores == probs[label]), p+roi_embedding (M, r) float32.
+    """
+    views = tuple(views)
+    bad = [v for v in views if v not in SUPPORTED_VIEWS]
+    if bad or not views:
+        raise ValueError(f"unsupported view(s) {bad or '(none)'}; supported now: {', '.join(SUPPORTED_VIEWS)}")
+    if len(set(views)) != len(views):
+        raise ValueError(f"duplicate views in {views}")
+    images = np.asarray(images)
+    n = len(images)
+    meta = {"image_id": np.asarray(image_id, np.int64).reshape(-1), "width": np.asarray(width, np.int32).reshape(-1),
+            "height": np.asarray(height, np.int32).reshape(-1)}
+    scale = np.asarray(scale, np.float64).reshape(-1)
+    content_w = np.asarray(content_w).astype(np.int64).reshape(-1)
+    content_h = np.asarray(content_h).astype(np.int64).reshape(-1)
+    for k, v in [*meta.items(), ("scale", scale), ("content_w", content_w), ("content_h", content_h)]:
+        if len(v) != n:
+            raise ValueError(f"{k} has {len(v)} entries for {n} images")
+    num_classes = int(model.poolscout_num_classes)
+    out: dict[str, np.ndarray] = dict(meta)
+    if n == 0:
+        out["embedding"] = np.zeros((0, model.poolscout_embed_dim), np.float32)
+        for v in views:
+            p = _view_prefix(v)
+            out[p + "offsets"] = np.zeros(1, np.int64)
+            out[p + "boxes"] = np.zeros((0, 4), np.float32)
+            out[p + "scores"] = np.zeros(0, np.float32)
+            out[p + "labels"] = np.zeros(0, np.int64)
+            out[p + "probs"] = np.zeros((0, num_classes + 1), np.float32)
+            if roi_embeddings:
+                out[p + "roi_embedding"] = np.zeros((0, model.poolscout_roi_dim), np.float32)
+        return out
+    _check_canvas(model, images)
+    s = images.shape[1]
+    if np.any(content_w < 1) or np.any(content_h < 1) or np.any(content_w > s) or np.any(content_h > s):
+        raise ValueError("content_w / content_h must lie in 1..S")
+    if np.any(scale <= 0):
+        raise ValueError("scale must be positive")
+    dev = _ensure_device(model, device)
+    if model.training:
+        model.eval()
+
+    stacked = np.concatenate([images if v == "orig" else _flip_content(images, content_w, content_h)
+                              for v in views], 0)
+    image_list, feats = _features(model, prepare(stacked, dev))
+    hw = [(int(h), int(w)) for h, w in zip(content_h, content_w)] * len(views)
+    detect = _rcnn_detect if model.poolscout_family == "rcnn" else _one_stage_detect
+    dets = detect(model, image_list, feats, hw, int(max_boxes))
+
+    if "orig" in views:
+        o = views.index("orig")
+        orig = OrderedDict((k, f[o * n:(o + 1) * n]) for k, f in feats.items())
+        out["embedding"] = _pooled(orig).float().cpu().numpy()
+    else:  # the embedding is of the original image; run the backbone on it once more
+        _, f0 = _features(model, prepare(images, dev))
+        out["embedding"] = _pooled(f0).float().cpu().numpy()
+
+    for vi, v in enumerate(views):
+        p = _view_prefix(v)
+        part = dets[vi * n:(vi + 1) * n]
+        counts = np.array([len(d["scores"]) for d in part], np.int64)
+        off = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=off[1:])
+        boxes = torch.cat([d["boxes"] for d in part]).double().cpu().numpy().reshape(-1, 4)
+        img = np.repeat(np.arange(n), counts)
+        if v == "hflip":
+            cw = content_w[img].astype(np.float64)
+            boxes = np.stack([cw - boxes[:, 2], boxes[:, 1], cw - boxes[:, 0], boxes[:, 3]], 1)
+        boxes = boxes / scale[img, None]
+        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, meta["width"][img, None])
+        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, meta["height"][img, None])
+        out[p + "offsets"] = off
+        out[p + "boxes"] = boxes.astype(np.float32)
+        out[p + "scores"] = torch.cat([d["scores"] for d in part]).float().cpu().numpy()
+        out[p + "labels"] = torch.cat([d["labels"] for d in part]).cpu().numpy().astype(np.int64)
+        out[p + "probs"] = torch.cat([d["probs"] for d in part]).float().cpu().numpy().reshape(-1, num_classes + 1)
+        if roi_embeddings:
+            out[p + "roi_embedding"] = (torch.cat([d["roi_embedding"] for d in part]).float().cpu().numpy()
+                                        .reshape(-1, model.poolscout_roi_dim))
+    return out

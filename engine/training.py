@@ -1,0 +1,299 @@
+"""Plain-torch detector training: dataset, collate, optimizer and the epoch loop.
+
+The Ray Train job (jobs/) wraps these; nothing here knows about Ray. Images are decoded
+and letterboxed to `input_size x input_size` exactly as at inference (engine.images), so
+train and test see the same geometry, and targets are in canvas pixels.
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Labeled images as letterboxed canvases with canvas-pixel targets.
+
+    Args:
+        items: dicts with "image_id", "uri", "width", "height" (original pixels).
+        boxes: image_id -> (n, 4) float32 x1, y1, x2, y2 in original pixels; an image
+            without an entry is a negative (no boxes).
+        labels: image_id -> (n,) int64 in 1..C.
+        input_size: canvas side S.
+        max_pixels: decompression-bomb limit passed to `engine.images.decode`.
+        hflip_prob: probability of mirroring the image region (and its boxes).
+        seed: the flip of item i in epoch e is drawn from RNG(seed, e, i), so runs repeat.
+
+    Items:
+        (image (3, S, S) float32 in [0, 1], {"boxes": (n, 4) float32 canvas pixels,
+        "labels": (n,) int64, "image_id": int}).
+    """
+
+    def __init__(self, items: list[dict], boxes: dict[int, np.ndarray], labels: dict[int, np.ndarray],
+                 input_size: int, max_pixels: int, hflip_prob: float = 0.0, seed: int = 0):
+        if not 0.0 <= hflip_prob <= 1.0:
+            raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
+        self.items = list(items)
+        self.boxes = boxes
+        self.labels = labels
+        self.input_size = int(input_size)
+        self.max_pixels = int(max_pixels)
+        self.hflip_prob = float(hflip_prob)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of `epoch` (call before iterating the loader)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def flips(self, index: int) -> bool:
+        """Whether item `index` is mirrored in the current epoch."""
+        if self.hflip_prob <= 0:
+            return False
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        return bool(rng.random() < self.hflip_prob)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        from engine.images import decode, letterbox
+
+        item = self.items[index]
+        iid = int(item["image_id"])
+        img = decode(item["uri"], self.max_pixels)
+        h, w = img.shape[:2]
+        canvas, scale = letterbox(img, self.input_size)
+        s = self.input_size
+        cw = min(s, max(1, int(round(w * scale))))  # the content extent, as engine.images
+        ch = min(s, max(1, int(round(h * scale))))
+        b = np.asarray(self.boxes.get(iid, np.zeros((0, 4), np.float32)), np.float64).reshape(-1, 4)
+        lab = np.asarray(self.labels.get(iid, np.zeros(0, np.int64)), np.int64).reshape(-1)
+        if len(b) != len(lab):
+            raise ValueError(f"image {iid}: {len(b)} boxes but {len(lab)} labels")
+        # boxes are in the item's pixels; the decoded image may differ (EXIF already applied)
+        sx = scale * w / float(item.get("width") or w)
+        sy = scale * h / float(item.get("height") or h)
+        b = b * np.array([sx, sy, sx, sy])
+        b[:, 0::2] = np.clip(b[:, 0::2], 0, cw)
+        b[:, 1::2] = np.clip(b[:, 1::2], 0, ch)
+        if self.flips(index):
+            canvas[:ch, :cw] = canvas[:ch, :cw][:, ::-1]
+            b = np.stack([cw - b[:, 2], b[:, 1], cw - b[:, 0], b[:, 3]], 1)
+        ok = (b[:, 2] - b[:, 0] > 0.5) & (b[:, 3] - b[:, 1] > 0.5)  # tiny after scaling: not learnable
+        image = torch.from_numpy(np.ascontiguousarray(canvas)).permute(2, 0, 1).float().div_(255.0)
+        target = {"boxes": torch.from_numpy(b[ok].astype(np.float32)).reshape(-1, 4),
+                  "labels": torch.from_numpy(lab[ok]), "image_id": iid}
+        return image, target
+
+
+def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """List of (image, target) -> (images, targets) lists, as torchvision detectors take them."""
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)
+
+
+def labeled_items(manifest: pa.Table, annotations: pa.Table, image_ids: np.ndarray
+                  ) -> tuple[list[dict], dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Dataset inputs for `image_ids` from the run's manifest and annotations tables.
+
+    Args:
+        manifest: MANIFEST_SCHEMA table (image_id, uri, width, height, ...).
+        annotations: ANNOTATIONS_SCHEMA table (image_id, category_id, x1, y1, x2, y2, ...).
+        image_ids: (K,) ids to train on, in the order wanted.
+
+    Returns:
+        (items in the order of `image_ids`, image_id -> (n, 4) float32 boxes,
+        image_id -> (n,) int64 labels); images without annotations have no entry.
+
+    Raises:
+        KeyError: an id is not in the manifest.
+    """
+    ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+    man = manifest.filter(pc.is_in(manifest["image_id"], pa.array(ids)))
+    mid = man["image_id"].to_numpy()
+    pos = {int(i): k for k, i in enumerate(mid)}
+    missing = [int(i) for i in ids if int(i) not in pos]
+    if missing:
+        raise KeyError(f"image ids not in the manifest: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    uris = man["uri"].to_pylist()
+    widths = man["width"].to_numpy()
+    heights = man["height"].to_numpy()
+    items = [{"image_id": int(i), "uri": uris[pos[int(i)]], "width": int(widths[pos[int(i)]]),
+              "height": int(heights[pos[int(i)]])} for i in ids]
+    ann = annotations.filter(pc.is_in(annotations["image_id"], pa.array(ids)))
+    boxes: dict[int, np.ndarray] = {}
+    labels: dict[int, np.ndarray] = {}
+    if ann.num_rows:
+        aid = ann["image_id"].to_numpy()
+        xyxy = np.stack([ann[c].to_numpy().astype(np.float32) for c in ("x1", "y1", "x2", "y2")], 1)
+        cat = ann["category_id"].to_numpy().astype(np.int64)
+        order = np.argsort(aid, kind="stable")
+        aid, xyxy, cat = aid[order], xyxy[order], cat[order]
+        uniq, start = np.unique(aid, return_index=True)
+        end = np.append(start[1:], len(aid))
+        for i, a, b in zip(uniq, start, end):
+            boxes[int(i)] = xyxy[a:b]
+            labels[int(i)] = cat[a:b]
+    return items, boxes, labels
+
+
+def _is_no_decay(name: str, param: torch.Tensor, norm_params: set[int]) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias") or id(param) in norm_params
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum over trainable parameters; no weight decay on norm layers and biases.
+
+    Returns:
+        An optimizer with two parameter groups ("decay", "no_decay"), each with
+        `initial_lr = cfg.lr` (the schedule scales it).
+    """
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if _is_no_decay(name, p, norm_params) else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    opt = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum)
+    for g in opt.param_groups:
+        g["initial_lr"] = cfg.lr
+    return opt
+
+
+def lr_factor(it: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier at iteration `it` (0-based) of `total`.
+
+    Linear warmup from 1/warmup to 1 over the first `warmup` iterations, then cosine decay
+    from 1 to 0 at iteration `total`.
+    """
+    if warmup > 0 and it < warmup:
+        return (it + 1) / warmup
+    span = max(1, total - warmup)
+    t = min(max(it - warmup, 0), span)
+    return 0.5 * (1.0 + math.cos(math.pi * t / span))
+
+
+def _to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device):
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: TrainConfig, device: Any = "cpu", *,
+                 start_epoch: int = 0, on_epoch: Callable[[dict], Any] | None = None, progress: bool = True,
+                 log: Callable[[str], Any] = print, optimizer: torch.optim.Optimizer | None = None,
+                 max_grad_norm: float | None = 10.0) -> list[dict]:
+    """Train for epochs `start_epoch .. cfg.epochs - 1`.
+
+    The learning rate follows `lr_factor` per iteration over all `cfg.epochs * len(loader)`
+    iterations (so a resumed run continues the same schedule).
+
+    Args:
+        model: a torchvision detector (train mode is set here).
+        loader: yields `collate` batches; its dataset's `set_epoch` is called when it has one.
+        cfg: epochs, lr, momentum, weight decay, warmup_iters.
+        device: where to train.
+        start_epoch: first epoch to run (resume).
+        on_epoch: called with each epoch's record after the epoch (checkpointing, reports).
+        progress: a tqdm bar per epoch on stderr.
+        log: receives one summary line per epoch.
+        optimizer: reuse an optimizer (resume); default `make_optimizer(model, cfg)`.
+        max_grad_norm: clip the global gradient norm to this (None: no clipping); a guard
+            against the loss spikes of small detection batches.
+
+    Returns:
+        One record per epoch run: {"epoch", "loss", "loss_<component>" (means over the
+        epoch's iterations), "images", "seconds", "lr"}.
+
+    Raises:
+        FloatingPointError: a non-finite loss, naming the epoch, iteration and image ids.
+    """
+    dev = torch.device(device)
+    model.to(dev)
+    opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
+    iters_per_epoch = len(loader)
+    total = cfg.epochs * iters_per_epoch
+    dataset = getattr(loader, "dataset", None)
+    history: list[dict] = []
+    for epoch in range(start_epoch, cfg.epochs):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        model.train()
+        sums: dict[str, float] = {}
+        n_iter = n_img = 0
+        t0 = time.perf_counter()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
+                       leave=False, dynamic_ncols=True)
+        lr = opt.param_groups[0]["lr"]
+        for it, (images, targets) in enumerate(loader):
+            lr = cfg.lr * lr_factor(epoch * iters_per_epoch + it, total, cfg.warmup_iters)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            images, targets = _to_device(images, targets, dev)
+            losses = model(images, targets)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                ids = [t.get("image_id") for t in targets]
+                parts = {k: float(v.detach()) for k, v in losses.items()}
+                if bar is not None:
+                    bar.close()
+                raise FloatingPointError(f"non-finite loss {float(loss.detach())} at epoch {epoch} iteration {it} "
+                                         f"(components {parts}); batch image ids {ids}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_grad_norm)
+            opt.step()
+            n_iter += 1
+            n_img += len(images)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in losses.items():
+                key = k if k.startswith("loss_") else f"loss_{k}"
+                sums[key] = sums.get(key, 0.0) + float(v.detach())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss'] / n_iter:.3f}", lr=f"{lr:.2e}")
+        if bar is not None:
+            bar.close()
+        rec: dict[str, Any] = {"epoch": epoch}
+        rec.update({k: v / max(1, n_iter) for k, v in sums.items()})
+        rec.setdefault("loss", float("nan"))
+        rec.update({"images": n_img, "seconds": time.perf_counter() - t0, "lr": lr})
+        history.append(rec)
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f} ({n_img} images, {rec['seconds']:.1f} s)")
+        if on_epoch is not None:
+            on_epoch(rec)
+    return history
