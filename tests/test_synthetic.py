@@ -1,0 +1,126 @@
+"""engine.synthetic: determinism, exact boxes, class weights, COCO validity."""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import synthetic
+from engine.config import DatasetConfig
+from engine.pool import build_pool
+from engine.synthetic import CLASSES, generate
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_files(tmp_path):
+    a = generate(tmp_path / "a", n_images=12, size=48, seed=5)
+    b = generate(tmp_path / "b", n_images=12, size=48, seed=5)
+    fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert fa.keys() == fb.keys() and len([k for k in fa if k.startswith("images/")]) == 12
+    assert fa == fb
+    assert a["n_boxes"] == b["n_boxes"] > 0
+    c = generate(tmp_path / "c", n_images=12, size=48, seed=6)
+    assert _files(tmp_path / "c")["images/syn_00000.png"] != fa["images/syn_00000.png"]
+    assert c["n_images"] == 12 and c["classes"] == list(CLASSES)
+    # image i does not depend on how many images are generated
+    generate(tmp_path / "d", n_images=4, size=48, seed=5)
+    fd = _files(tmp_path / "d")
+    assert all(fd[f"images/syn_{i:05d}.png"] == fa[f"images/syn_{i:05d}.png"] for i in range(4))
+
+
+def test_boxes_inside_tight_and_non_degenerate(tmp_path):
+    s, seed = 64, 2
+    r = generate(tmp_path, n_images=30, size=s, seed=seed, max_defects=3)
+    coco = json.loads(r["annotations"].read_text())
+    assert [c["id"] for c in coco["categories"]] == [1, 2, 3, 4]
+    assert [c["name"] for c in coco["categories"]] == list(CLASSES)
+    by_img = {}
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= s and y + h <= s
+        assert w >= 2 and h >= 2 and a["area"] == w * h and a["iscrowd"] == 0
+        assert 1 <= a["category_id"] <= 4
+        by_img.setdefault(a["image_id"], []).append((x, y, w, h))
+    assert max(len(v) for v in by_img.values()) <= 3
+    assert len(by_img) >= 20  # most images have defects
+    # every pixel a defect changed lies inside one of that image's boxes
+    for im in coco["images"]:
+        pix = np.asarray(Image.open(r["images"] / im["file_name"]))
+        assert pix.shape == (s, s) and pix.dtype == np.uint8
+        rng = np.random.default_rng([seed, im["id"] - 1])
+        bg = np.clip(np.rint(synthetic._background(rng, s)), 0, 255).astype(np.uint8)
+        inside = np.zeros((s, s), bool)
+        for x, y, w, h in by_img.get(im["id"], []):
+            inside[y:y + h, x:x + w] = True
+        changed = pix != bg
+        assert not (changed & ~inside).any(), im["file_name"]
+        if im["id"] in by_img:
+            assert changed.any()
+        else:
+            assert not changed.any()
+
+
+def test_class_weights_shift_frequencies(tmp_path):
+    def counts(weights, name):
+        r = generate(tmp_path / name, n_images=80, size=32, seed=1, class_weights=weights)
+        coco = json.loads(r["annotations"].read_text())
+        c = Counter(CLASSES[a["category_id"] - 1] for a in coco["annotations"])
+        return c, sum(c.values())
+
+    base, n0 = counts(None, "base")
+    rare, n1 = counts({"pit": 0.03}, "rare")
+    none, _ = counts({"pit": 0.0, "scratch": 5.0}, "none")
+    assert base["pit"] / n0 > 0.15
+    assert rare["pit"] / n1 < 0.06
+    assert none["pit"] == 0 and none["scratch"] > 3 * none["inclusion"]
+    with pytest.raises(ValueError, match="unknown class 'rust'"):
+        generate(tmp_path / "x", n_images=1, class_weights={"rust": 1.0})
+    with pytest.raises(ValueError, match="positive weight"):
+        generate(tmp_path / "x", n_images=1, class_weights={c: 0 for c in CLASSES})
+
+
+def test_coco_file_loads_with_pycocotools_and_pool(tmp_path):
+    from pycocotools.coco import COCO
+
+    r = generate(tmp_path, n_images=10, size=48, seed=0, image_format="jpg")
+    coco = COCO(str(r["annotations"]))
+    assert sorted(coco.getCatIds()) == [1, 2, 3, 4]
+    assert [coco.loadCats(i)[0]["name"] for i in (1, 2, 3, 4)] == list(CLASSES)
+    assert len(coco.getImgIds()) == 10 and len(coco.getAnnIds()) == r["n_boxes"]
+    assert (r["images"] / "syn_00009.jpg").is_file()
+    t = build_pool(r["images"], r["annotations"], cfg=DatasetConfig(), progress=False)
+    assert len(t.manifest) == 10 and len(t.rejects) == 0 and len(t.annotations) == r["n_boxes"]
+    assert [c["name"] for c in t.categories] == list(CLASSES)
+
+
+def test_idempotent_and_regenerates_on_change(tmp_path):
+    r1 = generate(tmp_path, n_images=6, size=32, seed=0)
+    gen = tmp_path / "generation.json"
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    time.sleep(0.01)
+    assert generate(tmp_path, n_images=6, size=32, seed=0) == r1
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == stamps
+    assert json.loads(gen.read_text())["params"]["seed"] == 0
+    r2 = generate(tmp_path, n_images=3, size=32, seed=0)
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"syn_0000{i}.png" for i in range(3)]
+    assert len(json.loads(r2["annotations"].read_text())["images"]) == 3
+    (tmp_path / "images" / "syn_00001.png").unlink()  # damaged folder: regenerate
+    generate(tmp_path, n_images=3, size=32, seed=0)
+    assert (tmp_path / "images" / "syn_00001.png").is_file()
+
+
+def test_default_size_is_fast(tmp_path):
+    t0 = time.perf_counter()
+    r = generate(tmp_path, n_images=200, size=128, seed=0)
+    dt = time.perf_counter() - t0
+    assert r["n_images"] == 200 and r["n_boxes"] > 200
+    assert dt < 20, f"200 images took {dt:.1f}s"
+    sizes = {Image.open(p).size for p in list(r["images"].iterdir())[:5]}
+    assert sizes == {(128, 128)}
