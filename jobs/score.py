@@ -37,19 +37,14 @@ def worklist(run: RunDir, include_labeled: bool) -> pa.Table:
     return man.join(led, "image_id", join_type="inner").sort_by("image_id").select(WORK_COLUMNS)
 
 
-class DecodeStage:
+def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict[str, np.ndarray]:
     """Stateless decode + letterbox of a batch of manifest rows (a Ray Data task)."""
+    from engine.images import load_batch
 
-    def __init__(self, size: int, max_pixels: int):
-        self.size, self.max_pixels = size, max_pixels
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from engine.images import load_batch
-
-        out = load_batch(list(batch["uri"]), self.size, self.max_pixels)
-        err = np.array(["" if e is None else str(e) for e in out["error"]], dtype=object)
-        return {**{k: batch[k] for k in WORK_COLUMNS}, "image": out["image"], "scale": out["scale"],
-                "content_w": out["content_w"], "content_h": out["content_h"], "error": err}
+    out = load_batch(list(batch["uri"]), size, max_pixels)
+    err = np.array(["" if e is None else str(e) for e in out["error"]], dtype=object)
+    return {**{k: batch[k] for k in WORK_COLUMNS}, "image": out["image"], "scale": out["scale"],
+            "content_w": out["content_w"], "content_h": out["content_h"], "error": err}
 
 
 class DetectorStage:
@@ -137,23 +132,18 @@ def _scatter(pred: dict[str, np.ndarray], rows: np.ndarray, n: int, views: tuple
     return out
 
 
-class SignalStage:
-    """Computes the configured signals of each pool row (a Ray Data task on Arrow batches)."""
+def signal_batch(table: pa.Table, specs: tuple[str, ...], seed: int, cycle: int, num_classes: int) -> pa.Table:
+    """Adds one `sig__<column>` per configured signal (a Ray Data task on Arrow batches)."""
+    from engine import predictions as P
+    from engine import signals as S
 
-    def __init__(self, specs: tuple[str, ...], seed: int, cycle: int, num_classes: int):
-        self.specs, self.seed, self.cycle, self.num_classes = specs, seed, cycle, num_classes
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        from engine import predictions as P
-        from engine import signals as S
-
-        specs = [S.parse_spec(s) for s in self.specs]
-        views = sorted({s.view for s in specs} | {"orig"})
-        batch = P.from_arrow(table, views=views, fields=["scores", "labels", "probs"], num_classes=self.num_classes)
-        values = S.compute(batch, specs, seed=self.seed, cycle=self.cycle)
-        for col, v in values.items():
-            table = table.append_column(f"sig__{col}", pa.array(np.asarray(v, dtype=np.float64)))
-        return table
+    parsed = [S.parse_spec(s) for s in specs]
+    views = sorted({s.view for s in parsed} | {"orig"})
+    batch = P.from_arrow(table, views=views, fields=["scores", "labels", "probs"], num_classes=num_classes)
+    values = S.compute(batch, parsed, seed=seed, cycle=cycle)
+    for col, v in values.items():
+        table = table.append_column(f"sig__{col}", pa.array(np.asarray(v, dtype=np.float64)))
+    return table
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -193,21 +183,24 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     tmp_dir = cdir / f".predictions.tmp-{uuid.uuid4().hex[:8]}"
 
     t0 = time.time()
-    nblocks = blocks or max(1, min(200, len(work) // max(1, sc.decode_batch_size)))
-    ds = ray.data.read_parquet(str(wl_path), override_num_blocks=nblocks)
-    ds = ds.map_batches(DecodeStage, fn_constructor_kwargs={"size": cfg.detector.input_size,
-                                                            "max_pixels": cfg.dataset.max_pixels},
-                        batch_size=sc.decode_batch_size, batch_format="numpy", num_cpus=0.5,
-                        concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))))
+    # The work list (ids + uris, no pixels) enters the stream as Arrow blocks; every stage
+    # but the detector takes a fraction of a CPU so that, on a 2-core node, decode and
+    # signal tasks still fit beside a detector actor (a whole-CPU stage would deadlock).
+    nblocks = blocks or max(1, min(200, -(-len(work) // max(1, sc.decode_batch_size))))
+    step = -(-len(work) // nblocks)
+    ds = ray.data.from_arrow([work.slice(i, step) for i in range(0, len(work), step)])
+    ds = ds.map_batches(decode_batch, fn_kwargs={"size": cfg.detector.input_size,
+                                                 "max_pixels": cfg.dataset.max_pixels},
+                        batch_size=sc.decode_batch_size, batch_format="numpy", num_cpus=0.25)
     ds = ds.map_batches(DetectorStage, fn_constructor_kwargs={
         "model_path": str(model), "views": tuple(sc.views), "max_boxes": cfg.detector.max_boxes,
         "roi_embeddings": sc.store_roi_embeddings, "threads": sc.torch_threads},
-        batch_size=sc.batch_size, batch_format="numpy", concurrency=sc.concurrency,
+        batch_size=sc.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
         num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None)
-    ds = ds.map_batches(SignalStage, fn_constructor_kwargs={"specs": specs, "seed": cfg.seed, "cycle": k,
-                                                            "num_classes": run.num_classes()},
-                        batch_format="pyarrow", batch_size=None, num_cpus=0.25, concurrency=1)
-    ds.write_parquet(str(tmp_dir))
+    ds = ds.map_batches(signal_batch, fn_kwargs={"specs": specs, "seed": cfg.seed, "cycle": k,
+                                                 "num_classes": run.num_classes()},
+                        batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    ds.write_parquet(str(tmp_dir), ray_remote_args={"num_cpus": 0.25})
     seconds = time.time() - t0
     _replace_dir(tmp_dir, run.predictions_dir(k))
     summary = finalize_scores(run, cfg, k, specs)

@@ -58,7 +58,7 @@ def run_dir(tmp_path_factory, tiny_pool, ray_session):
 def test_cycle_end_to_end(run_dir):
     run = run_dir
     res = _invoke(["cycle", run.root, "--strategy", "entropy", "--budget", "5", "--quiet"])
-    summary = json.loads(res.output)
+    summary = json.loads(res.stdout)
     assert summary["cycle"] == 0
     # model: a real state_dict, loadable without unpickling arbitrary objects
     import torch
