@@ -286,34 +286,27 @@ def _fasterrcnn_mobilenet_v3_large_fpn(cfg: DetectorConfig, num_classes: int, lo
                 model.roi_heads.box_predictor.cls_score.in_features, num_classes, cfg)
 
 
-@DETECTORS.register("retinanet_resnet50_fpn_v2", family="retinanet")
-def _retinanet_resnet50_fpn_v2(cfg: DetectorConfig, num_classes: int, load_pretrained: bool) -> nn.Module:
-    from torchvision.models import ResNet50_Weights
-    from torchvision.models.detection import RetinaNet_ResNet50_FPN_V2_Weights, retinanet_resnet50_fpn_v2
+def _resnet50_one_stage(family: str, builder_name: str, weights_name: str):
+    """Registers a torchvision one-stage ResNet-50 FPN detector (RetinaNet or FCOS)."""
 
-    model = retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes + 1,
-                                      **_one_stage_kwargs(cfg))
-    _finish_torchvision(model, cfg, load_pretrained, RetinaNet_ResNet50_FPN_V2_Weights, ResNet50_Weights,
-                        ["layer4.", "layer3.", "layer2.", "layer1.", ("conv1.", "bn1.")], ())
-    if cfg.dropout > 0:
-        _attach_dropout(model.head.classification_head.cls_logits, cfg.dropout, on_input=True)
-    c = model.backbone.out_channels
-    return _tag(model, "retinanet", c, c, num_classes, cfg)
+    def build(cfg: DetectorConfig, num_classes: int, load_pretrained: bool) -> nn.Module:
+        import torchvision.models.detection as tvd
+        from torchvision.models import ResNet50_Weights
+
+        model = getattr(tvd, builder_name)(weights=None, weights_backbone=None, num_classes=num_classes + 1,
+                                           **_one_stage_kwargs(cfg))
+        _finish_torchvision(model, cfg, load_pretrained, getattr(tvd, weights_name), ResNet50_Weights,
+                            ["layer4.", "layer3.", "layer2.", "layer1.", ("conv1.", "bn1.")], ())
+        if cfg.dropout > 0:
+            _attach_dropout(model.head.classification_head.cls_logits, cfg.dropout, on_input=True)
+        c = model.backbone.out_channels
+        return _tag(model, family, c, c, num_classes, cfg)
+
+    DETECTORS.add(builder_name, build, family=family)
 
 
-@DETECTORS.register("fcos_resnet50_fpn", family="fcos")
-def _fcos_resnet50_fpn(cfg: DetectorConfig, num_classes: int, load_pretrained: bool) -> nn.Module:
-    from torchvision.models import ResNet50_Weights
-    from torchvision.models.detection import FCOS_ResNet50_FPN_Weights, fcos_resnet50_fpn
-
-    model = fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes + 1,
-                              **_one_stage_kwargs(cfg))
-    _finish_torchvision(model, cfg, load_pretrained, FCOS_ResNet50_FPN_Weights, ResNet50_Weights,
-                        ["layer4.", "layer3.", "layer2.", "layer1.", ("conv1.", "bn1.")], ())
-    if cfg.dropout > 0:
-        _attach_dropout(model.head.classification_head.cls_logits, cfg.dropout, on_input=True)
-    c = model.backbone.out_channels
-    return _tag(model, "fcos", c, c, num_classes, cfg)
+_resnet50_one_stage("retinanet", "retinanet_resnet50_fpn_v2", "RetinaNet_ResNet50_FPN_V2_Weights")
+_resnet50_one_stage("fcos", "fcos_resnet50_fpn", "FCOS_ResNet50_FPN_Weights")
 
 
 @DETECTORS.register("fcos_resnet18_fpn", family="fcos")

@@ -51,3 +51,16 @@ def neu_det():
     if not p.is_dir():
         pytest.skip(f"NEU-DET not found at {p}")
     return p
+
+
+@pytest.fixture
+def torch_threads():
+    """Two torch threads for the test, restored afterwards (and the RNG state too)."""
+    import torch
+
+    old = torch.get_num_threads()
+    state = torch.random.get_rng_state()
+    torch.set_num_threads(2)
+    yield 2
+    torch.set_num_threads(old)
+    torch.random.set_rng_state(state)

@@ -21,11 +21,8 @@ _MODELS: dict[str, torch.nn.Module] = {}
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
+def _threads(torch_threads):
     yield
-    torch.set_num_threads(old)
 
 
 def cfg_for(name: str, **kw) -> DetectorConfig:

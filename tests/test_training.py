@@ -19,11 +19,8 @@ MAX_PIXELS = 10_000_000
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
+def _threads(torch_threads):
     yield
-    torch.set_num_threads(old)
 
 
 def write_images(tmp_path, specs):
