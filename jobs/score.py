@@ -169,6 +169,10 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     if not model.is_file():
         raise RunError(f"{model} is missing: run `poolscout train {run.root}` first")
     sc = cfg.score
+    # The model fixes the canvas size it was trained at, whatever the current config says.
+    import torch
+
+    input_size = int(torch.load(model, map_location="cpu", weights_only=True, mmap=True)["detector"]["input_size"])
     specs = tuple(sc.signals)
     for s in specs:  # fail before starting Ray work
         S.parse_spec(s)
@@ -189,7 +193,7 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     nblocks = blocks or max(1, min(200, -(-len(work) // max(1, sc.decode_batch_size))))
     step = -(-len(work) // nblocks)
     ds = ray.data.from_arrow([work.slice(i, step) for i in range(0, len(work), step)])
-    ds = ds.map_batches(decode_batch, fn_kwargs={"size": cfg.detector.input_size,
+    ds = ds.map_batches(decode_batch, fn_kwargs={"size": input_size,
                                                  "max_pixels": cfg.dataset.max_pixels},
                         batch_size=sc.decode_batch_size, batch_format="numpy", num_cpus=0.25)
     ds = ds.map_batches(DetectorStage, fn_constructor_kwargs={
@@ -204,7 +208,7 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     seconds = time.time() - t0
     _replace_dir(tmp_dir, run.predictions_dir(k))
     summary = finalize_scores(run, cfg, k, specs)
-    summary.update(cycle=k, seconds=round(seconds, 2), images=int(len(work)), pool=n_pool,
+    summary.update(cycle=k, seconds=round(seconds, 2), images=int(len(work)), pool=n_pool, input_size=input_size,
                    images_per_s=round(len(work) / seconds, 2) if seconds else None)
     io.atomic_write_json(cdir / "score.json", summary)
     return summary
