@@ -17,6 +17,7 @@ the stored (raw) frame to the displayed frame.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from pathlib import Path
@@ -258,6 +259,20 @@ def _open(f, path: Path, max_pixels: int) -> tuple[Image.Image, HeaderInfo]:
     return im, HeaderInfo(w, h, str(im.format or (own[0] if own else "?")), _orientation(im))
 
 
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Open a file for reading; OS errors become ImageError with a plain reason."""
+    try:
+        with open(path, "rb") as f:
+            yield f
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not a file") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+
+
 def header(path: str | Path, max_pixels: int) -> HeaderInfo:
     """Raw size, format and EXIF orientation, without decoding pixels.
 
@@ -272,17 +287,10 @@ def header(path: str | Path, max_pixels: int) -> HeaderInfo:
         ImageError: missing, empty, truncated, unidentifiable or too large.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            im, info = _open(f, path, max_pixels)
-            im.close()
-            return info
-    except FileNotFoundError:
-        raise ImageError("file not found") from None
-    except IsADirectoryError:
-        raise ImageError("is a directory, not a file") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
+    with _reading(path) as f:
+        im, info = _open(f, path, max_pixels)
+        im.close()
+        return info
 
 
 def probe(path: str | Path, max_pixels: int) -> tuple[int, int]:
@@ -355,30 +363,23 @@ def decode(path: str | Path, max_pixels: int) -> np.ndarray:
         ImageError: bad file (see :func:`probe`), truncated data, or an undecodable mode.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            im, info = _open(f, path, max_pixels)
-            with im:
-                try:
-                    im.load()
-                except OSError as e:
-                    msg = str(e)
-                    if "truncated" in msg:
-                        raise ImageError(f"truncated {info.format}") from None
-                    if "broken data stream" in msg:
-                        raise ImageError(f"corrupt {info.format} data (broken data stream)") from None
-                    raise ImageError(f"cannot decode {info.format}: {msg}") from None
-                except (SyntaxError, ValueError, struct.error, EOFError, IndexError) as e:
-                    raise ImageError(f"cannot decode {info.format}: {type(e).__name__}: {e}") from None
-                except Image.DecompressionBombError as e:
-                    raise ImageError(f"decompression bomb: {e}") from None
-                rgb = _to_rgb(im)
-    except FileNotFoundError:
-        raise ImageError("file not found") from None
-    except IsADirectoryError:
-        raise ImageError("is a directory, not a file") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
+    with _reading(path) as f:
+        im, info = _open(f, path, max_pixels)
+        with im:
+            try:
+                im.load()
+            except OSError as e:
+                msg = str(e)
+                if "truncated" in msg:
+                    raise ImageError(f"truncated {info.format}") from None
+                if "broken data stream" in msg:
+                    raise ImageError(f"corrupt {info.format} data (broken data stream)") from None
+                raise ImageError(f"cannot decode {info.format}: {msg}") from None
+            except (SyntaxError, ValueError, struct.error, EOFError, IndexError) as e:
+                raise ImageError(f"cannot decode {info.format}: {type(e).__name__}: {e}") from None
+            except Image.DecompressionBombError as e:
+                raise ImageError(f"decompression bomb: {e}") from None
+            rgb = _to_rgb(im)
     t = _TRANSPOSE.get(info.orientation)
     if t is not None:
         rgb = np.asarray(Image.fromarray(rgb).transpose(t))
