@@ -42,7 +42,8 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> di
     from engine.images import load_batch
 
     out = load_batch(list(batch["uri"]), size, max_pixels)
-    err = np.array(["" if e is None else str(e) for e in out["error"]], dtype=object)
+    err = np.asarray(out["error"], dtype=object)
+    err[np.equal(err, None)] = ""
     return {**{k: batch[k] for k in WORK_COLUMNS}, "image": out["image"], "scale": out["scale"],
             "content_w": out["content_w"], "content_h": out["content_h"], "error": err}
 
@@ -74,7 +75,7 @@ class DetectorStage:
         from engine.inference import embed, predict
 
         n = len(batch["image_id"])
-        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
+        ok = np.asarray(batch["error"], dtype=object) == ""
         pool = ok & (batch["state"] == "pool")
         lab = ok & (batch["state"] == "labeled")
         # Run the detector on the pool rows, the backbone only on labeled rows, nothing on errors.

@@ -106,8 +106,8 @@ def select(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int
     labeled_emb = None
     if St.needs_embedding(strat):
         eid, state, emb = load_embeddings(run, k)
-        pos = {int(i): j for j, i in enumerate(eid)}
-        table["embedding"] = emb[[pos[int(i)] for i in ids]]
+        order = np.argsort(eid)
+        table["embedding"] = emb[order[np.searchsorted(eid[order], ids)]]
         labeled_emb = emb[state == "labeled"]
     ctx = SelectContext(rng=np.random.default_rng([cfg.seed, k]), labeled_embedding=labeled_emb)
     sel = St.select(strat, table, budget, ctx=ctx)
