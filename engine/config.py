@@ -79,6 +79,9 @@ class TrainConfig:
     # 0 = as many threads as the node has cores (Ray would otherwise give 1 per CPU slot).
     torch_threads: int = 0
     max_images: int = 0  # 0 = all labeled images; >0 caps them (smoke tests)
+    # Epochs of a warm-started cycle (one that starts from the previous cycle's model);
+    # 0 = `epochs`. Fine-tuning needs fewer passes than the first training.
+    warm_epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,27 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class LoopConfig:
+    """The active-learning loop (`poolscout run`)."""
+
+    cycles: int = 4
+    # "simulated": a GT oracle reveals annotations.parquet (benchmarks); "human": the loop
+    # pauses after each selection until `poolscout import` brings the answers.
+    oracle: str = "simulated"
+    # Seed set when the run has no labeled images yet: this many images, picked by
+    # "random" or "kcenter" (k-center greedy on image embeddings of the untrained detector,
+    # a cold-start diversity pick).
+    seed_size: int = 0
+    seed_strategy: str = "random"
+    # "ray": Ray Train + Ray Data per stage (the product path); "local": every stage in this
+    # process (benchmarks run many loops as Ray tasks, one per CPU).
+    executor: str = "ray"
+    eval_batch_size: int = 8
+    # Score the pool even when the strategy needs no model signal (e.g. random).
+    always_score: bool = False
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str | None = None
     num_cpus: int = 0  # 0 = all cores, embedded local Ray only
@@ -133,6 +157,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:

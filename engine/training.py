@@ -297,3 +297,55 @@ def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: Tra
         if on_epoch is not None:
             on_epoch(rec)
     return history
+
+
+def fit_detector(spec: dict, *, rank: int = 0, device: Any = "cpu",
+                 prepare_loader: Callable[[Any], Any] | None = None,
+                 prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+                 progress: bool = True, log: Callable[[str], Any] = print) -> tuple[nn.Module, list[dict]]:
+    """Build (or warm-start) a detector and train it on a run's labeled images.
+
+    One function for both executors: Ray Train's workers call it with their
+    `prepare_*` hooks, the local executor calls it in-process.
+
+    Args:
+        spec: {"train": TrainConfig dict, "detector": DetectorConfig dict, "seed", "manifest"
+            (path), "annotations" (path), "labeled_ids", "num_classes", "max_pixels",
+            "warm_start" (checkpoint path or None)}.
+        rank: worker rank (seeds differ per rank).
+        device: where to train.
+
+    Returns:
+        (the trained model, the per-epoch history).
+    """
+    import pyarrow.parquet as pq
+
+    from .config import DetectorConfig, _merge_into
+    from .detectors import build_detector, load_checkpoint
+
+    tcfg = _merge_into(TrainConfig, TrainConfig(), spec["train"], "train.", "run.yaml")
+    dcfg = _merge_into(DetectorConfig, DetectorConfig(), spec["detector"], "detector.", "run.yaml")
+    seed_everything(int(spec["seed"]) + rank)
+    manifest = pq.read_table(spec["manifest"])
+    annotations = pq.read_table(spec["annotations"])
+    ids = np.asarray(spec["labeled_ids"], dtype=np.int64)
+    items, boxes, labels = labeled_items(manifest, annotations, ids)
+    ds = DetectionDataset(items, boxes, labels, dcfg.input_size, spec["max_pixels"],
+                          hflip_prob=tcfg.hflip_prob, seed=int(spec["seed"]))
+    loader = torch.utils.data.DataLoader(ds, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate,
+                                         num_workers=0, generator=torch.Generator().manual_seed(int(spec["seed"])))
+    if prepare_loader is not None:
+        loader = prepare_loader(loader)
+    if spec.get("warm_start"):
+        model, _ = load_checkpoint(spec["warm_start"])
+        if tcfg.warm_epochs:
+            import dataclasses
+
+            tcfg = dataclasses.replace(tcfg, epochs=tcfg.warm_epochs)
+    else:
+        model = build_detector(dcfg, int(spec["num_classes"]), load_pretrained=True)
+    model.train()
+    if prepare_model is not None:
+        model = prepare_model(model)
+    history = train_epochs(model, loader, tcfg, device, progress=progress, log=log)
+    return model, history

@@ -74,7 +74,10 @@ def cli() -> None:
     \b
     Typical use:
       poolscout init runs/steel --images DIR --annotations ANN --seed-fraction 0.05 --config configs/neu_det.yaml
-      poolscout cycle runs/steel --strategy entropy --budget 100
+      poolscout run runs/steel --cycles 6 --budget 100 --strategy entropy
+      poolscout status runs/steel
+      poolscout report runs/steel --out report/
+      poolscout demo                      # synthetic pool, random vs entropy, report
     """
 
 
@@ -178,6 +181,139 @@ def cycle(run_dir, strategy, budget, fmt, configs, overrides, address, quiet):
     _ray(cfg, address, quiet)
     _print(run_cycle(run, cfg, strategy=strategy, budget=budget, fmt=fmt, progress=not quiet,
                      log=lambda m: click.echo(m, err=True)))
+
+
+@cli.command("run")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--cycles", type=int, default=None, help="Acquisition rounds (the loop trains cycles + 1 times).")
+@click.option("--budget", type=int, default=None, help="Images to label per round.")
+@click.option("--strategy", default=None, help="Strategy name (configs/strategies) or YAML path.")
+@click.option("--oracle", type=click.Choice(["simulated", "human"]), default=None,
+              help="simulated: reveal the run's GT; human: pause for `poolscout import` after each selection.")
+@click.option("--seed-size", type=int, default=None, help="Seed set size when nothing is labeled yet.")
+@click.option("--seed-strategy", type=click.Choice(["random", "kcenter"]), default=None)
+@click.option("--executor", type=click.Choice(["ray", "local"]), default=None,
+              help="ray: Ray Train + Ray Data per stage (default); local: everything in this process.")
+@common
+def run_cmd(run_dir, cycles, budget, strategy, oracle, seed_size, seed_strategy, executor, configs, overrides,
+            address, quiet):
+    """Run the active-learning loop to the end, or resume it where it stopped."""
+    from jobs.loop import loop_config, run_loop
+
+    run = RunDir(Path(run_dir))
+    run.require()
+    ov = list(overrides)
+    for key, val in (("loop.cycles", cycles), ("select.budget", budget), ("select.strategy", strategy),
+                     ("loop.oracle", oracle), ("loop.seed_size", seed_size), ("loop.seed_strategy", seed_strategy),
+                     ("loop.executor", executor)):
+        if val is not None:
+            ov.append(f"{key}={val}")
+    if address:
+        ov.append(f"ray.address={address}")
+    cfg = loop_config(run, list(configs), ov)
+    state = run_loop(run, cfg, progress=not quiet, log=lambda m: click.echo(m, err=True))
+    _print({k: state.get(k) for k in ("status", "strategy", "cycle", "cycles", "message")})
+    if state.get("status") == "waiting_for_labels":
+        sys.exit(0)
+
+
+@cli.command("import")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="COCO JSON or Label Studio JSON export with the answers for the current selection.")
+@click.option("--format", "fmt", type=click.Choice(["coco", "label_studio"]), default=None,
+              help="Answer format (default: detected from the file).")
+@click.option("--cycle", type=int, default=None, help="Selection the answers belong to (default: the loop's).")
+@_guard
+def import_cmd(run_dir, labels, fmt, cycle):
+    """Import human labels for the selected batch (idempotent; partial batches allowed)."""
+    from engine import oracle
+    from jobs.loop import loop_state
+
+    run = RunDir(Path(run_dir))
+    run.require()
+    k = cycle
+    if k is None:
+        k = loop_state(run).get("cycle")
+    if k is None:
+        k = run.current_cycle()
+    answers = oracle.read_answers(labels, fmt, manifest=_read(run.manifest), categories=run.read_categories())
+    res = oracle.import_answers(run, answers, int(k), source=str(Path(labels).resolve()))
+    _print({"cycle": int(k), **res})
+
+
+def _read(path):
+    from engine import io
+
+    return io.read_table(path)
+
+
+@cli.command("status")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@_guard
+def status_cmd(run_dir, as_json):
+    """Where the loop stands: stage, labeled counts, mAP per cycle, pending labels."""
+    from jobs.loop import status
+
+    st = status(RunDir(Path(run_dir)))
+    if as_json:
+        _print(st)
+        return
+    click.echo(f"run      {st['run']}")
+    click.echo(f"status   {st['status']}" + (f" (cycle {st['cycle']}, stage {st['stage']})"
+                                             if st["status"] == "running" and st["cycle"] is not None else ""))
+    click.echo(f"strategy {st['strategy']}   planned cycles {st['cycles_planned']}")
+    click.echo("ledger   " + ", ".join(f"{k} {v}" for k, v in st["ledger"].items()))
+    if st["cycles"]:
+        click.echo(f"{'cycle':>5} {'labeled':>8} {'mAP50':>7} {'mAP':>7}  stages done")
+        for c in st["cycles"]:
+            f = (lambda v: f"{v:7.3f}" if isinstance(v, (int, float)) else f"{'-':>7}")
+            lab = c["labeled_images"] if c["labeled_images"] is not None else "-"
+            click.echo(f"{c['cycle']:>5} {lab:>8} {f(c['map50'])} {f(c['map'])}  {', '.join(c['stages'])}")
+    if st.get("batch"):
+        b = st["batch"]
+        click.echo(f"waiting  {b['labeled']} of {b['selected']} selected images labeled; "
+                   f"answer with `poolscout import {st['run']} --labels FILE`")
+
+
+@cli.command("report")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("--montage", "montage_images", type=int, default=12, show_default=True,
+              help="Selected images drawn per cycle.")
+@click.option("--quiet", is_flag=True)
+@_guard
+def report_cmd(run_dirs, out_dir, montage_images, quiet):
+    """Learning curves (PNG) and one self-contained HTML page for one or more runs."""
+    from engine.report import write_report
+
+    index = write_report([Path(d) for d in run_dirs], Path(out_dir), montage_images=montage_images,
+                         progress=not quiet)
+    click.echo(f"report: {index}")
+
+
+@cli.command("demo")
+@click.option("--out", "out_dir", default="poolscout-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the pool, the runs and the report go.")
+@click.option("--images", "n_images", type=int, default=200, show_default=True, help="Synthetic pool size.")
+@click.option("--size", type=int, default=128, show_default=True, help="Image side in pixels.")
+@click.option("--cycles", type=int, default=4, show_default=True)
+@click.option("--budget", type=int, default=20, show_default=True)
+@click.option("--seed-size", type=int, default=20, show_default=True)
+@click.option("--strategies", default="random,entropy", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@common
+def demo_cmd(out_dir, n_images, size, cycles, budget, seed_size, strategies, seed, configs, overrides, address,
+             quiet):
+    """Synthetic defect pool -> a loop per strategy on the embedded Ray -> the report."""
+    from jobs.demo import run_demo
+
+    index = run_demo(Path(out_dir), n_images=n_images, size=size, cycles=cycles, budget=budget,
+                     seed_size=seed_size, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+                     seed=seed, configs=list(configs), overrides=list(overrides), address=address,
+                     progress=not quiet, log=lambda m: click.echo(m, err=True))
+    click.echo(f"report: {index}")
 
 
 @cli.command()

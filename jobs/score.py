@@ -157,11 +157,70 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | None = None,
-          progress: bool = True) -> dict:
-    """Score the pool of cycle k with its model; returns a summary with counts and timings."""
-    import ray
+def _clean_stale(cdir: Path) -> None:
+    """Remove temp prediction dirs a killed run left behind (never the resumable partial)."""
+    for p in cdir.glob(".predictions.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
 
+
+def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: int, input_size: int,
+                 partial: Path, progress: bool) -> None:
+    """The local executor: the same stages in this process, one Parquet part per chunk.
+
+    Parts are written atomically into `partial` (named after the model's digest), so a run
+    killed mid-scoring resumes at the first missing part instead of starting over.
+    """
+    import torch
+
+    from jobs.hooks import crash_point
+
+    sc = cfg.score
+    chunk = max(1, sc.batch_size) * 8
+    starts = list(range(0, len(work), chunk))
+    todo = [(i, st) for i, st in enumerate(starts) if not (partial / f"part-{i:05d}.parquet").is_file()]
+    partial.mkdir(parents=True, exist_ok=True)
+    if not todo:
+        return
+    old = torch.get_num_threads()
+    if sc.torch_threads:
+        torch.set_num_threads(sc.torch_threads)
+    try:
+        stage = DetectorStage(str(model), tuple(sc.views), cfg.detector.max_boxes, sc.store_roi_embeddings,
+                              sc.torch_threads or torch.get_num_threads())
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(work), initial=len(work) - sum(min(chunk, len(work) - st) for _, st in todo),
+                       desc=f"score cycle {k}", unit="img", dynamic_ncols=True)
+        for n_done, (i, st) in enumerate(todo):
+            rows = work.slice(st, chunk)
+            parts = []
+            for j in range(0, len(rows), sc.batch_size):
+                b = rows.slice(j, sc.batch_size)
+                batch = {c: b[c].to_numpy(zero_copy_only=False) for c in WORK_COLUMNS}
+                batch["uri"] = np.asarray(b["uri"].to_pylist(), dtype=object)
+                batch["state"] = np.asarray(b["state"].to_pylist(), dtype=object)
+                dec = decode_batch(batch, input_size, cfg.dataset.max_pixels)
+                parts.append(signal_batch(stage(dec), tuple(sc.signals), cfg.seed, k, num_classes))
+                if bar is not None:
+                    bar.update(len(b))
+            io.write_table(pa.concat_tables(parts), partial / f"part-{i:05d}.parquet")
+            if n_done == len(todo) // 2:
+                crash_point(f"{k}:score:mid")
+        if bar is not None:
+            bar.close()
+    finally:
+        torch.set_num_threads(old)
+
+
+def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | None = None,
+          progress: bool = True, executor: str | None = None) -> dict:
+    """Score the pool of cycle k with its model; returns a summary with counts and timings.
+
+    executor: "ray" (the Ray Data stream) or "local" (this process, resumable per chunk);
+    default cfg.loop.executor.
+    """
     from engine import signals as S
 
     run.require()
@@ -183,11 +242,50 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
         raise RunError(f"{run.ledger}: the pool is empty; nothing to score")
     cdir = run.cycle_dir(k)
     cdir.mkdir(parents=True, exist_ok=True)
+    _clean_stale(cdir)
     wl_path = cdir / "worklist.parquet"
     io.write_table(work, wl_path)
-    tmp_dir = cdir / f".predictions.tmp-{uuid.uuid4().hex[:8]}"
-
+    executor = executor or cfg.loop.executor
     t0 = time.time()
+    if executor == "local":
+        digest = _digest(model, work["image_id"].to_numpy())
+        partial = cdir / f".predictions.partial-{digest}"
+        for p in cdir.glob(".predictions.partial-*"):
+            if p != partial:  # parts of another model (retrained) are worthless
+                shutil.rmtree(p, ignore_errors=True)
+        _score_local(work, model, cfg, k, run.num_classes(), input_size, partial, progress)
+        tmp_dir = partial
+    elif executor == "ray":
+        tmp_dir = cdir / f".predictions.tmp-{uuid.uuid4().hex[:8]}"
+        _score_ray(work, model, cfg, k, run.num_classes(), input_size, tmp_dir, blocks)
+    else:
+        raise ValueError(f"loop.executor must be 'ray' or 'local', got {executor!r}")
+    seconds = time.time() - t0
+    _replace_dir(tmp_dir, run.predictions_dir(k))
+    summary = finalize_scores(run, cfg, k, specs)
+    summary.update(cycle=k, seconds=round(seconds, 2), images=int(len(work)), pool=n_pool, input_size=input_size,
+                   executor=executor, images_per_s=round(len(work) / seconds, 2) if seconds else None)
+    io.atomic_write_json(cdir / "score.json", summary)
+    return summary
+
+
+def _digest(path: Path, ids: np.ndarray) -> str:
+    """Model bytes + work list ids: the identity of a resumable partial scoring."""
+    import hashlib
+
+    h = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: int, input_size: int,
+               tmp_dir: Path, blocks: int | None) -> None:
+    import ray
+
+    sc = cfg.score
+    specs = tuple(sc.signals)
     # The work list (ids + uris, no pixels) enters the stream as Arrow blocks; every stage
     # but the detector takes a fraction of a CPU so that, on a 2-core node, decode and
     # signal tasks still fit beside a detector actor (a whole-CPU stage would deadlock).
@@ -203,16 +301,9 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
         batch_size=sc.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
         num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None)
     ds = ds.map_batches(signal_batch, fn_kwargs={"specs": specs, "seed": cfg.seed, "cycle": k,
-                                                 "num_classes": run.num_classes()},
+                                                 "num_classes": num_classes},
                         batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     ds.write_parquet(str(tmp_dir), ray_remote_args={"num_cpus": 0.25})
-    seconds = time.time() - t0
-    _replace_dir(tmp_dir, run.predictions_dir(k))
-    summary = finalize_scores(run, cfg, k, specs)
-    summary.update(cycle=k, seconds=round(seconds, 2), images=int(len(work)), pool=n_pool, input_size=input_size,
-                   images_per_s=round(len(work) / seconds, 2) if seconds else None)
-    io.atomic_write_json(cdir / "score.json", summary)
-    return summary
 
 
 def finalize_scores(run: RunDir, cfg: Config, k: int, specs: tuple[str, ...]) -> dict:

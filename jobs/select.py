@@ -72,6 +72,17 @@ def load_embeddings(run: RunDir, k: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return t["image_id"].to_numpy(), np.asarray(t["state"].to_pylist(), dtype=object), emb
 
 
+MODEL_FREE_SIGNALS = frozenset({"random"})
+
+
+def needs_model(strategy) -> bool:
+    """Whether a strategy needs the pool scored by the current model."""
+    from engine import strategies as St
+
+    return St.needs_embedding(strategy) or any(
+        s.name not in MODEL_FREE_SIGNALS for s in St.required_signals(strategy))
+
+
 def select(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int | None = None,
            cycle: int | None = None) -> dict:
     """Pick `budget` pool images with a named strategy; writes cycles/<k>/selection.parquet."""
@@ -85,12 +96,17 @@ def select(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int
     if budget <= 0:
         raise ValueError(f"--budget must be positive, got {budget}")
     sp = run.scores_path(k)
-    if not sp.is_file():
-        raise RunError(f"{sp} is missing: run `poolscout score {run.root}` first")
     t0 = time.time()
     specs = St.required_signals(strat)
-    have = io.read_table(sp).schema.names
-    scores = io.read_table(sp, columns=["image_id"] + sorted({s.column for s in specs if s.column in have}))
+    if not sp.is_file():
+        if needs_model(strat):
+            raise RunError(f"{sp} is missing: run `poolscout score {run.root}` first")
+        # Model-free strategies (random) need only the pool's ids.
+        pool_ids = np.sort(run.ids_in_state("pool"))
+        scores = pa.table({"image_id": pa.array(pool_ids, pa.int64())})
+    else:
+        have = io.read_table(sp).schema.names
+        scores = io.read_table(sp, columns=["image_id"] + sorted({s.column for s in specs if s.column in have}))
     # Only images still in the pool are candidates (a rerun after labeling must not re-pick).
     pool_ids = run.ids_in_state("pool")
     scores = scores.filter(pc.is_in(scores["image_id"], pa.array(pool_ids))).sort_by("image_id")
@@ -101,7 +117,12 @@ def select(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int
     for c in scores.column_names[1:]:
         table[c] = scores[c].to_numpy(zero_copy_only=False).astype(np.float64)
     missing = [s for s in specs if s.column not in table]
-    if missing:
+    if missing and not sp.is_file():
+        from engine import signals as S
+
+        table.update(S.compute({"image_id": ids, "offsets": np.zeros(len(ids) + 1, np.int64)}, missing,
+                               seed=cfg.seed, cycle=k))
+    elif missing:
         table.update(compute_missing(run, cfg, k, missing, ids))
     labeled_emb = None
     if St.needs_embedding(strat):

@@ -20,69 +20,77 @@ from engine.run import RunDir, RunError
 
 
 def _train_worker(config: dict) -> None:
-    """Runs on every Ray Train worker: build data + model, train, report a checkpoint."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    """Runs on every Ray Train worker: engine.training.fit_detector, then a checkpoint."""
     import ray.train
     import ray.train.torch
     import torch
 
-    from engine.config import DetectorConfig, TrainConfig, _merge_into
-    from engine.detectors import build_detector, load_checkpoint, save_checkpoint
-    from engine.training import DetectionDataset, collate, labeled_items, seed_everything, train_epochs
+    from engine.config import DetectorConfig, _merge_into
+    from engine.detectors import save_checkpoint
+    from engine.training import fit_detector
 
-    tcfg = _merge_into(TrainConfig, TrainConfig(), config["train"], "train.", "run.yaml")
-    dcfg = _merge_into(DetectorConfig, DetectorConfig(), config["detector"], "detector.", "run.yaml")
-    threads = tcfg.torch_threads or (os.cpu_count() or 1)
-    torch.set_num_threads(threads)
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    seed_everything(config["seed"] + rank)
-
-    manifest = pa.parquet.read_table(config["manifest"])
-    annotations = pa.parquet.read_table(config["annotations"])
-    ids = np.asarray(config["labeled_ids"], dtype=np.int64)
-    items, boxes, labels = labeled_items(manifest, annotations, ids)
-    ds = DetectionDataset(items, boxes, labels, dcfg.input_size, config["max_pixels"],
-                          hflip_prob=tcfg.hflip_prob, seed=config["seed"])
-    loader = torch.utils.data.DataLoader(ds, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate,
-                                         num_workers=0, generator=torch.Generator().manual_seed(config["seed"]))
-    loader = ray.train.torch.prepare_data_loader(loader)
-
-    if config.get("warm_start"):
-        model, _ = load_checkpoint(config["warm_start"])
-        model.train()
-    else:
-        model = build_detector(dcfg, config["num_classes"], load_pretrained=True)
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
-    history = train_epochs(model, loader, tcfg, device, progress=config["progress"] and rank == 0,
-                           log=(print if rank == 0 else (lambda *a, **k: None)))
-
+    torch.set_num_threads(config["train"].get("torch_threads") or (os.cpu_count() or 1))
+    rank = ray.train.get_context().get_world_rank()
+    model, history = fit_detector(config, rank=rank, device=ray.train.torch.get_device(),
+                                  prepare_loader=ray.train.torch.prepare_data_loader,
+                                  prepare_model=ray.train.torch.prepare_model,
+                                  progress=config["progress"] and rank == 0,
+                                  log=(print if rank == 0 else (lambda *a, **k: None)))
+    loss = {"loss": history[-1]["loss"] if history else float("nan")}
     if rank == 0:
         raw = model.module if hasattr(model, "module") else model
+        dcfg = _merge_into(DetectorConfig, DetectorConfig(), config["detector"], "detector.", "run.yaml")
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(Path(tmp) / "model.pt", raw.cpu(), dcfg, config["num_classes"],
-                            extra={"history": history, "labeled": int(len(ids)), "cycle": config["cycle"],
-                                   "warm_start": config.get("warm_start")})
-            ray.train.report({"loss": history[-1]["loss"] if history else float("nan")},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                            extra=_extra(config, history))
+            ray.train.report(loss, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
-        ray.train.report({"loss": history[-1]["loss"] if history else float("nan")})
+        ray.train.report(loss)
+
+
+def _extra(config: dict, history: list[dict]) -> dict:
+    return {"history": history, "labeled": int(len(config["labeled_ids"])), "cycle": config["cycle"],
+            "warm_start": config.get("warm_start")}
+
+
+def _train_local(config: dict, out: Path) -> None:
+    """The local executor: the same training in this process, then an atomic model.pt."""
+    import torch
+
+    from engine.config import DetectorConfig, _merge_into
+    from engine.detectors import save_checkpoint
+    from engine.training import fit_detector
+
+    threads = config["train"].get("torch_threads") or 0
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        dev = "cuda" if config["train"].get("use_gpu") and torch.cuda.is_available() else "cpu"
+        model, history = fit_detector(config, device=dev, progress=config["progress"])
+    finally:
+        torch.set_num_threads(old)
+    dcfg = _merge_into(DetectorConfig, DetectorConfig(), config["detector"], "detector.", "run.yaml")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    save_checkpoint(tmp, model.cpu(), dcfg, config["num_classes"], extra=_extra(config, history))
+    os.replace(tmp, out)
 
 
 def train(run: RunDir, cfg: Config, *, cycle: int | None = None, force: bool = False,
-          progress: bool = True) -> dict:
-    """Train the detector of cycle k on the labeled images; returns a summary."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+          progress: bool = True, executor: str | None = None) -> dict:
+    """Train the detector of cycle k on the labeled images (cycle <= k); returns a summary.
 
+    executor: "ray" (Ray Train TorchTrainer) or "local" (this process); default cfg.loop.executor.
+    """
     run.require()
     k = run.current_cycle() if cycle is None else cycle
     out = run.model_path(k)
     if out.is_file() and not force:
         return {"cycle": k, "model": str(out), "skipped": "model exists (use --force to retrain)"}
-    labeled = run.ids_in_state("labeled")
+    led = run.read_ledger()
+    st = np.asarray(led["state"].to_pylist(), dtype=object)
+    labeled = led["image_id"].to_numpy()[(st == "labeled") & (led["cycle"].to_numpy() <= k)]
     if cfg.train.max_images and len(labeled) > cfg.train.max_images:
         labeled = np.sort(np.random.default_rng(cfg.seed).choice(labeled, cfg.train.max_images, replace=False))
     if len(labeled) == 0:
@@ -100,6 +108,27 @@ def train(run: RunDir, cfg: Config, *, cycle: int | None = None, force: bool = F
         "labeled_ids": labeled.tolist(), "num_classes": run.num_classes(), "max_pixels": cfg.dataset.max_pixels,
         "warm_start": warm, "progress": progress, "cycle": k,
     }
+    executor = executor or cfg.loop.executor
+    t0 = time.time()
+    if executor == "local":
+        _train_local(loop_cfg, out)
+    elif executor == "ray":
+        _train_ray(run, cfg, k, loop_cfg, out)
+    else:
+        raise ValueError(f"loop.executor must be 'ray' or 'local', got {executor!r}")
+    import torch
+
+    meta = torch.load(out, map_location="cpu", weights_only=True)["extra"]
+    summary = {"cycle": k, "model": str(out), "labeled": int(len(labeled)), "warm_start": warm,
+               "executor": executor, "seconds": round(time.time() - t0, 2), "history": meta.get("history", [])}
+    io.atomic_write_json(run.cycle_dir(k) / "train.json", summary)
+    return summary
+
+
+def _train_ray(run: RunDir, cfg: Config, k: int, loop_cfg: dict, out: Path) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     storage = run.root / "ray_train"
     trainer = TorchTrainer(
         _train_worker,
@@ -109,7 +138,6 @@ def train(run: RunDir, cfg: Config, *, cycle: int | None = None, force: bool = F
                                                            **({"GPU": 1} if cfg.train.use_gpu else {})}),
         run_config=RunConfig(name=f"cycle_{k}_{int(time.time())}", storage_path=str(storage)),
     )
-    t0 = time.time()
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training of cycle {k} reported no checkpoint ({result.error})")
@@ -120,13 +148,6 @@ def train(run: RunDir, cfg: Config, *, cycle: int | None = None, force: bool = F
         shutil.copyfile(src, tmp)
         os.replace(tmp, out)
     shutil.rmtree(storage, ignore_errors=True)
-    import torch
-
-    meta = torch.load(out, map_location="cpu", weights_only=True)["extra"]
-    summary = {"cycle": k, "model": str(out), "labeled": int(len(labeled)), "warm_start": warm,
-               "seconds": round(time.time() - t0, 2), "history": meta.get("history", [])}
-    io.atomic_write_json(run.cycle_dir(k) / "train.json", summary)
-    return summary
 
 
 if __name__ == "__main__":  # python -m jobs.train RUN_DIR [options] (also under `ray job submit`)

@@ -1,0 +1,273 @@
+"""Label efficiency: mAP50 against labeled images for several strategies and seeds.
+
+Every (strategy, seed) is one active-learning loop (jobs.loop, local executor) run as a
+Ray task that reserves `cpus_per_run` CPUs; Ray runs as many at once as the node holds.
+All strategies of one seed start from the same random seed set.
+
+    python benchmarks/label_efficiency.py --preset cpu-small            # NEU-DET, 2 cores
+    python benchmarks/label_efficiency.py --preset gpu --address auto   # a GPU cluster
+
+Writes benchmarks/results/label_efficiency_<dataset>_<preset>.json and a PNG of the
+curves beside it; the run directories stay in --workdir for `poolscout report`.
+
+Per strategy: the mean curve, `aulc` (area under the mAP50-vs-labeled-images curve over
+its x range, so 1.0 is perfect), `labels_to_reach_random_final` (labeled images at which
+the strategy's mean curve first reaches random's final mean mAP50, by linear
+interpolation; null if never) and the rarest class's recall at IoU 0.5 at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DATASETS = {
+    "neu_det": {
+        "images": "images", "annotations": "annotations", "test": "split_test.txt", "pool": "split_pool.txt",
+        "config": "neu_det.yaml",
+    },
+}
+
+PRESETS = {
+    # 2-core laptop, no GPU: EfficientNet-Lite0 Faster R-CNN at 160 px (configs/cpu-small.yaml),
+    # 100 seed images + 4 rounds of 50 (300 labeled at the end); warm-started rounds train 5
+    # epochs, the first 8. Two loops run at once, one thread each.
+    "cpu-small": {
+        "configs": ["cpu-small.yaml"],
+        "overrides": ["train.epochs=8", "train.warm_epochs=5", "train.torch_threads=1", "score.torch_threads=1",
+                      "score.views=[orig]", "score.batch_size=8", "loop.eval_batch_size=8"],
+        "seed_size": 100, "budget": 50, "cycles": 4, "cpus_per_run": 1, "gpus_per_run": 0,
+        "strategies": ["random", "entropy", "coreset"], "seeds": [0, 1],
+    },
+    # One GPU per loop: 320 px, 200 + 6 x 100 images, 12 / 6 epochs.
+    "gpu": {
+        "configs": ["neu_det.yaml"],
+        "overrides": ["detector.input_size=320", "train.epochs=12", "train.warm_epochs=6", "train.use_gpu=true",
+                      "train.batch_size=8", "score.views=[orig,hflip]", "score.batch_size=32"],
+        "seed_size": 200, "budget": 100, "cycles": 6, "cpus_per_run": 4, "gpus_per_run": 1,
+        "strategies": ["random", "entropy", "margin", "coreset", "entropy_coreset"], "seeds": [0, 1, 2],
+    },
+}
+
+
+def one_loop(run_dir: str, dataset_dir: str, dataset: str, config_files: list[str], overrides: list[str],
+             quiet: bool = True) -> dict:
+    """Init a run for one (strategy, seed) and run its loop to the end (a Ray task body)."""
+    from engine.config import load_config
+    from engine.pool import init_run
+    from engine.run import RunDir
+    from jobs.loop import loop_config, run_loop
+
+    spec = DATASETS[dataset]
+    root = Path(dataset_dir)
+    run = RunDir(Path(run_dir))
+    if not run.exists():
+        init_run(run, images=root / spec["images"], annotations=root / spec["annotations"],
+                 test=root / spec["test"], cfg=load_config(config_files, overrides))
+    cfg = loop_config(run) if (run.root / "loop.json").is_file() else run.config(config_files, overrides)
+    t0 = time.time()
+    log_path = run.root / "loop.log"
+    with open(log_path, "a") as logf:
+        state = run_loop(run, cfg, progress=False, log=lambda m: (logf.write(m + "\n"), logf.flush()))
+    return {"run": str(run.root), "status": state["status"], "seconds": round(time.time() - t0, 1)}
+
+
+def _curve(run_dir: Path) -> dict:
+    cyc = []
+    for p in sorted((run_dir / "cycles").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1):
+        m = p / "metrics.json"
+        if p.name.isdigit() and m.is_file():
+            cyc.append(json.loads(m.read_text()))
+    cyc.sort(key=lambda m: m["cycle"])
+    ev = [m.get("eval") or {} for m in cyc]
+    return {
+        "labeled": [m["labeled_images"] for m in cyc],
+        "labeled_boxes": [m["labeled_boxes"] for m in cyc],
+        "map50": [e.get("map50") for e in ev],
+        "map": [e.get("map") for e in ev],
+        "per_class_final": (ev[-1].get("per_class") if ev else None),
+        "new_over_prevalence": [m.get("acquisition", {}).get("new_over_prevalence") for m in cyc],
+        "rarest_class": cyc[-1].get("acquisition", {}).get("rarest_class") if cyc else None,
+        "seconds": {k: round(sum((m.get("timings_s") or {}).get(k, 0.0) for m in cyc), 1)
+                    for k in ("train", "evaluate", "score", "select", "label")},
+    }
+
+
+def aulc(x, y) -> float | None:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or x[-1] == x[0]:
+        return None
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0) / (x[-1] - x[0]))
+
+
+def labels_to_reach(x, y, target: float) -> float | None:
+    """First x where the piecewise-linear curve (x, y) reaches target; None if never."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) == 0:
+        return None
+    if y[0] >= target:
+        return float(x[0])
+    for i in range(1, len(x)):
+        if y[i] >= target:
+            t = (target - y[i - 1]) / (y[i] - y[i - 1])
+            return float(x[i - 1] + t * (x[i] - x[i - 1]))
+    return None
+
+
+def summarise(results: dict, rarest: str | None) -> dict:
+    out = {}
+    rand_final = None
+    if "random" in results:
+        rand_final = float(np.mean([r["map50"][-1] for r in results["random"].values()]))
+    for strat, per_seed in results.items():
+        x = np.mean([r["labeled"] for r in per_seed.values()], 0)
+        y50 = np.mean([r["map50"] for r in per_seed.values()], 0)
+        y = np.mean([r["map"] for r in per_seed.values()], 0)
+        rec = []
+        for r in per_seed.values():
+            for c in r["per_class_final"] or []:
+                if c["name"] == rarest and c.get("recall50") is not None:
+                    rec.append(c["recall50"])
+        out[strat] = {
+            "labeled": x.tolist(), "map50_mean": y50.tolist(), "map_mean": y.tolist(),
+            "map50_std": np.std([r["map50"] for r in per_seed.values()], 0).tolist(),
+            "final_map50": float(y50[-1]), "final_map": float(y[-1]),
+            "aulc": aulc(x, y50),
+            "labels_to_reach_random_final": labels_to_reach(x, y50, rand_final) if rand_final is not None else None,
+            "rarest_class": rarest,
+            "rarest_class_recall50": float(np.mean(rec)) if rec else None,
+        }
+    return out
+
+
+def plot(summary: dict, results: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key in zip(axes, ("map50", "map")):
+        for i, (strat, s) in enumerate(summary.items()):
+            ys = np.array([r[key] for r in results[strat].values()], float)
+            x = np.array(s["labeled"])
+            c = f"C{i}"
+            ax.plot(x, ys.mean(0), "-o", color=c, label=f"{strat} (AULC {s['aulc']:.3f})" if key == "map50"
+                    else strat)
+            if len(ys) > 1:
+                ax.fill_between(x, ys.min(0), ys.max(0), color=c, alpha=0.2)
+        ax.set_xlabel("labeled images")
+        ax.set_ylabel({"map50": "mAP@0.5", "map": "mAP@[.5:.95]"}[key])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="neu_det", choices=sorted(DATASETS))
+    ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"),
+                    help="Folder holding the dataset folder (default ../shared/data).")
+    ap.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
+    ap.add_argument("--strategies", default=None, help="Comma list (default: the preset's).")
+    ap.add_argument("--seeds", default=None, help="Comma list of seeds (default: the preset's).")
+    ap.add_argument("--cycles", type=int, default=None)
+    ap.add_argument("--budget", type=int, default=None)
+    ap.add_argument("--seed-size", type=int, default=None)
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="Extra config override (repeatable).")
+    ap.add_argument("--workdir", default=None, help="Run directories (default benchmarks/runs/<dataset>_<preset>).")
+    ap.add_argument("--out", default=None, help="Results JSON (default benchmarks/results/label_efficiency_...).")
+    ap.add_argument("--tag", default="", help="Suffix for the results file name (variants).")
+    ap.add_argument("--address", default=None, help="Ray cluster (default: embedded local Ray).")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    from engine.config import configs_dir
+
+    preset = PRESETS[args.preset]
+    data_dir = Path(args.data_root) / args.dataset
+    if not data_dir.is_dir():
+        print(f"error: dataset folder {data_dir} not found (see --data-root)", file=sys.stderr)
+        return 2
+    strategies = args.strategies.split(",") if args.strategies else preset["strategies"]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else preset["seeds"]
+    cycles = args.cycles if args.cycles is not None else preset["cycles"]
+    budget = args.budget if args.budget is not None else preset["budget"]
+    seed_size = args.seed_size if args.seed_size is not None else preset["seed_size"]
+    name = f"label_efficiency_{args.dataset}_{args.preset}{('_' + args.tag) if args.tag else ''}"
+    workdir = Path(args.workdir or REPO / "benchmarks" / "runs" / name)
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"{name}.json")
+    files = [str(configs_dir() / DATASETS[args.dataset]["config"])] + [str(configs_dir() / c)
+                                                                      for c in preset["configs"]]
+    base = [*preset["overrides"], f"select.budget={budget}", f"loop.cycles={cycles}",
+            f"loop.seed_size={seed_size}", "loop.executor=local", *args.extra]
+
+    from jobs.ray_env import connect
+
+    info = connect(args.address, quiet=True)
+    task = ray.remote(num_cpus=preset["cpus_per_run"], num_gpus=preset["gpus_per_run"], max_retries=0)(one_loop)
+    t0 = time.time()
+    refs = {}
+    for seed in seeds:
+        for strat in strategies:
+            ov = [*base, f"seed={seed}", f"select.strategy={strat}"]
+            refs[(strat, seed)] = task.remote(str(workdir / f"{strat}_s{seed}"), str(data_dir), args.dataset, files, ov)
+    print(f"{len(refs)} loops on {info['cpus']:.0f} CPUs / {info['gpus']:.0f} GPUs; logs in {workdir}/*/loop.log",
+          flush=True)
+    runs = {}
+    pending = dict(refs)
+    while pending:
+        done, _ = ray.wait(list(pending.values()), num_returns=1)
+        key = next(k for k, v in pending.items() if v == done[0])
+        pending.pop(key)
+        res = ray.get(done[0])
+        runs[key] = res
+        print(f"  {key[0]} seed {key[1]}: {res['status']} in {res['seconds']:.0f} s "
+              f"({time.time() - t0:.0f} s elapsed)", flush=True)
+    wall = time.time() - t0
+
+    results: dict = {}
+    for (strat, seed), r in sorted(runs.items()):
+        results.setdefault(strat, {})[str(seed)] = {**_curve(Path(r["run"])), "loop_seconds": r["seconds"]}
+    rarest = next(iter(next(iter(results.values())).values()))["rarest_class"]
+    summary = summarise(results, rarest)
+    doc = {
+        "benchmark": "label_efficiency", "dataset": args.dataset, "preset": args.preset,
+        "settings": {"seed_size": seed_size, "budget": budget, "cycles": cycles, "strategies": strategies,
+                     "seeds": seeds, "configs": [Path(f).name for f in files], "overrides": base,
+                     "cpus_per_run": preset["cpus_per_run"], "gpus_per_run": preset["gpus_per_run"]},
+        "machine": {"cpus": info["cpus"], "gpus": info["gpus"], "platform": platform.platform()},
+        "wall_seconds": round(wall, 1),
+        "summary": summary,
+        "runs": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, out)
+    plot(summary, results, out.with_suffix(".png"),
+         f"{args.dataset} / {args.preset}: {seed_size} seed + {cycles} x {budget}, seeds {seeds}")
+    print(f"wall {wall / 60:.1f} min -> {out}")
+    for strat, s in summary.items():
+        print(f"  {strat:16s} final mAP50 {s['final_map50']:.3f}  mAP {s['final_map']:.3f}  AULC {s['aulc']:.3f}  "
+              f"to-reach-random {s['labels_to_reach_random_final']}  {rarest} recall50 {s['rarest_class_recall50']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

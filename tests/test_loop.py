@@ -1,0 +1,149 @@
+"""The active-learning loop: resume after SIGKILL, model-free strategies, status, human oracle."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, TINY_SETTINGS
+
+LOOP_SETTINGS = [*TINY_SETTINGS, "train.torch_threads=1", "score.torch_threads=1", "score.views=[orig,hflip]",
+                 "loop.executor=local", "loop.seed_size=6", "loop.cycles=2", "select.budget=4", "seed=5"]
+
+
+def _init(tmp_path: Path, tiny_pool: dict, name: str, extra: list[str] = (), labeled: Path | None = None):
+    from engine.config import load_config
+    from engine.pool import init_run
+    from engine.run import RunDir
+
+    names = sorted(p.name for p in Path(tiny_pool["images"]).iterdir())
+    test = tmp_path / "test_ids.txt"
+    test.write_text("".join(n + "\n" for n in names[-6:]))
+    run = RunDir(tmp_path / name)
+    init_run(run, images=tiny_pool["images"], annotations=tiny_pool["annotations"], test=test, labeled=labeled,
+             cfg=load_config([], [*LOOP_SETTINGS, *extra]))
+    return run
+
+
+def _loop(run, crash: str | None = None, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("POOLSCOUT_CRASH_AT", None)
+    if crash:
+        env["POOLSCOUT_CRASH_AT"] = crash
+    cmd = [sys.executable, "-m", "jobs.loop", str(run.root), "--quiet", *[a for s in extra for a in ("--set", s)]]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _strip(d):
+    """Metrics without wall-clock fields."""
+    if isinstance(d, dict):
+        return {k: _strip(v) for k, v in d.items() if k not in ("seconds", "timings_s")}
+    if isinstance(d, list):
+        return [_strip(v) for v in d]
+    return d
+
+
+def _outcome(run) -> dict:
+    from engine import io
+
+    led = io.read_table(run.ledger).sort_by("image_id").to_pydict()
+    out = {"ledger": led}
+    for k in range(3):
+        c = run.cycle_dir(k)
+        if (c / "selection.parquet").is_file():
+            out[f"sel{k}"] = io.read_table(c / "selection.parquet").to_pydict()
+        out[f"metrics{k}"] = _strip(json.loads((c / "metrics.json").read_text()))
+    return out
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_pool):
+    ref = _init(tmp_path, tiny_pool, "ref")
+    res = _loop(ref)
+    assert res.returncode == 0, res.stderr[-3000:]
+    expected = _outcome(ref)
+    assert json.loads((ref.root / "loop.json").read_text())["status"] == "done"
+    # 6 seed + 2 rounds of 4 labeled; 3 evaluations
+    assert sum(s == "labeled" for s in expected["ledger"]["state"]) == 14
+    assert expected["metrics2"]["labeled_images"] == 14
+
+    run = _init(tmp_path, tiny_pool, "crashy")
+    # One run killed again and again: at each kind of stage boundary, before and after,
+    # and half way through scoring; each restart resumes where the last one died.
+    points = ["0:seed:after", "0:train:after", "0:evaluate:before", "0:score:mid", "0:score:after",
+              "0:select:after", "0:label:before", "1:train:before", "1:score:mid", "1:label:after",
+              "2:train:after", "2:evaluate:after"]
+    for p in points:
+        res = _loop(run, crash=p)
+        assert res.returncode == -9, f"expected a SIGKILL at {p}, got rc {res.returncode}: {res.stderr[-2000:]}"
+        state = json.loads((run.root / "loop.json").read_text())
+        assert state["status"] == "running"
+    res = _loop(run)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # the mid-scoring kill left parts that the restart reused (and then cleaned up)
+    assert not list(run.cycle_dir(0).glob(".predictions.partial-*"))
+    got = _outcome(run)
+    assert got["ledger"] == expected["ledger"]
+    for k in (0, 1):
+        assert got[f"sel{k}"] == expected[f"sel{k}"], f"selection of cycle {k} differs"
+    for k in (0, 1, 2):
+        assert got[f"metrics{k}"] == expected[f"metrics{k}"], f"metrics of cycle {k} differ"
+
+
+def test_random_strategy_skips_scoring_and_status_reports(tmp_path, tiny_pool, torch_threads):
+    from engine.run import RunDir
+    from jobs.loop import loop_config, run_loop, status
+
+    run = _init(tmp_path, tiny_pool, "rand", ["select.strategy=random", "loop.cycles=1"])
+    cfg = loop_config(run)
+    state = run_loop(run, cfg, progress=False, log=lambda m: None)
+    assert state["status"] == "done"
+    assert not run.scores_path(0).exists()  # random needs no model signal
+    sel = run.selection_path(0)
+    assert sel.is_file()
+    st = status(RunDir(run.root))
+    assert st["status"] == "done" and st["strategy"] == "random"
+    assert [c["cycle"] for c in st["cycles"]] == [0, 1]
+    assert st["cycles"][1]["labeled_images"] == 10
+    assert 0.0 <= st["cycles"][1]["map50"] <= 1.0
+    m = json.loads((run.cycle_dir(0) / "metrics.json").read_text())
+    assert set(m["timings_s"]) == {"train", "evaluate", "select", "label"}
+    assert m["new_images"] == 6 and m["labeled_images"] == 6
+    # a resumed loop cannot change what it selects
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="select"):
+        run_loop(run, loop_config(run, overrides=["select.strategy=entropy"]), progress=False, log=lambda m: None)
+    # but it can be extended by more cycles
+    state = run_loop(run, loop_config(run, overrides=["loop.cycles=2"]), progress=False, log=lambda m: None)
+    assert state["status"] == "done" and (run.cycle_dir(2) / "metrics.json").is_file()
+
+
+def test_kcenter_seed_set_is_deterministic(tmp_path, tiny_pool, torch_threads):
+    from jobs.loop import seed_set
+
+    picks = []
+    for name in ("a", "b"):
+        run = _init(tmp_path, tiny_pool, name, ["loop.seed_strategy=kcenter"])
+        res = seed_set(run, run.config(), progress=False)
+        assert res["method"] == "kcenter" and res["images"] == 6
+        picks.append(np.sort(run.ids_in_state("labeled")))
+    assert np.array_equal(picks[0], picks[1])
+    assert len(np.unique(picks[0])) == 6
+
+
+def test_loop_errors_are_clear(tmp_path, tiny_pool):
+    from engine.config import ConfigError
+    from engine.run import RunError
+    from jobs.loop import run_loop
+
+    run = _init(tmp_path, tiny_pool, "bad", ["loop.seed_size=0"])
+    with pytest.raises(RunError, match="seed_size"):
+        run_loop(run, run.config(), progress=False, log=lambda m: None)
+    run2 = _init(tmp_path, tiny_pool, "bad2", ["loop.seed_strategy=magic"])
+    with pytest.raises(ConfigError, match="seed_strategy"):
+        run_loop(run2, run2.config(), progress=False, log=lambda m: None)
