@@ -1,4 +1,4 @@
-# poolscout: `make demo` (install + one acquisition cycle on a synthetic pool), `make test`.
+# poolscout: `make demo` (install + `poolscout demo`: random vs entropy on a synthetic pool), `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -15,11 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/poolscout synth $(DEMO)/pool --n 120 --size 128 --seed 0
-	$(BIN)/poolscout init $(DEMO)/run --images $(DEMO)/pool/images --annotations $(DEMO)/pool/annotations.json \
-	    --seed-fraction 0.25 --config configs/demo.yaml
-	$(BIN)/poolscout cycle $(DEMO)/run --strategy entropy --budget 20
-	@echo "selection: $(DEMO)/run/cycles/0/selection.parquet  export: $(DEMO)/run/cycles/0/export/"
+	$(BIN)/poolscout demo --out $(DEMO)
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow and not gpu and not benchmark" --timeout 900
@@ -29,6 +25,8 @@ test-all: install
 
 bench: install
 	$(BIN)/python benchmarks/score_throughput.py
+	$(BIN)/python benchmarks/label_efficiency.py --preset cpu-small
+	$(BIN)/python benchmarks/preset_ablation.py
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -60,6 +60,8 @@ class DetectorConfig:
     box_batch_size_per_image: int = 128
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
     dropout: float = 0.0
+    # timm backbones (the EfficientNet-Lite0 preset): keep the stem conv + BN frozen.
+    freeze_stem: bool = True
 
 
 @dataclass(frozen=True)

@@ -487,7 +487,8 @@ def _fasterrcnn_effnet_lite0_fpn(cfg: DetectorConfig, num_classes: int, load_pre
         if missing:
             raise ValueError(f"timm features model has tensors not in the full model: {missing[:5]}")
         body.load_state_dict({k: full[k] for k in own}, strict=True)
-    backbone = TimmFPNBackbone(body, list(body.feature_info.channels()), cfg.fpn_channels)
+    backbone = TimmFPNBackbone(body, list(body.feature_info.channels()), cfg.fpn_channels,
+                               frozen=("conv_stem.", "bn1.") if cfg.freeze_stem else ())
     anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
     roi_pool = MultiScaleRoIAlign(featmap_names=[str(i) for i in range(levels - 1)], output_size=7,
                                   sampling_ratio=2)

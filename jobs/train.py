@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,7 +68,8 @@ def _train_local(config: dict, out: Path) -> None:
         torch.set_num_threads(threads)
     try:
         dev = "cuda" if config["train"].get("use_gpu") and torch.cuda.is_available() else "cpu"
-        model, history = fit_detector(config, device=dev, progress=config["progress"])
+        log = (lambda m: print(m, file=sys.stderr, flush=True)) if config["progress"] else (lambda *a, **k: None)
+        model, history = fit_detector(config, device=dev, progress=config["progress"], log=log)
     finally:
         torch.set_num_threads(old)
     dcfg = _merge_into(DetectorConfig, DetectorConfig(), config["detector"], "detector.", "run.yaml")

@@ -1,0 +1,124 @@
+"""What each speed choice of the cpu-small preset costs in mAP (NEU-DET).
+
+Trains the detector from the ImageNet backbone on one fixed set of labeled images (by
+default the 300 images random sampling had labeled at the end of the label-efficiency
+benchmark, seed 0) under variants of the preset, evaluates each on the 360 test images
+with pycocotools, and records time per image-step. Variants run as Ray tasks, one CPU
+and one torch thread each, as the label-efficiency loops do.
+
+    python benchmarks/preset_ablation.py      # -> benchmarks/results/preset_ablation_neu_det.json
+
+The warm-start choice is measured against the same images: `base` trains 8 epochs cold
+on the final 300 images; the label-efficiency loop reached its final model by warm
+starts (8 epochs on 100, then 5 per round); both numbers are in the results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+VARIANTS = {
+    "base": [],
+    # torchvision's defaults for proposals and ROI samples
+    "full_proposals": ["detector.rpn_pre_nms_top_n_train=2000", "detector.rpn_post_nms_top_n_train=2000",
+                       "detector.rpn_pre_nms_top_n_test=1000", "detector.rpn_post_nms_top_n_test=1000",
+                       "detector.rpn_batch_size_per_image=256", "detector.box_batch_size_per_image=512"],
+    "trainable_stem": ["detector.freeze_stem=false"],
+    "input_200": ["detector.input_size=200"],  # NEU-DET's native size
+    "input_128": ["detector.input_size=128"],
+}
+
+
+def train_eval(run_dir: str, ids: list[int], files: list[str], overrides: list[str]) -> dict:
+    import torch
+
+    from engine.config import load_config
+    from engine.metrics import evaluate_model
+    from engine.run import RunDir
+    from engine import io
+    from engine.training import fit_detector
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    torch.set_num_threads(1)
+    run = RunDir(Path(run_dir))
+    cfg = load_config(files, overrides)
+    d = cfg.to_dict()
+    spec = {"train": d["train"], "detector": d["detector"], "seed": cfg.seed, "manifest": str(run.manifest),
+            "annotations": str(run.annotations), "labeled_ids": ids, "num_classes": run.num_classes(),
+            "max_pixels": cfg.dataset.max_pixels, "warm_start": None}
+    t0 = time.time()
+    model, hist = fit_detector(spec, progress=False, log=lambda *a: None)
+    train_s = time.time() - t0
+    test = np.sort(run.ids_in_state("test"))
+    man = io.read_table(run.manifest, columns=["image_id", "uri", "width", "height"])
+    man = man.filter(pc.is_in(man["image_id"], pa.array(test))).sort_by("image_id")
+    ev = evaluate_model(model, man, io.read_table(run.annotations), run.read_categories(),
+                        input_size=cfg.detector.input_size, batch_size=8)
+    steps = sum(h["images"] for h in hist)
+    return {"map50": ev["map50"], "map": ev["map"], "train_seconds": round(train_s, 1),
+            "ms_per_image_step": round(1000 * train_s / steps, 1), "eval_seconds": round(ev["seconds"], 1),
+            "eval_ms_per_image": round(1000 * ev["seconds"] / max(1, ev["test_images"]), 1),
+            "final_loss": hist[-1]["loss"], "overrides": overrides}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--loop-run", default=str(REPO / "benchmarks/runs/label_efficiency_neu_det_cpu-small/random_s0"),
+                    help="Run directory whose labeled images to train on (its ledger and test split).")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/preset_ablation_neu_det.json"))
+    args = ap.parse_args(argv)
+
+    import ray
+
+    from engine.config import configs_dir
+    from engine.run import RunDir
+    from jobs.ray_env import connect
+
+    run = RunDir(Path(args.loop_run))
+    run.require()
+    ids = sorted(int(i) for i in run.ids_in_state("labeled"))
+    files = [str(configs_dir() / "neu_det.yaml"), str(configs_dir() / "cpu-small.yaml")]
+    base = ["train.epochs=8", "train.torch_threads=1", "seed=0"]
+    connect(quiet=True)
+    task = ray.remote(num_cpus=1, max_retries=0)(train_eval)
+    names = args.variants.split(",")
+    t0 = time.time()
+    refs = {n: task.remote(str(run.root), ids, files, [*base, *VARIANTS[n]]) for n in names}
+    results = {}
+    for n, r in refs.items():
+        results[n] = ray.get(r)
+        print(f"{n:16s} mAP50 {results[n]['map50']:.3f} mAP {results[n]['map']:.3f} "
+              f"{results[n]['ms_per_image_step']:.0f} ms/image-step", flush=True)
+    loop_final = None
+    mpath = sorted((run.root / "cycles").glob("*/metrics.json"), key=lambda p: int(p.parent.name))
+    if mpath:
+        m = json.loads(mpath[-1].read_text())
+        loop_final = {"map50": m["eval"]["map50"], "map": m["eval"]["map"], "labeled_images": m["labeled_images"],
+                      "train_seconds_all_cycles": round(sum(json.loads(p.read_text())["timings_s"].get("train", 0)
+                                                            for p in mpath), 1)}
+    doc = {"benchmark": "preset_ablation", "dataset": "neu_det", "labeled_images": len(ids),
+           "source_run": str(run.root.relative_to(REPO)) if run.root.is_relative_to(REPO) else str(run.root),
+           "settings": {"configs": [Path(f).name for f in files], "overrides": base, "threads_per_variant": 1},
+           "wall_seconds": round(time.time() - t0, 1), "variants": results,
+           "warm_started_loop_final": loop_final}
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, out)
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
