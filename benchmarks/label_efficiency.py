@@ -102,13 +102,6 @@ def _curve(run_dir: Path) -> dict:
     }
 
 
-def aulc(x, y) -> float | None:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 2 or x[-1] == x[0]:
-        return None
-    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0) / (x[-1] - x[0]))
-
-
 def labels_to_reach(x, y, target: float) -> float | None:
     """First x where the piecewise-linear curve (x, y) reaches target; None if never."""
     x, y = np.asarray(x, float), np.asarray(y, float)
@@ -124,6 +117,8 @@ def labels_to_reach(x, y, target: float) -> float | None:
 
 
 def summarise(results: dict, rarest: str | None) -> dict:
+    from engine.report import aulc
+
     out = {}
     rand_final = None
     if "random" in results:
