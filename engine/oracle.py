@@ -211,15 +211,9 @@ def _same_size(w: Any, h: Any, W: int, H: int) -> bool:
 def _check_box(x1: float, y1: float, x2: float, y2: float, W: int, H: int, where: str, probs: _Problems,
                tol: float, min_size: float) -> tuple[float, float, float, float] | None:
     """Validate one pixel box against a W x H image; clip within `tol`. None when bad."""
-    bad = []
-    if x1 < -tol:
-        bad.append(f"x1 {_num(x1)} < 0")
-    if y1 < -tol:
-        bad.append(f"y1 {_num(y1)} < 0")
-    if x2 > W + tol:
-        bad.append(f"x2 {_num(x2)} > image width {W}")
-    if y2 > H + tol:
-        bad.append(f"y2 {_num(y2)} > image height {H}")
+    from .pool import out_of_bounds
+
+    bad = out_of_bounds(x1, y1, x2, y2, W, H, tol)
     if bad:
         probs.add(f"{where}: {', '.join(bad)} (box outside the image beyond the {_num(float(tol))} px tolerance)")
         return None

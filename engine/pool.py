@@ -143,6 +143,21 @@ def _num(v: float) -> str:
     return repr(float(v))
 
 
+def out_of_bounds(x1: float, y1: float, x2: float, y2: float, width: float, height: float,
+                  tol: float) -> list[str]:
+    """What puts a pixel box outside a width x height image by more than `tol` (empty: fine)."""
+    bad = []
+    if x1 < -tol:
+        bad.append(f"x1 {_num(x1)} < 0")
+    if y1 < -tol:
+        bad.append(f"y1 {_num(y1)} < 0")
+    if x2 > width + tol:
+        bad.append(f"x2 {_num(x2)} > image width {_num(width)}")
+    if y2 > height + tol:
+        bad.append(f"y2 {_num(y2)} > image height {_num(height)}")
+    return bad
+
+
 # --------------------------------------------------------------------------- scanning
 def _scan_images(root: Path, extensions: Iterable[str]) -> list[tuple[str, str, str | None]]:
     """Image files under `root`.
@@ -602,15 +617,7 @@ def _validate(rec: _Record, img: _Image, cfg: DatasetConfig, cat_id: dict[str, i
         elif raw_frame:
             x1, y1, x2, y2 = orient_boxes(np.array([[x1, y1, x2, y2]]), info.orientation, info.width,
                                           info.height)[0].tolist()
-        bad = []
-        if x1 < -tol:
-            bad.append(f"x1 {_num(x1)} < 0")
-        if y1 < -tol:
-            bad.append(f"y1 {_num(y1)} < 0")
-        if x2 > W + tol:
-            bad.append(f"x2 {_num(x2)} > image width {W}")
-        if y2 > H + tol:
-            bad.append(f"y2 {_num(y2)} > image height {H}")
+        bad = out_of_bounds(x1, y1, x2, y2, W, H, tol)
         if bad:
             errors.append(f"{b.where}: {', '.join(bad)} (beyond the {_num(tol)} px tolerance)")
             continue
