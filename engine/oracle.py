@@ -208,6 +208,19 @@ def _same_size(w: Any, h: Any, W: int, H: int) -> bool:
     return math.isfinite(float(w)) and math.isfinite(float(h)) and float(w) == W and float(h) == H
 
 
+def _finite_xywh(vals, where: str, probs: "_Problems") -> tuple[float, float, float, float] | None:
+    """x, y, width, height as floats when all are finite and the sizes non-negative; else a problem."""
+    x, y, w, h = (float(v) for v in vals)
+    bad = [f"{n} is {v}" for n, v in zip(("x", "y", "width", "height"), (x, y, w, h)) if not math.isfinite(v)]
+    if bad:
+        probs.add(f"{where}: {', '.join(bad)}")
+        return None
+    if w < 0 or h < 0:
+        probs.add(f"{where}: negative {'width' if w < 0 else 'height'} {_num(w if w < 0 else h)}")
+        return None
+    return x, y, w, h
+
+
 def _check_box(x1: float, y1: float, x2: float, y2: float, W: int, H: int, where: str, probs: _Problems,
                tol: float, min_size: float) -> tuple[float, float, float, float] | None:
     """Validate one pixel box against a W x H image; clip within `tol`. None when bad."""
@@ -428,14 +441,10 @@ def _read_coco(doc: Any, path: str, index: _ImageIndex, cat_by_name: dict[str, i
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
             probs.add(f"{where} bbox: expected [x, y, width, height] numbers, got {str(bbox)[:60]}")
             continue
-        x, y, w, h = (float(v) for v in bbox)
-        bad = [f"{n} is {v}" for n, v in zip(("x", "y", "width", "height"), (x, y, w, h)) if not math.isfinite(v)]
-        if bad:
-            probs.add(f"{where} bbox: {', '.join(bad)}")
+        xywh = _finite_xywh(bbox, f"{where} bbox", probs)
+        if xywh is None:
             continue
-        if w < 0 or h < 0:
-            probs.add(f"{where} bbox: negative {'width' if w < 0 else 'height'} {_num(w if w < 0 else h)}")
-            continue
+        x, y, w, h = xywh
         W, H = index.size[ours]
         box = _check_box(x, y, x + w, y + h, W, H, f"{where} bbox", probs, tol, min_size)
         if box is not None:
@@ -559,14 +568,10 @@ def _read_label_studio(doc: Any, path: str, index: _ImageIndex, cat_by_name: dic
             if not all(_is_num(q) for q in vals):
                 probs.add(f"{where} value: x, y, width, height must be numbers, got {vals}")
                 continue
-            x, y, w, h = (float(q) for q in vals)
-            bad = [f"{n} is {q}" for n, q in zip(("x", "y", "width", "height"), (x, y, w, h)) if not math.isfinite(q)]
-            if bad:
-                probs.add(f"{where} value: {', '.join(bad)}")
+            xywh = _finite_xywh(vals, f"{where} value", probs)
+            if xywh is None:
                 continue
-            if w < 0 or h < 0:
-                probs.add(f"{where} value: negative {'width' if w < 0 else 'height'} {_num(w if w < 0 else h)}")
-                continue
+            x, y, w, h = xywh
             x1, y1 = x / 100.0 * W, y / 100.0 * H
             box = _check_box(x1, y1, (x + w) / 100.0 * W, (y + h) / 100.0 * H, W, H, f"{where} value", probs,
                              tol, min_size)
