@@ -14,6 +14,18 @@ Per strategy: the mean curve, `aulc` (area under the mAP50-vs-labeled-images cur
 its x range, so 1.0 is perfect), `labels_to_reach_random_final` (labeled images at which
 the strategy's mean curve first reaches random's final mean mAP50, by linear
 interpolation; null if never) and the rarest class's recall at IoU 0.5 at the end.
+
+Variants: a name in VARIANTS runs a strategy with extra settings (bald trains the
+detector with box-head dropout; huale_losses trains with the HUALE losses and the
+variance head). `--rare CLASS:FRACTION` keeps only that fraction of the pool images whose
+file name starts with CLASS (the others are marked rejected, reason "benchmark
+subsample"; the test split is untouched) and reports, per strategy, the class's share
+among the instances labeled after the seed set divided by its share in the pool
+(`rare_share_ratio`; 1 = no better than random expectation).
+
+    python benchmarks/label_efficiency.py --preset cpu-small \
+        --strategies random,entropy,bald,cald,huale,huale_losses,ppal
+    python benchmarks/label_efficiency.py --preset cpu-small --rare pitted_surface:0.1 --tag rare_pitted
 """
 from __future__ import annotations
 
@@ -59,8 +71,56 @@ PRESETS = {
 }
 
 
+# variant name -> (strategy, extra overrides)
+VARIANTS = {
+    "bald": ("bald", ["detector.dropout=0.2"]),
+    "huale_losses": ("huale", ["detector.box_var_head=true", "train.emphasis_loss=true", "train.eiou_loss=true",
+                               "train.aware_loss=true", "train.loss_lambda=0.5"]),
+}
+
+
+def variant(name: str) -> tuple[str, list[str]]:
+    """(strategy, overrides) of a benchmark entry: a VARIANTS name or a plain strategy."""
+    return VARIANTS.get(name, (name, []))
+
+
+def subsample_class(run_root: str, prefix: str, fraction: float, seed: int = 0) -> dict:
+    """Keep `fraction` of the pool images whose file name starts with `prefix`; mark the
+    rest rejected (reason "benchmark subsample"). Idempotent; the same images for every
+    run (`seed` fixed), test images untouched."""
+    import pyarrow as pa
+
+    from engine import io
+    from engine.run import RunDir
+
+    run = RunDir(Path(run_root))
+    if (run.root / "subsample.json").is_file():
+        return json.loads((run.root / "subsample.json").read_text())
+    man = io.read_table(run.manifest, columns=["image_id", "uri"])
+    pool = set(run.ids_in_state("pool").tolist())
+    ids = man["image_id"].to_numpy()
+    names = [Path(u).name for u in man["uri"].to_pylist()]
+    cand = np.array(sorted(int(i) for i, n in zip(ids, names) if n.startswith(prefix) and int(i) in pool), np.int64)
+    if len(cand) == 0:
+        raise ValueError(f"no pool image name starts with {prefix!r}")
+    keep_n = max(1, int(round(fraction * len(cand))))
+    keep = np.random.default_rng(seed).choice(cand, keep_n, replace=False)
+    drop = np.setdiff1d(cand, keep)
+    uris = dict(zip(ids.tolist(), man["uri"].to_pylist()))
+    run.append_rejects(pa.table({"image_id": pa.array(drop, pa.int64()),
+                                 "uri": pa.array([uris[int(i)] for i in drop], pa.string()),
+                                 "stage": pa.array(["benchmark"] * len(drop), pa.string()),
+                                 "reason": pa.array([f"benchmark subsample: keep {fraction:g} of {prefix}"] * len(drop),
+                                                    pa.string())}))
+    run.set_state(drop, "rejected")
+    out = {"class_prefix": prefix, "fraction": fraction, "pool_images_of_class": int(len(cand)),
+           "kept": int(keep_n), "dropped": int(len(drop))}
+    io.atomic_write_json(run.root / "subsample.json", out)
+    return out
+
+
 def one_loop(run_dir: str, dataset_dir: str, dataset: str, config_files: list[str], overrides: list[str],
-             quiet: bool = True) -> dict:
+             quiet: bool = True, rare: tuple[str, float] | None = None) -> dict:
     """Init a run for one (strategy, seed) and run its loop to the end (a Ray task body)."""
     from engine.config import load_config
     from engine.pool import init_run
@@ -73,6 +133,8 @@ def one_loop(run_dir: str, dataset_dir: str, dataset: str, config_files: list[st
     if not run.exists():
         init_run(run, images=root / spec["images"], annotations=root / spec["annotations"],
                  test=root / spec["test"], cfg=load_config(config_files, overrides))
+    if rare is not None:
+        subsample_class(str(run.root), rare[0], rare[1])
     cfg = loop_config(run) if (run.root / "loop.json").is_file() else run.config(config_files, overrides)
     t0 = time.time()
     log_path = run.root / "loop.log"
@@ -96,6 +158,8 @@ def _curve(run_dir: Path) -> dict:
         "map": [e.get("map") for e in ev],
         "per_class_final": (ev[-1].get("per_class") if ev else None),
         "new_over_prevalence": [m.get("acquisition", {}).get("new_over_prevalence") for m in cyc],
+        "new_class_hist": [m.get("acquisition", {}).get("new_class_hist") for m in cyc],
+        "pool_prevalence": cyc[0].get("acquisition", {}).get("pool_prevalence") if cyc else None,
         "rarest_class": cyc[-1].get("acquisition", {}).get("rarest_class") if cyc else None,
         "seconds": {k: round(sum((m.get("timings_s") or {}).get(k, 0.0) for m in cyc), 1)
                     for k in ("train", "evaluate", "score", "select", "label")},
@@ -116,7 +180,18 @@ def labels_to_reach(x, y, target: float) -> float | None:
     return None
 
 
-def summarise(results: dict, rarest: str | None) -> dict:
+def share_ratio(curve: dict, cls: str) -> float | None:
+    """Share of `cls` among the instances labeled after the seed set (cycles >= 1) divided
+    by its share of the pool's instances at the start; None when undefined."""
+    hists = [h for h in (curve.get("new_class_hist") or [])[1:] if h]
+    prev = (curve.get("pool_prevalence") or {}).get(cls)
+    total = sum(sum(h.values()) for h in hists)
+    if not hists or not prev or total == 0:
+        return None
+    return sum(h.get(cls, 0) for h in hists) / total / prev
+
+
+def summarise(results: dict, rarest: str | None, rare_class: str | None = None) -> dict:
     from engine.report import aulc
 
     out = {}
@@ -141,6 +216,15 @@ def summarise(results: dict, rarest: str | None) -> dict:
             "rarest_class": rarest,
             "rarest_class_recall50": float(np.mean(rec)) if rec else None,
         }
+        if rare_class is not None:
+            ratios = [share_ratio(r, rare_class) for r in per_seed.values()]
+            ratios = [x for x in ratios if x is not None]
+            out[strat]["rare_class"] = rare_class
+            out[strat]["rare_share_ratio"] = float(np.mean(ratios)) if ratios else None
+            out[strat]["rare_share_ratio_per_seed"] = ratios
+            rec = [c.get("recall50") for r in per_seed.values() for c in (r["per_class_final"] or [])
+                   if c["name"] == rare_class and c.get("recall50") is not None]
+            out[strat]["rare_class_recall50"] = float(np.mean(rec)) if rec else None
     return out
 
 
@@ -188,7 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="Results JSON (default benchmarks/results/label_efficiency_...).")
     ap.add_argument("--tag", default="", help="Suffix for the results file name (variants).")
     ap.add_argument("--address", default=None, help="Ray cluster (default: embedded local Ray).")
+    ap.add_argument("--rare", default=None, metavar="CLASS:FRACTION",
+                    help="Keep only FRACTION of the pool images of CLASS (file-name prefix), e.g. pitted_surface:0.1.")
     args = ap.parse_args(argv)
+    rare = None
+    if args.rare:
+        cls, _, frac = args.rare.partition(":")
+        try:
+            rare = (cls, float(frac))
+        except ValueError:
+            ap.error(f"--rare must be CLASS:FRACTION, got {args.rare!r}")
+        if not cls or not 0 < rare[1] <= 1:
+            ap.error(f"--rare must be CLASS:FRACTION with 0 < FRACTION <= 1, got {args.rare!r}")
 
     import ray
 
@@ -220,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     refs = {}
     for seed in seeds:
         for strat in strategies:
-            ov = [*base, f"seed={seed}", f"select.strategy={strat}"]
-            refs[(strat, seed)] = task.remote(str(workdir / f"{strat}_s{seed}"), str(data_dir), args.dataset, files, ov)
+            strategy, extra = variant(strat)
+            ov = [*base, *extra, f"seed={seed}", f"select.strategy={strategy}"]
+            refs[(strat, seed)] = task.remote(str(workdir / f"{strat}_s{seed}"), str(data_dir), args.dataset, files, ov,
+                                              rare=rare)
     print(f"{len(refs)} loops on {info['cpus']:.0f} CPUs / {info['gpus']:.0f} GPUs; logs in {workdir}/*/loop.log",
           flush=True)
     runs = {}
@@ -240,11 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     for (strat, seed), r in sorted(runs.items()):
         results.setdefault(strat, {})[str(seed)] = {**_curve(Path(r["run"])), "loop_seconds": r["seconds"]}
     rarest = next(iter(next(iter(results.values())).values()))["rarest_class"]
-    summary = summarise(results, rarest)
+    summary = summarise(results, rarest, rare[0] if rare else None)
     doc = {
         "benchmark": "label_efficiency", "dataset": args.dataset, "preset": args.preset,
         "settings": {"seed_size": seed_size, "budget": budget, "cycles": cycles, "strategies": strategies,
                      "seeds": seeds, "configs": [Path(f).name for f in files], "overrides": base,
+                     "variants": {s: variant(s) for s in strategies}, "rare": list(rare) if rare else None,
                      "cpus_per_run": preset["cpus_per_run"], "gpus_per_run": preset["gpus_per_run"]},
         "machine": {"cpus": info["cpus"], "gpus": info["gpus"], "platform": platform.platform()},
         "wall_seconds": round(wall, 1),
@@ -260,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall {wall / 60:.1f} min -> {out}")
     for strat, s in summary.items():
         print(f"  {strat:16s} final mAP50 {s['final_map50']:.3f}  mAP {s['final_map']:.3f}  AULC {s['aulc']:.3f}  "
-              f"to-reach-random {s['labels_to_reach_random_final']}  {rarest} recall50 {s['rarest_class_recall50']}")
+              f"to-reach-random {s['labels_to_reach_random_final']}  {rarest} recall50 {s['rarest_class_recall50']}"
+              + (f"  {rare[0]} share ratio {s['rare_share_ratio']}" if rare else ""))
     return 0
 
 

@@ -62,6 +62,10 @@ class DetectorConfig:
     dropout: float = 0.0
     # timm backbones (the EfficientNet-Lite0 preset): keep the stem conv + BN frozen.
     freeze_stem: bool = True
+    # Faster R-CNN only: an extra Linear head predicting the log-variance of each class's 4
+    # box deltas (engine.roi_heads.UncertainBoxPredictor; He et al. 2019). Needed by
+    # train.aware_loss and by the huale_lc signal (box_var at inference).
+    box_var_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,23 @@ class TrainConfig:
     # Epochs of a warm-started cycle (one that starts from the previous cycle's model);
     # 0 = `epochs`. Fine-tuning needs fewer passes than the first training.
     warm_epochs: int = 0
+    # HUALE training-side losses (docs/methods.md section 3; Faster R-CNN family only, see
+    # engine/roi_heads.py). All off = torchvision's Faster R-CNN losses.
+    # Emphasis loss: per-ROI factors (1 + b_cls) on the classification and (1 + b_loc) on the
+    # localisation loss, b_cls = 1 - p_gt, b_loc = 1 - IoU (detached).
+    emphasis_loss: bool = False
+    # EIoU loss (1 + GIoU)^gamma (1 - GIoU) on decoded boxes instead of smooth L1 on deltas.
+    eiou_loss: bool = False
+    eiou_gamma: float = 0.8
+    # Uncertainty-aware regression smoothL1 / (2 sigma^2) + 0.5 log sigma^2 as an extra term
+    # "loss_aware"; requires detector.box_var_head.
+    aware_loss: bool = False
+    # lambda in [0, 1]: total = L_cls + lambda L_box_reg + (1 - lambda)(L_rpn + L_aware);
+    # None = every term at weight 1.
+    loss_lambda: float | None = None
+    # EMA momentum of the per-class quality Q_c (PPAL's q = p_gt^0.6 IoU^0.4) tracked by the
+    # Faster R-CNN ROI heads during training (buffer roi_heads.class_quality).
+    quality_momentum: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -109,6 +130,15 @@ class ScoreConfig:
     empty_value: str = "pool_max"
     store_roi_embeddings: bool = True
     embed_labeled: bool = True  # image embeddings of labeled images (core-set centers)
+    # T, the MC-dropout passes of the box head, run only when a signal needs them (bald);
+    # the detector must be trained with detector.dropout > 0.
+    mc_passes: int = 10
+    # Augmented views (CALD, HUALE): resize factor, rotation in degrees (counter-clockwise),
+    # cutout holes and their side as a fraction of the shorter image side.
+    view_resize: float = 0.8
+    view_rotate: float = 5.0
+    cutout_holes: int = 2
+    cutout_size: float = 0.2
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,12 @@ which other images share its batch. The model carries three plain attributes rea
     poolscout_roi_dim    width of the per-box embedding (box-head features for "rcnn",
                          FPN channels at the anchor's location for the one-stage families)
 
+Faster R-CNN models get `engine.roi_heads.PoolscoutRoIHeads` (torchvision's RoIHeads plus
+the optional HUALE losses and the `class_quality` / `class_quality_seen` buffers) and, with
+`box_var_head`, an `UncertainBoxPredictor` (`forward_with_var` gives per-class box
+log-variances); they also carry `poolscout_loss_weights` (loss key -> factor, set by
+`engine.roi_heads.configure_detector_losses` before training).
+
 The architecture is a function of the `DetectorConfig` alone (never of `load_pretrained`),
 so a checkpoint can always be rebuilt from the config stored in it and its state dict
 loaded strictly.
@@ -35,6 +41,7 @@ from torch import nn
 
 from .config import DetectorConfig
 from .registry import Registry
+from .roi_heads import QUALITY_BUFFERS, install_roi_heads
 
 CHECKPOINT_FORMAT = "poolscout-detector-v1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -202,6 +209,9 @@ def _tag(model: nn.Module, family: str, embed_dim: int, roi_dim: int, num_classe
     model.poolscout_roi_dim = int(roi_dim)
     model.poolscout_num_classes = int(num_classes)
     model.poolscout_input_size = int(cfg.input_size)
+    # loss key -> factor applied by engine.training.train_epochs (missing keys: 1); filled from
+    # the train config by engine.roi_heads.configure_detector_losses
+    model.poolscout_loss_weights = {}
     return model
 
 
@@ -257,6 +267,7 @@ def _fasterrcnn_resnet50_fpn_v2(cfg: DetectorConfig, num_classes: int, load_pret
 
     model = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes + 1,
                                        **_rcnn_kwargs(cfg))
+    install_roi_heads(model, num_classes, cfg.box_var_head)
     _finish_torchvision(model, cfg, load_pretrained, FasterRCNN_ResNet50_FPN_V2_Weights, ResNet50_Weights,
                         ["layer4.", "layer3.", "layer2.", "layer1.", ("conv1.", "bn1.")], ())
     if cfg.dropout > 0:
@@ -273,6 +284,7 @@ def _fasterrcnn_mobilenet_v3_large_fpn(cfg: DetectorConfig, num_classes: int, lo
 
     model = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=num_classes + 1,
                                               rpn_score_thresh=0.05, **_rcnn_kwargs(cfg))
+    install_roi_heads(model, num_classes, cfg.box_var_head)
     # body children are mobilenet `features` blocks "0".."k"; stages as torchvision's extractor
     blocks = list(model.backbone.body.children())
     starts = [0] + [i for i, b in enumerate(blocks) if getattr(b, "_is_cn", False)] + [len(blocks) - 1]
@@ -496,6 +508,7 @@ def _fasterrcnn_effnet_lite0_fpn(cfg: DetectorConfig, num_classes: int, load_pre
     model = FasterRCNN(backbone, num_classes=None, rpn_anchor_generator=anchors, box_roi_pool=roi_pool,
                        box_head=box_head, box_predictor=FastRCNNPredictor(EFFNET_BOX_HEAD_WIDTH, num_classes + 1),
                        **_rcnn_kwargs(cfg))
+    install_roi_heads(model, num_classes, cfg.box_var_head)
     if load_pretrained and _wants_weights(cfg.weights):
         if cfg.weights == "DEFAULT":
             raise ValueError(f"{cfg.name}: no torchvision DEFAULT detector weights exist for this preset; "
@@ -523,8 +536,11 @@ def build_detector(cfg: DetectorConfig, num_classes: int, load_pretrained: bool 
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if cfg.dropout < 0 or cfg.dropout >= 1:
         raise ValueError(f"detector.dropout must be in [0, 1), got {cfg.dropout}")
-    builder = DETECTORS.get(cfg.name)
-    model = builder(cfg, int(num_classes), bool(load_pretrained))
+    entry = DETECTORS.entry(cfg.name)
+    if cfg.box_var_head and entry.meta.get("family") != "rcnn":
+        raise ValueError(f"detector.box_var_head is implemented for the Faster R-CNN presets only; "
+                         f"{cfg.name!r} is family {entry.meta.get('family')!r}")
+    model = entry.obj(cfg, int(num_classes), bool(load_pretrained))
     if model.poolscout_family not in ("rcnn", "retinanet", "fcos"):
         raise AssertionError(f"builder {cfg.name!r} gave unknown family {model.poolscout_family!r}")
     return model
@@ -614,7 +630,15 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[nn.Mod
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model = build_detector(cfg, int(obj["num_classes"]), load_pretrained=False)
-    model.load_state_dict(obj["state_dict"], strict=True)
+    state = obj["state_dict"]
+    missing = [k for k in model.state_dict() if k not in state]
+    if missing and all(k.rsplit(".", 1)[-1] in QUALITY_BUFFERS for k in missing):
+        # written before the ROI heads tracked PPAL's class quality: start it from zero
+        warnings.warn(f"{path}: checkpoint predates the class-quality buffers ({', '.join(missing)}); "
+                      f"they start at zero", stacklevel=2)
+        own = model.state_dict()
+        state = dict(state, **{k: own[k] for k in missing})
+    model.load_state_dict(state, strict=True)
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     meta = {k: v for k, v in obj.items() if k != "state_dict"}

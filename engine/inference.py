@@ -27,8 +27,10 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import boxes as box_ops
 
-SUPPORTED_VIEWS = ("orig", "hflip")
+SUPPORTED_VIEWS = ("orig", "hflip", "cutout", "resize", "rotate")
 _MIN_BOX_SIZE = 1e-2
+# Default parameters of the augmented views (docs/methods.md §0; CALD's views).
+VIEW_DEFAULTS = {"resize": 0.8, "rotate": 5.0, "cutout_holes": 2, "cutout_size": 0.2, "cutout_seed": 0}
 
 
 def _view_prefix(view: str) -> str:
@@ -120,22 +122,33 @@ def embed(model: nn.Module, images: np.ndarray, device: Any = "cpu") -> np.ndarr
 
 # --------------------------------------------------------------------------- Faster R-CNN
 def _rcnn_raw(model: nn.Module, image_list: Any, feats: "OrderedDict[str, torch.Tensor]"
-              ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+              ) -> dict[str, list[torch.Tensor]]:
     """RPN -> ROI pooling -> box head -> predictor, per image.
 
     Returns:
-        Lists over images of decoded boxes (P, C+1, 4) in canvas pixels, softmax
-        probabilities (P, C+1) and box-head features (P, r), P = proposals of that image.
+        Lists over images (key -> list) of decoded boxes "boxes" (P, C+1, 4) in canvas
+        pixels, softmax "probs" (P, C+1), box-head features "box_feats" (P, r), pooled ROI
+        features "pooled" (P, d, 7, 7) (MC dropout reruns the box head on them) and, when
+        the predictor has a log-variance head, "log_var" (P, C+1, 4); P = proposals of
+        that image.
     """
     proposals, _ = model.rpn(image_list, feats)
     rh = model.roi_heads
     pooled = rh.box_roi_pool(feats, proposals, image_list.image_sizes)
     box_feats = rh.box_head(pooled)
-    class_logits, box_regression = rh.box_predictor(box_feats)
+    log_var = None
+    if hasattr(rh.box_predictor, "forward_with_var"):
+        class_logits, box_regression, log_var = rh.box_predictor.forward_with_var(box_feats)
+    else:
+        class_logits, box_regression = rh.box_predictor(box_feats)
     boxes = rh.box_coder.decode(box_regression, proposals)
     probs = F.softmax(class_logits, -1)
     counts = [len(p) for p in proposals]
-    return list(boxes.split(counts)), list(probs.split(counts)), list(box_feats.split(counts))
+    out = {"boxes": list(boxes.split(counts)), "probs": list(probs.split(counts)),
+           "box_feats": list(box_feats.split(counts)), "pooled": list(pooled.split(counts))}
+    if log_var is not None:
+        out["log_var"] = list(log_var.reshape(len(log_var), -1, 4).split(counts))
+    return out
 
 
 def _rcnn_select(boxes: torch.Tensor, probs: torch.Tensor, content_hw: tuple[int, int], score_thresh: float,
@@ -164,16 +177,64 @@ def _rcnn_select(boxes: torch.Tensor, probs: torch.Tensor, content_hw: tuple[int
     return boxes[keep], scores[keep], labels[keep], prop[keep]
 
 
+def mc_dropout_moments(model: nn.Module, pooled: torch.Tensor, passes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T stochastic passes of the box head + predictor over fixed pooled ROI features.
+
+    The backbone, FPN, RPN and ROI pooling ran once; only the (cheap) box head is
+    repeated, with its dropout modules in train mode.
+
+    Args:
+        pooled: (M, d, 7, 7) pooled features of the kept boxes' proposals.
+        passes: T >= 1.
+
+    Returns:
+        mean softmax (M, C+1) = mean_t p_t, and mean entropy (M,) = mean_t H(p_t); BALD of
+        a box is H(mean_t p_t) - mean_t H(p_t) (Gal et al., "Deep Bayesian Active Learning
+        with Image Data", ICML 2017; Houlsby et al. 2011).
+
+    Raises:
+        ValueError: the box head has no dropout (build the detector with detector.dropout > 0).
+    """
+    from .detectors import set_mc_dropout
+
+    rh = model.roi_heads
+    if set_mc_dropout(rh.box_head, True) == 0:
+        raise ValueError("MC dropout needs dropout in the box head: set detector.dropout > 0 "
+                         "(and train with it) to use MC-dropout signals such as bald")
+    try:
+        k = rh.box_predictor.cls_score.out_features
+        mean_p = pooled.new_zeros((len(pooled), k))
+        mean_h = pooled.new_zeros((len(pooled),))
+        if len(pooled):
+            for _ in range(int(passes)):
+                logits = rh.box_predictor(rh.box_head(pooled))[0]
+                logp = F.log_softmax(logits.float(), -1)
+                p = logp.exp()
+                mean_p += p
+                mean_h -= (p * logp).sum(-1)
+            mean_p /= passes
+            mean_h /= passes
+    finally:
+        set_mc_dropout(rh.box_head, False)
+    return mean_p, mean_h
+
+
 def _rcnn_detect(model: nn.Module, image_list: Any, feats: "OrderedDict[str, torch.Tensor]",
-                 content_hw: Sequence[tuple[int, int]], max_boxes: int) -> list[dict[str, torch.Tensor]]:
-    boxes, probs, box_feats = _rcnn_raw(model, image_list, feats)
+                 content_hw: Sequence[tuple[int, int]], max_boxes: int, mc_passes: int = 0,
+                 mc_rows: tuple[int, int] = (0, 0)) -> list[dict[str, torch.Tensor]]:
+    raw = _rcnn_raw(model, image_list, feats)
     rh = model.roi_heads
     out = []
-    for i in range(len(boxes)):
-        b, s, lab, prop = _rcnn_select(boxes[i], probs[i], content_hw[i], rh.score_thresh, rh.nms_thresh,
-                                       max_boxes)
-        out.append({"boxes": b, "scores": s, "labels": lab, "probs": probs[i][prop],
-                    "roi_embedding": box_feats[i][prop]})
+    for i in range(len(raw["boxes"])):
+        b, s, lab, prop = _rcnn_select(raw["boxes"][i], raw["probs"][i], content_hw[i], rh.score_thresh,
+                                       rh.nms_thresh, max_boxes)
+        d = {"boxes": b, "scores": s, "labels": lab, "probs": raw["probs"][i][prop],
+             "roi_embedding": raw["box_feats"][i][prop]}
+        if "log_var" in raw:  # predicted variance of the kept class's 4 deltas
+            d["box_var"] = raw["log_var"][i][prop, lab].float().exp()
+        if mc_passes and mc_rows[0] <= i < mc_rows[1]:
+            d["mc_probs"], d["mc_entropy"] = mc_dropout_moments(model, raw["pooled"][i][prop], mc_passes)
+        out.append(d)
     return out
 
 
@@ -268,42 +329,144 @@ def _flip_content(images: np.ndarray, content_w: np.ndarray, content_h: np.ndarr
     return out
 
 
+def view_params(params: dict | None = None) -> dict:
+    """VIEW_DEFAULTS updated with `params`; unknown keys are an error naming them."""
+    out = dict(VIEW_DEFAULTS)
+    for k, v in (params or {}).items():
+        if k not in out:
+            raise ValueError(f"unknown view parameter {k!r}; known: {', '.join(out)}")
+        out[k] = v
+    if not 0 < float(out["resize"]) <= 1:
+        raise ValueError(f"view parameter resize must be in (0, 1], got {out['resize']}")
+    if not 0 <= float(out["cutout_size"]) < 1:
+        raise ValueError(f"view parameter cutout_size must be in [0, 1), got {out['cutout_size']}")
+    return out
+
+
+def cutout_holes(image_id: int, content_w: int, content_h: int, holes: int, size: float,
+                 seed: int = 0) -> np.ndarray:
+    """Square holes of the cutout view: (holes, 4) int x1, y1, x2, y2 on the canvas.
+
+    Side = round(size * min(w, h)) (at least 1 px), top-left corners uniform over the
+    content region from a generator seeded by (seed, image_id): the same holes however the
+    pool is batched. DeVries & Taylor, "Improved Regularization of Convolutional Neural
+    Networks with Cutout", 2017; as a consistency view in CALD (Yu et al. 2022).
+    """
+    side = max(1, int(round(size * min(content_w, content_h))))
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(image_id) & 0xFFFFFFFFFFFF])
+    x = rng.integers(0, max(1, content_w - side + 1), size=holes)
+    y = rng.integers(0, max(1, content_h - side + 1), size=holes)
+    return np.stack([x, y, np.minimum(x + side, content_w), np.minimum(y + side, content_h)], 1)
+
+
+def _view_canvases(view: str, images: np.ndarray, image_id: np.ndarray, content_w: np.ndarray,
+                   content_h: np.ndarray, prm: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Canvases of one view and per-image (sx, sy) content scale factors (resize only).
+
+    Every view keeps the image at the top-left of the canvas: hflip mirrors the content
+    region; cutout paints `cutout_holes` grey (value 124, about the ImageNet mean) squares;
+    resize scales the content by `resize` (the rest becomes padding); rotate turns the
+    content by `rotate` degrees counter-clockwise as displayed about its centre
+    (bilinear, black corners). kernels.consistency.map_view_boxes maps boxes back.
+    """
+    n = len(images)
+    factors = np.ones((n, 2), np.float64)
+    if view == "orig":
+        return images, factors
+    if view == "hflip":
+        return _flip_content(images, content_w, content_h), factors
+    from PIL import Image
+
+    out = images.copy()
+    for i in range(n):
+        cw, ch = int(content_w[i]), int(content_h[i])
+        if view == "cutout":
+            for x1, y1, x2, y2 in cutout_holes(image_id[i], cw, ch, int(prm["cutout_holes"]),
+                                               float(prm["cutout_size"]), int(prm["cutout_seed"])):
+                out[i, y1:y2, x1:x2] = 124
+        elif view == "resize":
+            nw, nh = max(1, int(round(cw * float(prm["resize"])))), max(1, int(round(ch * float(prm["resize"]))))
+            small = Image.fromarray(images[i, :ch, :cw]).resize((nw, nh), Image.BILINEAR)
+            out[i, :ch, :cw] = 0
+            out[i, :nh, :nw] = np.asarray(small)
+            factors[i] = (nw / cw, nh / ch)
+        elif view == "rotate":
+            rot = Image.fromarray(images[i, :ch, :cw]).rotate(float(prm["rotate"]), resample=Image.BILINEAR,
+                                                               center=(cw / 2.0, ch / 2.0), fillcolor=(0, 0, 0))
+            out[i, :ch, :cw] = np.asarray(rot)
+        else:
+            raise ValueError(f"unknown view {view!r}; supported: {', '.join(SUPPORTED_VIEWS)}")
+    return out, factors
+
+
+def _unmap_view(view: str, boxes: np.ndarray, counts: np.ndarray, content_w: np.ndarray, content_h: np.ndarray,
+                factors: np.ndarray, prm: dict) -> np.ndarray:
+    """Canvas boxes of a view -> canvas boxes of the original view (float64)."""
+    if view in ("orig", "cutout"):
+        return boxes
+    if view == "resize":
+        img = np.repeat(np.arange(len(counts)), counts)
+        out = boxes.copy()
+        out[:, 0::2] /= factors[img, 0:1]
+        out[:, 1::2] /= factors[img, 1:2]
+        return out
+    from kernels.consistency import map_view_boxes
+
+    off = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=off[1:])
+    param = float(prm["rotate"]) if view == "rotate" else 0.0
+    return map_view_boxes(boxes, off, content_w.astype(np.float64), content_h.astype(np.float64), view, param)
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, images: np.ndarray, *, image_id: np.ndarray, width: np.ndarray,
             height: np.ndarray, scale: np.ndarray, content_w: np.ndarray, content_h: np.ndarray,
             views: Sequence[str] = ("orig",), max_boxes: int = 100, roi_embeddings: bool = True,
-            device: Any = "cpu") -> dict[str, np.ndarray]:
+            device: Any = "cpu", mc_passes: int = 0, params: dict | None = None) -> dict[str, np.ndarray]:
     """Detections, class distributions and embeddings of a batch, in the canonical layout.
 
     All views of the batch run as one forward pass of V * N canvases.
 
     Args:
         model: detector from `engine.detectors.build_detector` (put in eval mode here if it
-            is in train mode; dropout modules switched on for MC dropout are left alone).
+            is in train mode).
         images: (N, S, S, 3) uint8 letterboxed canvases, image at the top-left.
         image_id: (N,) int64.
         width, height: (N,) original image sizes in pixels.
         scale: (N,) canvas pixels per original pixel (S / max(height, width)).
         content_w, content_h: (N,) size of the image region on the canvas.
-        views: subset of ("orig", "hflip"); "hflip" mirrors the content region and maps its
-            boxes back (x -> content_w - x) before scaling.
+        views: subset of SUPPORTED_VIEWS: "orig", "hflip" (mirror), "cutout" (grey
+            squares), "resize" (x `resize`), "rotate" (`rotate` degrees); boxes of a view
+            are mapped back into the original frame (rotate: the enclosing box of the
+            back-rotated box) before scaling.
         max_boxes: at most this many boxes per image and view, highest score first.
         roi_embeddings: add `{v}roi_embedding` (M, r).
         device: where to run (the model is moved there if needed).
+        mc_passes: T > 0 adds MC-dropout moments of the original view's kept boxes,
+            `mc_probs` (M, C+1) and `mc_entropy` (M,) (Faster R-CNN with detector.dropout
+            > 0 only; see `mc_dropout_moments`).
+        params: view parameters overriding VIEW_DEFAULTS.
 
     Returns:
         image_id (N,) int64, width / height (N,) int32, embedding (N, d) float32 (of the
-        original view), and per view v with prefix p ("" or "hflip_"): p+offsets (N+1,)
-        int64, p+boxes (M, 4) float32 in original pixels clipped to the image, p+scores (M,)
-        float32, p+labels (M,) int64 in 1..C, p+probs (M, C+1) float32 (column 0 =
-        background; for R-CNN scores == probs[label]), p+roi_embedding (M, r) float32.
+        original view), and per view v with prefix p ("" or "hflip_", ...): p+offsets
+        (N+1,) int64, p+boxes (M, 4) float32 in original pixels clipped to the image,
+        p+scores (M,) float32, p+labels (M,) int64 in 1..C, p+probs (M, C+1) float32
+        (column 0 = background; for R-CNN scores == probs[label]), p+roi_embedding (M, r)
+        float32, p+box_var (M, 4) float32 when the detector has a variance head
+        (exp of the predicted log-variance of the kept class's 4 regression deltas).
     """
     views = tuple(views)
     bad = [v for v in views if v not in SUPPORTED_VIEWS]
     if bad or not views:
-        raise ValueError(f"unsupported view(s) {bad or '(none)'}; supported now: {', '.join(SUPPORTED_VIEWS)}")
+        raise ValueError(f"unsupported view(s) {bad or '(none)'}; supported: {', '.join(SUPPORTED_VIEWS)}")
     if len(set(views)) != len(views):
         raise ValueError(f"duplicate views in {views}")
+    if mc_passes and "orig" not in views:
+        raise ValueError("mc_passes needs the 'orig' view")
+    if mc_passes and model.poolscout_family != "rcnn":
+        raise ValueError(f"MC dropout is implemented for the Faster R-CNN family, not {model.poolscout_family!r}")
+    prm = view_params(params)
     images = np.asarray(images)
     n = len(images)
     meta = {"image_id": np.asarray(image_id, np.int64).reshape(-1), "width": np.asarray(width, np.int32).reshape(-1),
@@ -315,6 +478,7 @@ def predict(model: nn.Module, images: np.ndarray, *, image_id: np.ndarray, width
         if len(v) != n:
             raise ValueError(f"{k} has {len(v)} entries for {n} images")
     num_classes = int(model.poolscout_num_classes)
+    has_var = model.poolscout_family == "rcnn" and hasattr(model.roi_heads.box_predictor, "forward_with_var")
     out: dict[str, np.ndarray] = dict(meta)
     if n == 0:
         out["embedding"] = np.zeros((0, model.poolscout_embed_dim), np.float32)
@@ -327,6 +491,11 @@ def predict(model: nn.Module, images: np.ndarray, *, image_id: np.ndarray, width
             out[p + "probs"] = np.zeros((0, num_classes + 1), np.float32)
             if roi_embeddings:
                 out[p + "roi_embedding"] = np.zeros((0, model.poolscout_roi_dim), np.float32)
+            if has_var:
+                out[p + "box_var"] = np.zeros((0, 4), np.float32)
+        if mc_passes:
+            out["mc_probs"] = np.zeros((0, num_classes + 1), np.float32)
+            out["mc_entropy"] = np.zeros(0, np.float32)
         return out
     _check_canvas(model, images)
     s = images.shape[1]
@@ -338,12 +507,15 @@ def predict(model: nn.Module, images: np.ndarray, *, image_id: np.ndarray, width
     if model.training:
         model.eval()
 
-    stacked = np.concatenate([images if v == "orig" else _flip_content(images, content_w, content_h)
-                              for v in views], 0)
+    canv = [_view_canvases(v, images, meta["image_id"], content_w, content_h, prm) for v in views]
+    stacked = np.concatenate([c[0] for c in canv], 0)
     image_list, feats = _features(model, prepare(stacked, dev))
     hw = [(int(h), int(w)) for h, w in zip(content_h, content_w)] * len(views)
-    detect = _rcnn_detect if model.poolscout_family == "rcnn" else _one_stage_detect
-    dets = detect(model, image_list, feats, hw, int(max_boxes))
+    if model.poolscout_family == "rcnn":
+        o = views.index("orig") if "orig" in views else 0
+        dets = _rcnn_detect(model, image_list, feats, hw, int(max_boxes), int(mc_passes), (o * n, (o + 1) * n))
+    else:
+        dets = _one_stage_detect(model, image_list, feats, hw, int(max_boxes))
 
     if "orig" in views:
         o = views.index("orig")
@@ -353,6 +525,9 @@ def predict(model: nn.Module, images: np.ndarray, *, image_id: np.ndarray, width
         _, f0 = _features(model, prepare(images, dev))
         out["embedding"] = _pooled(f0).float().cpu().numpy()
 
+    def cat(part: list[dict], key: str, width: int) -> np.ndarray:
+        return torch.cat([d[key] for d in part]).float().cpu().numpy().reshape(-1, width)
+
     for vi, v in enumerate(views):
         p = _view_prefix(v)
         part = dets[vi * n:(vi + 1) * n]
@@ -361,9 +536,7 @@ def predict(model: nn.Module, images: np.ndarray, *, image_id: np.ndarray, width
         np.cumsum(counts, out=off[1:])
         boxes = torch.cat([d["boxes"] for d in part]).double().cpu().numpy().reshape(-1, 4)
         img = np.repeat(np.arange(n), counts)
-        if v == "hflip":
-            cw = content_w[img].astype(np.float64)
-            boxes = np.stack([cw - boxes[:, 2], boxes[:, 1], cw - boxes[:, 0], boxes[:, 3]], 1)
+        boxes = _unmap_view(v, boxes, counts, content_w, content_h, canv[vi][1], prm)
         boxes = boxes / scale[img, None]
         boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, meta["width"][img, None])
         boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, meta["height"][img, None])
@@ -371,8 +544,12 @@ def predict(model: nn.Module, images: np.ndarray, *, image_id: np.ndarray, width
         out[p + "boxes"] = boxes.astype(np.float32)
         out[p + "scores"] = torch.cat([d["scores"] for d in part]).float().cpu().numpy()
         out[p + "labels"] = torch.cat([d["labels"] for d in part]).cpu().numpy().astype(np.int64)
-        out[p + "probs"] = torch.cat([d["probs"] for d in part]).float().cpu().numpy().reshape(-1, num_classes + 1)
+        out[p + "probs"] = cat(part, "probs", num_classes + 1)
         if roi_embeddings:
-            out[p + "roi_embedding"] = (torch.cat([d["roi_embedding"] for d in part]).float().cpu().numpy()
-                                        .reshape(-1, model.poolscout_roi_dim))
+            out[p + "roi_embedding"] = cat(part, "roi_embedding", model.poolscout_roi_dim)
+        if has_var:
+            out[p + "box_var"] = cat(part, "box_var", 4)
+        if v == "orig" and mc_passes:
+            out["mc_probs"] = cat(part, "mc_probs", num_classes + 1)
+            out["mc_entropy"] = cat(part, "mc_entropy", 1).reshape(-1)
     return out

@@ -13,6 +13,10 @@ Every detector family produces, and every signal reads, this one contract
     {v}probs            (M, C+1)    float32 full softmax, column 0 = background
     {v}roi_embedding    (M, r)      float32 optional, box-head features
     {v}box_var          (M, 4)      float32 optional, predicted coordinate variances
+    mc_probs            (M, C+1)    float32 optional, original view only: mean softmax of
+                                            T MC-dropout passes
+    mc_entropy          (M,)        float32 optional, original view only: mean entropy of
+                                            those passes (BALD = H(mc_probs) - mc_entropy)
 
 with `{v}` = "" for the original view and "hflip_", "cutout_", ... for the others. In
 Parquet each per-box field is a list column (flattened row-major) plus `{v}num_boxes`.
@@ -34,8 +38,11 @@ BOX_FIELDS = {
     "probs": np.float32,
     "roi_embedding": np.float32,
     "box_var": np.float32,
+    "mc_probs": np.float32,
+    "mc_entropy": np.float32,
 }
-_WIDTH_FIXED = {"boxes": 4, "scores": 1, "labels": 1, "box_var": 4}
+ORIG_ONLY_FIELDS = ("mc_probs", "mc_entropy")
+_WIDTH_FIXED = {"boxes": 4, "scores": 1, "labels": 1, "box_var": 4, "mc_entropy": 1}
 
 
 def prefix(view: str) -> str:
@@ -139,7 +146,7 @@ def from_arrow(table: pa.Table, views: Iterable[str] | None = None,
                 w = _WIDTH_FIXED[field]
             elif m > 0:
                 w = flat.size // m
-            elif field == "probs" and num_classes is not None:
+            elif field in ("probs", "mc_probs") and num_classes is not None:
                 w = num_classes + 1
             else:
                 w = 0
@@ -167,6 +174,13 @@ def slice_rows(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str,
             if p + field in batch and batch[p + field] is not None:
                 out[p + field] = batch[p + field][a:b]
     return out
+
+
+def take_rows(batch: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Images `rows` (any order, no repeats needed) of a canonical batch, per-box fields
+    gathered to match."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return concat([slice_rows(batch, int(r), int(r) + 1) for r in rows]) if len(rows) else slice_rows(batch, 0, 0)
 
 
 def concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -64,11 +64,22 @@ class SelectContext:
         distance: pairwise kernel (x (a, d), y (b, d)) -> squared L2 (a, b); None = the
             built-in path (FAISS IndexFlatL2 search for the labeled centres, a Numba
             min-update for each pick). Pass a GPU kernel (torch, faiss-gpu) to swap it.
+        boxes: canonical prediction batch (engine.predictions) of the candidate images, rows
+            in the order of the table's image_id, for selectors registered with meta
+            `needs_boxes=True` (the select job loads it); None otherwise.
+        labeled_class_counts: (C,) labeled instances per class 1..C (index 0 = class 1),
+            for selectors that compare against the labeled set's class prior; None if unknown.
+        boxes_loader: image ids -> canonical prediction batch of those images in that
+            order; `engine.strategies.select` calls it to fill `boxes` for each stage that
+            needs them (only the candidates left at that stage are loaded).
     """
 
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     labeled_embedding: np.ndarray | None = None
     distance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    boxes: dict[str, np.ndarray] | None = None
+    labeled_class_counts: np.ndarray | None = None
+    boxes_loader: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
 
 
 def sq_l2_faiss(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -355,3 +366,7 @@ def coreset(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, ch
 
 __all__ = ["SELECTORS", "Selection", "SelectContext", "topk", "retrieve", "coreset", "topk_indices",
            "merge_topk", "resolve_by", "sq_l2_faiss"]
+
+# The detection methods register their signals and selectors on import (kept last: they
+# import this module and engine.signals).
+from . import cald, huale, ppal  # noqa: E402,F401

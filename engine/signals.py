@@ -196,11 +196,38 @@ def required_fields(specs: Sequence[SignalSpec | str]) -> dict[str, list[str]]:
     return out
 
 
-def register_signal(name: str, *, direction: str, per_box: bool, fields: tuple[str, ...] = ()):
-    """Decorator: register a signal function (see the module docstring for the two kinds)."""
+def register_signal(name: str, *, direction: str, per_box: bool, fields: tuple[str, ...] = (),
+                    views: tuple[str, ...] = (), mc: bool = False):
+    """Decorator: register a signal function (see the module docstring for the two kinds).
+
+    Args:
+        views: augmented views the signal reads besides its own (the score job predicts
+            them whatever score.views says).
+        mc: the signal reads MC-dropout moments (the score job then runs score.mc_passes).
+    """
     if direction not in DIRECTIONS:
         raise ValueError(f"signal {name!r}: direction must be one of {DIRECTIONS}, got {direction!r}")
-    return SIGNALS.register(name, direction=direction, per_box=per_box, fields=tuple(fields))
+    bad = [v for v in views if v not in P.VIEWS]
+    if bad:
+        raise ValueError(f"signal {name!r}: unknown views {bad}; known: {', '.join(P.VIEWS)}")
+    return SIGNALS.register(name, direction=direction, per_box=per_box, fields=tuple(fields), views=tuple(views),
+                            mc=bool(mc))
+
+
+def required_views(specs: Sequence[SignalSpec | str]) -> list[str]:
+    """Views the predictions must hold for `specs`, "orig" first."""
+    out = ["orig"]
+    for s in specs:
+        s = parse_spec(s)
+        for v in (s.view, *SIGNALS.entry(s.name).meta.get("views", ())):
+            if v not in out:
+                out.append(v)
+    return out
+
+
+def needs_mc(specs: Sequence[SignalSpec | str]) -> bool:
+    """Whether any spec reads MC-dropout moments."""
+    return any(SIGNALS.entry(parse_spec(s).name).meta.get("mc", False) for s in specs)
 
 
 # --------------------------------------------------------------------------------------
@@ -289,6 +316,48 @@ def entropy(batch: dict[str, np.ndarray], *, view: str = "orig") -> np.ndarray:
 def margin(batch: dict[str, np.ndarray], *, view: str = "orig") -> np.ndarray:
     """Per-box margin p(1) - p(2) of `view`: (M,). See `box_margin`."""
     return box_margin(_probs(batch, view))
+
+
+def bald_from_samples(samples: np.ndarray) -> np.ndarray:
+    """BALD of each box from its T MC-dropout softmaxes.
+
+    Args:
+        samples: (M, T, K) probabilities.
+
+    Returns:
+        (M,) float64, H(mean_t p_t) - mean_t H(p_t) >= 0 (mutual information between the
+        prediction and the weights).
+
+    References:
+        Houlsby et al., "Bayesian Active Learning for Classification and Preference
+        Learning", 2011; Gal, Islam & Ghahramani, "Deep Bayesian Active Learning with Image
+        Data", ICML 2017.
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    if x.ndim != 3:
+        raise ValueError(f"samples must be (M, T, K), got shape {x.shape}")
+    m, t, k = x.shape
+    mean_h = box_entropy(x.reshape(m * t, k)).reshape(m, t).mean(1) if m else np.zeros(0)
+    return np.maximum(box_entropy(x.mean(1)) - mean_h, 0.0)
+
+
+@register_signal("bald", direction="high", per_box=True, fields=("mc_probs", "mc_entropy"), mc=True)
+def bald(batch: dict[str, np.ndarray], *, view: str = "orig") -> np.ndarray:
+    """Per-box BALD from the stored MC-dropout moments: H(mc_probs) - mc_entropy, (M,).
+
+    `mc_probs` is mean_t p_t and `mc_entropy` mean_t H(p_t) over score.mc_passes passes of
+    the box head with dropout on (engine.inference.mc_dropout_moments), so this equals
+    `bald_from_samples` of those passes. Original view only.
+    """
+    if view != "orig":
+        raise ValueError("bald is computed on the original view only")
+    if batch.get("mc_probs") is None or batch.get("mc_entropy") is None:
+        raise KeyError("bald needs 'mc_probs' and 'mc_entropy' (score with score.mc_passes > 0 and a detector "
+                       "trained with detector.dropout > 0)")
+    p = np.asarray(batch["mc_probs"], dtype=np.float64)
+    if p.ndim == 1:
+        p = p.reshape(len(p), -1) if len(p) else p.reshape(0, 0)
+    return np.maximum(box_entropy(p) - np.asarray(batch["mc_entropy"], dtype=np.float64), 0.0)
 
 
 @register_signal("least_confidence", direction="high", per_box=True, fields=("probs",))
@@ -400,12 +469,16 @@ def _call(fn: Callable[..., np.ndarray], batch: dict[str, np.ndarray], **ctx) ->
 
 
 def compute_one(batch: dict[str, np.ndarray], spec: SignalSpec | str, *, seed: int = 0,
-                cycle: int = 0) -> np.ndarray:
-    """One signal column: (N,) float64 (NaN for images without boxes if box-reduced)."""
+                cycle: int = 0, context: dict | None = None) -> np.ndarray:
+    """One signal column: (N,) float64 (NaN for images without boxes if box-reduced).
+
+    `context` holds extra keyword arguments some signals declare (e.g. `class_quality`
+    for dcus); each signal gets only those it declares.
+    """
     spec = parse_spec(spec)
     entry = SIGNALS.entry(spec.name)
     n = len(batch["image_id"])
-    vals = _call(entry.obj, batch, view=spec.view, seed=seed, cycle=cycle)
+    vals = _call(entry.obj, batch, view=spec.view, seed=seed, cycle=cycle, **(context or {}))
     vals = np.asarray(vals, dtype=np.float64)
     if not entry.meta["per_box"]:
         if vals.shape != (n,):
@@ -419,13 +492,14 @@ def compute_one(batch: dict[str, np.ndarray], spec: SignalSpec | str, *, seed: i
 
 
 def compute(batch: dict[str, np.ndarray], specs: Sequence[SignalSpec | str], *, seed: int = 0,
-            cycle: int = 0) -> dict[str, np.ndarray]:
+            cycle: int = 0, context: dict | None = None) -> dict[str, np.ndarray]:
     """Compute several signals on a canonical batch.
 
     Args:
         batch: canonical prediction batch (engine.predictions) of N images.
         specs: SignalSpec objects or spec strings.
         seed, cycle: passed to signals that take them (random).
+        context: extra keyword arguments for signals that declare them (class_quality).
 
     Returns:
         column name -> (N,) float64. Box-reduced signals are NaN for images without boxes.
@@ -439,12 +513,12 @@ def compute(batch: dict[str, np.ndarray], specs: Sequence[SignalSpec | str], *, 
         if entry.meta["per_box"]:  # share the per-box values between reductions
             key = (s.name, s.view)
             if key not in per_box_cache:
-                per_box_cache[key] = np.asarray(_call(entry.obj, batch, view=s.view, seed=seed, cycle=cycle),
-                                                dtype=np.float64)
+                per_box_cache[key] = np.asarray(_call(entry.obj, batch, view=s.view, seed=seed, cycle=cycle,
+                                                      **(context or {})), dtype=np.float64)
             off = batch[P.prefix(s.view) + "offsets"]
             out[s.column] = reduce_boxes(per_box_cache[key], off, s.reduce, s.k, entry.meta["direction"])
         else:
-            out[s.column] = compute_one(batch, s, seed=seed, cycle=cycle)
+            out[s.column] = compute_one(batch, s, seed=seed, cycle=cycle, context=context)
         assert out[s.column].shape == (n,)
     return out
 
@@ -488,5 +562,9 @@ def fill_empty(values: np.ndarray, empty: np.ndarray, rule: str | float, directi
 __all__ = [
     "SIGNALS", "REDUCTIONS", "SignalSpec", "parse_spec", "from_column", "direction", "compute", "compute_one",
     "fill_empty", "reduce_boxes", "required_fields", "register_signal", "box_entropy", "box_margin",
-    "box_least_confidence", "hash_uniform",
+    "box_least_confidence", "hash_uniform", "bald_from_samples", "required_views", "needs_mc",
 ]
+
+# The detection methods register their signals and selectors when engine.selectors is
+# imported (kept last: they import this module).
+from . import selectors  # noqa: E402,F401

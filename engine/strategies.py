@@ -12,8 +12,10 @@ File format (configs/strategies/<name>.yaml)::
 
 Every stage but the last narrows the candidate set: its picked ids become the rows of the
 next stage's table (all columns kept). The last stage picks `budget` images and must be a
-final selector (not `retrieve`). `by:` values are signal specs (engine.signals syntax
-`[view/]name[:reduce[:k]]`); `required_signals` lists them so scoring computes them.
+final selector (not `retrieve`). `by:` values (and the items of a `signals:` list) are signal specs (engine.signals
+syntax `[view/]name[:reduce[:k]]`); `required_signals` lists them so scoring computes
+them. A selector registered with meta `needs_boxes=True` gets the per-box predictions of
+the candidates left at its stage in `ctx.boxes` (loaded through `ctx.boxes_loader`).
 
 Loading checks, with errors naming the file and the key: unknown top-level keys, empty or
 missing `stages`, a stage without `selector`, unknown selector, unknown parameter (checked
@@ -27,6 +29,7 @@ more than once.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +133,13 @@ def parse_strategy(data: Any, source: str, default_name: str = "") -> Strategy:
                 params["by"] = S.parse_spec(params["by"]).text
             except ValueError as e:
                 raise ConfigError(f"{where}.by: {e}") from None
+        if "signals" in params:
+            if not isinstance(params["signals"], list) or not params["signals"]:
+                raise ConfigError(f"{where}.signals: expected a non-empty list of signal specs")
+            try:
+                params["signals"] = [S.parse_spec(x).text for x in params["signals"]]
+            except ValueError as e:
+                raise ConfigError(f"{where}.signals: {e}") from None
         if i == len(raw) - 1 and not SELECTORS.entry(sel).meta.get("final", True):
             raise ConfigError(f"{where}.selector: {sel!r} narrows the candidates and cannot be the last stage")
         stages.append(Stage(sel, params))
@@ -178,11 +188,17 @@ def required_signals(strategy: Strategy) -> list[S.SignalSpec]:
     """Signal specs referenced by `by:` parameters, in stage order, without duplicates."""
     out: list[S.SignalSpec] = []
     for st in strategy.stages:
-        if "by" in st.params:
-            spec = S.parse_spec(st.params["by"])
+        texts = ([st.params["by"]] if "by" in st.params else []) + list(st.params.get("signals", []))
+        for text in texts:
+            spec = S.parse_spec(text)
             if spec not in out:
                 out.append(spec)
     return out
+
+
+def needs_boxes(strategy: Strategy) -> bool:
+    """Whether any stage reads per-box predictions (SelectContext.boxes)."""
+    return any(SELECTORS.entry(st.selector).meta.get("needs_boxes", False) for st in strategy.stages)
 
 
 def needs_embedding(strategy: Strategy) -> bool:
@@ -249,7 +265,14 @@ def select(strategy: Strategy, table: dict[str, np.ndarray], budget: int, *, ctx
             warning = f"budget {budget} > 0 candidates left at stage {key!r}"
             final = Selection(np.zeros(0, np.int64), np.zeros(0), [])
             break
-        sel = fn(cur, min(budget, ncur) if last else budget, ctx=ctx, **st.params)
+        stage_ctx = ctx
+        if SELECTORS.entry(st.selector).meta.get("needs_boxes", False):
+            if ctx.boxes_loader is None and ctx.boxes is None:
+                raise ValueError(f"selector {st.selector!r} needs the candidates' boxes: give "
+                                 f"SelectContext.boxes_loader (the select job does)")
+            if ctx.boxes_loader is not None:
+                stage_ctx = dataclasses.replace(ctx, boxes=ctx.boxes_loader(cur["image_id"]))
+        sel = fn(cur, min(budget, ncur) if last else budget, ctx=stage_ctx, **st.params)
         if last:
             final = sel
             break
@@ -272,4 +295,4 @@ def select(strategy: Strategy, table: dict[str, np.ndarray], budget: int, *, ctx
 
 
 __all__ = ["Stage", "Strategy", "load_strategy", "list_strategies", "parse_strategy", "required_signals",
-           "needs_embedding", "select"]
+           "needs_embedding", "needs_boxes", "select"]

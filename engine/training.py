@@ -214,6 +214,11 @@ def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: Tra
     The learning rate follows `lr_factor` per iteration over all `cfg.epochs * len(loader)`
     iterations (so a resumed run continues the same schedule).
 
+    The loss switches of `cfg` (emphasis_loss, eiou_loss, aware_loss, loss_lambda,
+    quality_momentum) are applied first with `engine.roi_heads.configure_detector_losses`;
+    the loss minimised is sum_k w_k L_k over the model's loss dict, w_k from the model's
+    `poolscout_loss_weights` (default 1; with loss_lambda the RPN terms get 1 - lambda).
+
     Args:
         model: a torchvision detector (train mode is set here).
         loader: yields `collate` batches; its dataset's `set_epoch` is called when it has one.
@@ -229,11 +234,16 @@ def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: Tra
 
     Returns:
         One record per epoch run: {"epoch", "loss", "loss_<component>" (means over the
-        epoch's iterations), "images", "seconds", "lr"}.
+        epoch's iterations of the weighted terms w_k L_k, so they sum to "loss"), "images",
+        "seconds", "lr"}.
 
     Raises:
         FloatingPointError: a non-finite loss, naming the epoch, iteration and image ids.
+        ValueError: loss switches the detector does not support (see configure_detector_losses).
     """
+    from .roi_heads import configure_detector_losses
+
+    loss_weights = configure_detector_losses(model, cfg)
     dev = torch.device(device)
     model.to(dev)
     opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
@@ -264,6 +274,8 @@ def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: Tra
                 g["lr"] = lr
             images, targets = _to_device(images, targets, dev)
             losses = model(images, targets)
+            if loss_weights:
+                losses = {k: (v * loss_weights[k] if k in loss_weights else v) for k, v in losses.items()}
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 ids = [t.get("image_id") for t in targets]

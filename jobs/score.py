@@ -52,7 +52,8 @@ class DetectorStage:
     """Detector actor: loads the model once, returns canonical predictions as Arrow."""
 
     def __init__(self, model_path: str, views: tuple[str, ...], max_boxes: int, roi_embeddings: bool,
-                 threads: int, embedding_dtype: str = "float16"):
+                 threads: int, embedding_dtype: str = "float16", mc_passes: int = 0,
+                 view_params: dict | None = None):
         import torch
 
         from engine.detectors import load_checkpoint
@@ -63,11 +64,17 @@ class DetectorStage:
         self.model.to(self.device).eval()
         self.views, self.max_boxes, self.roi = tuple(views), max_boxes, roi_embeddings
         self.embedding_dtype = embedding_dtype
+        self.mc_passes, self.view_params = int(mc_passes), dict(view_params or {})
 
     def _widths(self) -> dict[str, int]:
-        w = {"boxes": 4, "scores": 1, "labels": 1, "probs": int(self.meta["num_classes"]) + 1}
+        c1 = int(self.meta["num_classes"]) + 1
+        w = {"boxes": 4, "scores": 1, "labels": 1, "probs": c1}
         if self.roi:
             w["roi_embedding"] = int(getattr(self.model, "poolscout_roi_dim", 1))
+        if hasattr(getattr(getattr(self.model, "roi_heads", None), "box_predictor", None), "forward_with_var"):
+            w["box_var"] = 4
+        if self.mc_passes:
+            w["mc_probs"], w["mc_entropy"] = c1, 1
         return w
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -87,8 +94,10 @@ class DetectorStage:
                            width=batch["width"][idx], height=batch["height"][idx], scale=batch["scale"][idx],
                            content_w=batch["content_w"][idx], content_h=batch["content_h"][idx],
                            views=self.views, max_boxes=self.max_boxes, roi_embeddings=self.roi,
-                           device=self.device)
-            parts = pred
+                           device=self.device, mc_passes=self.mc_passes, params=self.view_params)
+            # roi embeddings are kept for the original view only (diversity methods read
+            # those; the augmented views' would multiply the predictions' size)
+            parts = {k: v for k, v in pred.items() if not (k.endswith("_roi_embedding") and k != "roi_embedding")}
             emb = np.zeros((n, pred["embedding"].shape[1]), np.float32)
             emb[idx] = pred["embedding"]
         if lab.any():
@@ -124,6 +133,8 @@ def _scatter(pred: dict[str, np.ndarray], rows: np.ndarray, n: int, views: tuple
             cnt[idx] = np.diff(pred[p + "offsets"])
         out[p + "offsets"] = P.offsets_from_counts(cnt)
         for field in P.BOX_FIELDS:
+            if view != "orig" and (field in P.ORIG_ONLY_FIELDS or field == "roi_embedding"):
+                continue
             if pred and p + field in pred:
                 out[p + field] = pred[p + field]  # boxes stay in row order: rows are a subsequence
             elif field in widths:
@@ -133,18 +144,73 @@ def _scatter(pred: dict[str, np.ndarray], rows: np.ndarray, n: int, views: tuple
     return out
 
 
-def signal_batch(table: pa.Table, specs: tuple[str, ...], seed: int, cycle: int, num_classes: int) -> pa.Table:
+def signal_fields(specs) -> list[str]:
+    """Per-box fields to load for `specs` (all views): scores, labels, probs + what they read."""
+    from engine import signals as S
+
+    fields = ["scores", "labels", "probs"]
+    for fs in S.required_fields(specs).values():
+        fields += [f for f in fs if f not in fields]
+    return fields
+
+
+def signal_batch(table: pa.Table, specs: tuple[str, ...], seed: int, cycle: int, num_classes: int,
+                 context: dict | None = None) -> pa.Table:
     """Adds one `sig__<column>` per configured signal (a Ray Data task on Arrow batches)."""
     from engine import predictions as P
     from engine import signals as S
 
     parsed = [S.parse_spec(s) for s in specs]
-    views = sorted({s.view for s in parsed} | {"orig"})
-    batch = P.from_arrow(table, views=views, fields=["scores", "labels", "probs"], num_classes=num_classes)
-    values = S.compute(batch, parsed, seed=seed, cycle=cycle)
+    have = set(table.column_names)
+    views = [v for v in S.required_views(parsed) if P.prefix(v) + "num_boxes" in have]
+    batch = P.from_arrow(table, views=views, fields=signal_fields(parsed), num_classes=num_classes)
+    values = S.compute(batch, parsed, seed=seed, cycle=cycle, context=context)
     for col, v in values.items():
         table = table.append_column(f"sig__{col}", pa.array(np.asarray(v, dtype=np.float64)))
     return table
+
+
+def scoring_plan(cfg: Config, model: Path | None = None) -> dict:
+    """What one scoring pass computes: signal specs, views, MC passes, view parameters and
+    the signal context.
+
+    Signals = score.signals plus those the configured strategy (select.strategy) needs, so
+    the expensive image-level ones (cald, huale_*) run in the parallel workers. Views =
+    score.views plus those the signals read; MC passes only when a signal needs them.
+    """
+    from engine import signals as S
+    from engine import strategies as St
+
+    specs: list = []
+    for s in (*cfg.score.signals, *St.required_signals(St.load_strategy(cfg.select.strategy))):
+        s = S.parse_spec(s)
+        if s not in specs:
+            specs.append(s)
+    views = list(dict.fromkeys([*S.required_views(specs), *cfg.score.views]))
+    mc = int(cfg.score.mc_passes) if S.needs_mc(specs) else 0
+    if S.needs_mc(specs) and mc < 1:
+        raise ValueError("a configured signal needs MC dropout but score.mc_passes < 1")
+    params = {"resize": cfg.score.view_resize, "rotate": cfg.score.view_rotate,
+              "cutout_holes": cfg.score.cutout_holes, "cutout_size": cfg.score.cutout_size,
+              "cutout_seed": cfg.seed}
+    context = {}
+    if model is not None:
+        context["class_quality"] = model_class_quality(model)
+    return {"specs": tuple(s.text for s in specs), "views": tuple(views), "mc_passes": mc, "params": params,
+            "context": context}
+
+
+def model_class_quality(model: Path) -> np.ndarray | None:
+    """The per-class quality Q_c (C,) a Faster R-CNN tracked while training (PPAL's DCUS), or
+    None when the checkpoint has none."""
+    import torch
+
+    ck = torch.load(model, map_location="cpu", weights_only=True, mmap=True)
+    state = ck.get("state_dict", ck.get("model", {})) if isinstance(ck, dict) else {}
+    for k, v in state.items() if isinstance(state, dict) else ():
+        if k.endswith("class_quality"):
+            return v.float().numpy().copy()
+    return None
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -185,8 +251,10 @@ def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: 
     if sc.torch_threads:
         torch.set_num_threads(sc.torch_threads)
     try:
-        stage = DetectorStage(str(model), tuple(sc.views), cfg.detector.max_boxes, sc.store_roi_embeddings,
-                              sc.torch_threads or torch.get_num_threads())
+        plan = scoring_plan(cfg, model)
+        stage = DetectorStage(str(model), plan["views"], cfg.detector.max_boxes, sc.store_roi_embeddings,
+                              sc.torch_threads or torch.get_num_threads(), mc_passes=plan["mc_passes"],
+                              view_params=plan["params"])
         bar = None
         if progress:
             from tqdm import tqdm
@@ -202,7 +270,7 @@ def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: 
                 batch["uri"] = np.asarray(b["uri"].to_pylist(), dtype=object)
                 batch["state"] = np.asarray(b["state"].to_pylist(), dtype=object)
                 dec = decode_batch(batch, input_size, cfg.dataset.max_pixels)
-                parts.append(signal_batch(stage(dec), tuple(sc.signals), cfg.seed, k, num_classes))
+                parts.append(signal_batch(stage(dec), plan["specs"], cfg.seed, k, num_classes, plan["context"]))
                 if bar is not None:
                     bar.update(len(b))
             io.write_table(pa.concat_tables(parts), partial / f"part-{i:05d}.parquet")
@@ -233,9 +301,7 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     import torch
 
     input_size = int(torch.load(model, map_location="cpu", weights_only=True, mmap=True)["detector"]["input_size"])
-    specs = tuple(sc.signals)
-    for s in specs:  # fail before starting Ray work
-        S.parse_spec(s)
+    specs = scoring_plan(cfg)["specs"]  # fails before starting Ray work on a bad spec or strategy
     work = worklist(run, sc.embed_labeled)
     n_pool = int(pc.sum(pc.equal(work["state"], "pool")).as_py() or 0)
     if n_pool == 0:
@@ -285,7 +351,7 @@ def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: in
     import ray
 
     sc = cfg.score
-    specs = tuple(sc.signals)
+    plan = scoring_plan(cfg, model)
     # The work list (ids + uris, no pixels) enters the stream as Arrow blocks; every stage
     # but the detector takes a fraction of a CPU so that, on a 2-core node, decode and
     # signal tasks still fit beside a detector actor (a whole-CPU stage would deadlock).
@@ -296,12 +362,13 @@ def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: in
                                                  "max_pixels": cfg.dataset.max_pixels},
                         batch_size=sc.decode_batch_size, batch_format="numpy", num_cpus=0.25)
     ds = ds.map_batches(DetectorStage, fn_constructor_kwargs={
-        "model_path": str(model), "views": tuple(sc.views), "max_boxes": cfg.detector.max_boxes,
-        "roi_embeddings": sc.store_roi_embeddings, "threads": sc.torch_threads},
+        "model_path": str(model), "views": plan["views"], "max_boxes": cfg.detector.max_boxes,
+        "roi_embeddings": sc.store_roi_embeddings, "threads": sc.torch_threads, "mc_passes": plan["mc_passes"],
+        "view_params": plan["params"]},
         batch_size=sc.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
         num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None)
-    ds = ds.map_batches(signal_batch, fn_kwargs={"specs": specs, "seed": cfg.seed, "cycle": k,
-                                                 "num_classes": num_classes},
+    ds = ds.map_batches(signal_batch, fn_kwargs={"specs": plan["specs"], "seed": cfg.seed, "cycle": k,
+                                                 "num_classes": num_classes, "context": plan["context"]},
                         batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     ds.write_parquet(str(tmp_dir), ray_remote_args={"num_cpus": 0.25})
 

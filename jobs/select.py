@@ -31,19 +31,25 @@ def compute_missing(run: RunDir, cfg: Config, k: int, specs: list, ids: np.ndarr
     from engine import signals as S
     from jobs.score import _empty_rule
 
-    views = sorted({s.view for s in specs} | {"orig"})
-    cols = ["image_id", "state", "error"] + [P.prefix(v) + f for v in views
-                                              for f in ("num_boxes", "scores", "labels", "probs")]
-    ds = _pred_dataset(run, k)
+    from jobs.score import signal_fields
+
+    fields = signal_fields(specs)
+    ds0 = _pred_dataset(run, k)
+    views = [v for v in S.required_views(specs) if P.prefix(v) + "num_boxes" in ds0.schema.names]
+    cols = ["image_id", "state", "error"] + [P.prefix(v) + f for v in views for f in ["num_boxes", *fields]]
+    from jobs.score import model_class_quality
+
+    ds = ds0
     cols = [c for c in cols if c in ds.schema.names]
+    context = {"class_quality": model_class_quality(run.model_path(k)) if run.model_path(k).is_file() else None}
     got_ids, got_vals, got_empty = [], {s.column: [] for s in specs}, []
     for rb in ds.to_batches(columns=cols, batch_size=2048):
         t = pa.Table.from_batches([rb])
         t = t.filter(pc.and_(pc.equal(t["state"], "pool"), pc.equal(t["error"], "")))
         if len(t) == 0:
             continue
-        b = P.from_arrow(t, views=views, fields=["scores", "labels", "probs"], num_classes=run.num_classes())
-        vals = S.compute(b, specs, seed=cfg.seed, cycle=k)
+        b = P.from_arrow(t, views=views, fields=fields, num_classes=run.num_classes())
+        vals = S.compute(b, specs, seed=cfg.seed, cycle=k, context=context)
         got_ids.append(b["image_id"])
         got_empty.append(np.diff(b["offsets"]) == 0)
         for s in specs:
@@ -72,6 +78,39 @@ def load_embeddings(run: RunDir, k: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return t["image_id"].to_numpy(), np.asarray(t["state"].to_pylist(), dtype=object), emb
 
 
+def boxes_loader(run: RunDir, k: int):
+    """ids -> canonical batch (orig view: boxes, scores, labels, probs, roi_embedding) of
+    those scored pool images, in that order; reads only their rows."""
+    from engine import predictions as P
+
+    def load(ids: np.ndarray) -> dict[str, np.ndarray]:
+        ids = np.asarray(ids, np.int64)
+        ds = _pred_dataset(run, k)
+        cols = [c for c in ["image_id", "width", "height", "num_boxes", "boxes", "scores", "labels", "probs",
+                            "roi_embedding", "box_var"] if c in ds.schema.names]
+        t = ds.to_table(columns=cols, filter=pc.field("image_id").isin(pa.array(ids)))
+        got = t["image_id"].to_numpy()
+        if len(np.unique(got)) != len(got) or len(got) != len(ids):
+            raise RunError(f"{run.predictions_dir(k)}: expected one prediction row for each of {len(ids)} "
+                           f"candidates, found {len(got)}")
+        b = P.from_arrow(t, views=["orig"], num_classes=run.num_classes())
+        order = np.argsort(got)
+        return P.take_rows(b, order[np.searchsorted(got[order], ids)])
+
+    return load
+
+
+def labeled_class_counts(run: RunDir) -> np.ndarray:
+    """(C,) GT instances per class 1..C over the labeled images."""
+    c = run.num_classes()
+    if not run.annotations.is_file():
+        return np.zeros(c, np.int64)
+    ann = io.read_table(run.annotations, columns=["image_id", "category_id"])
+    ann = ann.filter(pc.is_in(ann["image_id"], pa.array(run.ids_in_state("labeled"))))
+    cat = ann["category_id"].to_numpy().astype(np.int64)
+    return np.bincount(cat[(cat >= 1) & (cat <= c)] - 1, minlength=c)[:c]
+
+
 MODEL_FREE_SIGNALS = frozenset({"random"})
 
 
@@ -79,7 +118,7 @@ def needs_model(strategy) -> bool:
     """Whether a strategy needs the pool scored by the current model."""
     from engine import strategies as St
 
-    return St.needs_embedding(strategy) or any(
+    return St.needs_embedding(strategy) or St.needs_boxes(strategy) or any(
         s.name not in MODEL_FREE_SIGNALS for s in St.required_signals(strategy))
 
 
@@ -130,7 +169,9 @@ def select(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int
         order = np.argsort(eid)
         table["embedding"] = emb[order[np.searchsorted(eid[order], ids)]]
         labeled_emb = emb[state == "labeled"]
-    ctx = SelectContext(rng=np.random.default_rng([cfg.seed, k]), labeled_embedding=labeled_emb)
+    ctx = SelectContext(rng=np.random.default_rng([cfg.seed, k]), labeled_embedding=labeled_emb,
+                        labeled_class_counts=labeled_class_counts(run),
+                        boxes_loader=boxes_loader(run, k) if St.needs_boxes(strat) else None)
     sel = St.select(strat, table, budget, ctx=ctx)
     out = pa.table({
         "image_id": pa.array(sel.image_id, pa.int64()),

@@ -227,12 +227,80 @@ def test_symmetric_full_width_image_flip_is_mirror():
     np.testing.assert_allclose(out["hflip_scores"], out["scores"], atol=1e-6)
 
 
+@pytest.mark.parametrize("view", ["cutout", "resize", "rotate"])
+def test_augmented_views_map_back(view):
+    """A view's predictions == orig predictions of that view's canvas, mapped back."""
+    from engine.inference import _view_canvases, view_params
+    from kernels.consistency import map_view_boxes
+
+    model = model_for("fasterrcnn_effnet_lite0_fpn")
+    images, meta = make_batch(3)
+    prm = view_params()
+    canv, factors = _view_canvases(view, images, meta["image_id"], meta["content_w"], meta["content_h"], prm)
+    assert not np.array_equal(canv, images)  # the view changes the pixels
+    v = predict(model, images, views=(view,), **meta)
+    o = predict(model, canv, views=("orig",), **meta)
+    p = f"{view}_"
+    np.testing.assert_array_equal(v[p + "offsets"], o["offsets"])
+    np.testing.assert_allclose(v[p + "probs"], o["probs"], atol=1e-5)
+    img = np.repeat(np.arange(3), np.diff(o["offsets"]))
+    canvas_boxes = o["boxes"].astype(np.float64) * meta["scale"][img, None]  # back to canvas pixels
+    if view == "resize":
+        assert np.allclose(factors, 0.8, atol=0.02)
+        expect = canvas_boxes / factors[img][:, [0, 1, 0, 1]]
+    elif view == "rotate":
+        expect = map_view_boxes(canvas_boxes, o["offsets"], meta["content_w"].astype(float),
+                                meta["content_h"].astype(float), "rotate", prm["rotate"])
+    else:
+        expect = canvas_boxes
+    expect = expect / meta["scale"][img, None]
+    expect[:, 0::2] = np.clip(expect[:, 0::2], 0, meta["width"][img, None])
+    expect[:, 1::2] = np.clip(expect[:, 1::2], 0, meta["height"][img, None])
+    np.testing.assert_allclose(v[p + "boxes"], expect, atol=2e-2)
+
+
+def test_cutout_is_per_image_and_batch_independent():
+    from engine.inference import cutout_holes
+
+    a = cutout_holes(7, 100, 80, 2, 0.2, seed=0)
+    assert a.shape == (2, 4) and np.all(a[:, 2] - a[:, 0] == 16) and np.all(a[:, 3] <= 80)
+    np.testing.assert_array_equal(a, cutout_holes(7, 100, 80, 2, 0.2, seed=0))
+    assert not np.array_equal(a, cutout_holes(8, 100, 80, 2, 0.2, seed=0))
+    model = model_for("fasterrcnn_effnet_lite0_fpn")
+    images, meta = make_batch(3)
+    full = predict(model, images, views=("orig", "cutout"), **meta)
+    one = predict(model, images[1:2], views=("orig", "cutout"), **sub(meta, 1))
+    a, b = full["cutout_offsets"][1], full["cutout_offsets"][2]
+    np.testing.assert_allclose(one["cutout_boxes"], full["cutout_boxes"][a:b], atol=1e-3)
+
+
+def test_mc_dropout_outputs():
+    torch.manual_seed(0)
+    model = build_detector(cfg_for("fasterrcnn_effnet_lite0_fpn", dropout=0.3), C, load_pretrained=False).eval()
+    images, meta = make_batch(2)
+    out = predict(model, images, views=("orig", "hflip"), mc_passes=5, **meta)
+    m = int(out["offsets"][-1])
+    assert m > 0 and out["mc_probs"].shape == (m, C + 1) and out["mc_entropy"].shape == (m,)
+    np.testing.assert_allclose(out["mc_probs"].sum(1), 1.0, atol=1e-5)
+    from engine.signals import box_entropy
+    bald = box_entropy(out["mc_probs"]) - out["mc_entropy"]
+    assert bald.min() > -1e-5 and bald.max() > 0
+    # deterministic outputs are untouched by the MC passes (dropout is off for them)
+    plain = predict(model, images, views=("orig", "hflip"), **meta)
+    np.testing.assert_allclose(plain["probs"], out["probs"], atol=1e-6)
+    assert "mc_probs" not in plain
+    with pytest.raises(ValueError, match="detector.dropout"):
+        predict(model_for("fasterrcnn_effnet_lite0_fpn"), images, mc_passes=2, **meta)
+    with pytest.raises(ValueError, match="Faster R-CNN"):
+        predict(model_for("fcos_resnet18_fpn"), images, mc_passes=2, **meta)
+
+
 def test_unknown_view_rejected_with_supported_list():
     model = model_for("fcos_resnet18_fpn")
     images, meta = make_batch(1)
     with pytest.raises(ValueError, match="hflip"):
-        predict(model, images, views=("orig", "rotate"), **meta)
-    assert SUPPORTED_VIEWS == ("orig", "hflip")
+        predict(model, images, views=("orig", "shear"), **meta)
+    assert SUPPORTED_VIEWS == ("orig", "hflip", "cutout", "resize", "rotate")
 
 
 def test_wrong_canvas_size_and_max_boxes():
