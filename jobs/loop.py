@@ -71,12 +71,23 @@ def _pinned_view(cfg_dict: dict) -> dict:
     return out
 
 
+def _same_settings(old, new, default) -> bool:
+    """Equal, where a key the pinned settings lack (added by a later poolscout version)
+    counts as equal when its current value is the default (the old code's behaviour)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        default = default if isinstance(default, dict) else {}
+        return all(_same_settings(old[k], new.get(k), default.get(k)) if k in old
+                   else new[k] == default.get(k, object()) for k in new) and set(old) <= set(new)
+    return old == new
+
+
 def _check_pinned(state: dict, cfg: Config, run: RunDir) -> None:
     old = state.get("pinned")
     if not old:
         return
     new = json.loads(json.dumps(_pinned_view(cfg.to_dict())))
-    diff = [k for k in PINNED if old.get(k) != new.get(k)]
+    default = json.loads(json.dumps(_pinned_view(Config().to_dict())))
+    diff = [k for k in PINNED if not _same_settings(old.get(k), new.get(k), default.get(k))]
     if diff:
         raise ConfigError(f"{run.root / 'loop.json'}: this loop was started with other settings for "
                           f"{', '.join(diff)}; resume with the same settings (or start a new run directory)")

@@ -147,3 +147,15 @@ def test_loop_errors_are_clear(tmp_path, tiny_pool):
     run2 = _init(tmp_path, tiny_pool, "bad2", ["loop.seed_strategy=magic"])
     with pytest.raises(ConfigError, match="seed_strategy"):
         run_loop(run2, run2.config(), progress=False, log=lambda m: None)
+
+
+def test_pinned_settings_accept_new_keys_at_their_default():
+    from jobs.loop import _same_settings
+
+    # a key the pinned settings lack (a newer version added it) is fine at its default
+    assert _same_settings({"a": 1}, {"a": 1, "b": 2}, {"a": 0, "b": 2})
+    assert _same_settings({"s": {"a": 1}}, {"s": {"a": 1, "b": False}}, {"s": {"a": 0, "b": False}})
+    assert not _same_settings({"a": 1}, {"a": 1, "b": 3}, {"a": 0, "b": 2})
+    assert not _same_settings({"s": {"a": 1}}, {"s": {"a": 1, "b": True}}, {"s": {"b": False}})
+    assert not _same_settings({"a": 1}, {"a": 2, "b": 2}, {"b": 2})
+    assert not _same_settings({"a": 1, "c": 1}, {"a": 1}, {})
