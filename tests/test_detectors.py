@@ -259,6 +259,20 @@ def test_augmented_views_map_back(view):
     np.testing.assert_allclose(v[p + "boxes"], expect, atol=2e-2)
 
 
+def test_stacked_and_per_view_passes_agree():
+    torch.manual_seed(0)
+    model = build_detector(cfg_for("fasterrcnn_effnet_lite0_fpn", dropout=0.3), C, load_pretrained=False).eval()
+    images, meta = make_batch(3)
+    views = ("orig", "hflip", "rotate")
+    a = predict(model, images, views=views, stack_views=True, **meta)
+    b = predict(model, images, views=views, stack_views=False, **meta)
+    for k in a:
+        if k.endswith("offsets") or k.endswith("labels"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+            np.testing.assert_allclose(a[k], b[k], atol=1e-3, err_msg=k)
+
+
 def test_cutout_is_per_image_and_batch_independent():
     from engine.inference import cutout_holes
 
