@@ -5,7 +5,9 @@ CVPR 2024. Two stages:
 
 Stage 1, the `dcus` signal (Difficulty-Calibrated Uncertainty Sampling, image-level, HIGH =
 informative). The detector tracks a per-class quality Q_c in [0, 1] during training (an EMA
-of sigmoid(s_gt)^0.6 IoU^0.4, see jobs/score.py `model_class_quality`); a hard class (low
+of sigmoid(s_gt)^0.6 IoU^0.4 in PPAL's RetinaNet; our Faster R-CNN heads use the softmax
+probability of the GT class, engine/roi_heads.py, read by jobs/score.py
+`model_class_quality`); a hard class (low
 Q_c) gets a larger weight
 
     w_c  = 1 + a b log(1 + (e^{1/a} - 1)(1 - Q_c))          a = 0.3, b = 0.2
@@ -44,7 +46,7 @@ import math
 import numpy as np
 
 from . import predictions as P
-from .signals import register_signal  # before .selectors: signals imports this module last
+from .signals import register_signal  # before .selectors (which imports this module last)
 from .selectors import SELECTORS, SelectContext, Selection, _check_budget, _json_float
 
 DCUS_A = 0.3
