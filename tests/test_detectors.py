@@ -170,7 +170,11 @@ def test_batch_composition_invariance(name):
             a, b = full[p + "offsets"][i], full[p + "offsets"][i + 1]
             assert one[p + "offsets"][-1] == b - a
             for f in ("boxes", "scores", "probs", "roi_embedding"):
-                np.testing.assert_allclose(one[p + f], full[p + f][a:b], atol=1e-4, err_msg=f"{p}{f} image {i}")
+                # float32 kernels pick other algorithms for a batch of 1 than of 3: boxes (in
+                # pixels, up to ~130) agree to ~2e-3 px, the rest to ~2e-4
+                tol = 5e-3 if f == "boxes" else 5e-4
+                np.testing.assert_allclose(one[p + f], full[p + f][a:b], rtol=2e-4, atol=tol,
+                                           err_msg=f"{p}{f} image {i}")
             np.testing.assert_array_equal(one[p + "labels"], full[p + "labels"][a:b])
         np.testing.assert_allclose(one["embedding"][0], full["embedding"][i], atol=1e-4)
 
