@@ -29,7 +29,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .boxes import _iou_pair, _pairwise_ref
+from .boxes import _boxes, _iou_pair, _pairwise_ref
 
 VIEWS = ("orig", "hflip", "cutout", "resize", "rotate")
 _VIEW_CODE = {"orig": 0, "cutout": 0, "hflip": 1, "resize": 2, "rotate": 3}
@@ -42,16 +42,6 @@ def _first_bad_row(a: np.ndarray, name: str) -> None:
     if not ok.all():
         bad = int(np.flatnonzero(~ok)[0])
         raise ValueError(f"{name} row {bad} is not finite: {np.atleast_1d(a[bad]).tolist()}")
-
-
-def _boxes(b, name: str) -> np.ndarray:
-    b = np.ascontiguousarray(b, dtype=np.float64)
-    if b.size == 0 and b.ndim != 2:
-        b = b.reshape(0, 4)
-    if b.ndim != 2 or b.shape[1] != 4:
-        raise ValueError(f"{name} must have shape (M, 4), got {b.shape}")
-    _first_bad_row(b, name)
-    return b
 
 
 def _vector(v, name: str) -> np.ndarray:

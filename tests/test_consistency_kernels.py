@@ -159,9 +159,9 @@ def test_overlap_ratio_hand_cases():
 # --- input validation ----------------------------------------------------------------------
 def test_bad_input_is_named():
     b = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [np.nan, 0, 1, 1]])
-    with pytest.raises(ValueError, match="boxes row 2 is not finite"):
+    with pytest.raises(ValueError, match="boxes: box 2 has a NaN or infinite coordinate"):
         K.map_view_boxes(b, [0, 3], [5], [5], "hflip")
-    with pytest.raises(ValueError, match="boxes row 2 is not finite"):
+    with pytest.raises(ValueError, match="boxes: box 2 has a NaN or infinite coordinate"):
         K.overlap_ratio(b, np.ones(3), [0, 3])
     with pytest.raises(ValueError, match="scores row 1 is not finite"):
         K.overlap_ratio(np.zeros((2, 4)), [1.0, np.inf], [0, 2])
