@@ -177,10 +177,28 @@ def slice_rows(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str,
 
 
 def take_rows(batch: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Images `rows` (any order, no repeats needed) of a canonical batch, per-box fields
-    gathered to match."""
+    """Images `rows` (any order) of a canonical batch, per-box fields gathered to match."""
     rows = np.asarray(rows, dtype=np.int64)
-    return concat([slice_rows(batch, int(r), int(r) + 1) for r in rows]) if len(rows) else slice_rows(batch, 0, 0)
+    n = len(batch["image_id"])
+    views = views_in(batch)
+    box_keys = {prefix(v) + f for v in views for f in BOX_FIELDS}
+    out: dict[str, np.ndarray] = {}
+    for k, v in batch.items():
+        if k not in box_keys and k not in {prefix(vw) + "offsets" for vw in views} and \
+                isinstance(v, np.ndarray) and v.shape[:1] == (n,):
+            out[k] = v[rows]
+    for view in views:
+        p = prefix(view)
+        off = np.asarray(batch[p + "offsets"], np.int64)
+        cnt = np.diff(off)[rows]
+        new_off = offsets_from_counts(cnt)
+        # box i of the output comes from row off[rows[img]] + (i - new_off[img])
+        box_idx = np.repeat(off[:-1][rows] - new_off[:-1], cnt) + np.arange(int(new_off[-1])) - off[0]
+        out[p + "offsets"] = new_off
+        for field in BOX_FIELDS:
+            if p + field in batch and batch[p + field] is not None:
+                out[p + field] = batch[p + field][box_idx]
+    return out
 
 
 def concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -289,8 +289,6 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     executor: "ray" (the Ray Data stream) or "local" (this process, resumable per chunk);
     default cfg.loop.executor.
     """
-    from engine import signals as S
-
     run.require()
     k = run.current_cycle() if cycle is None else cycle
     model = run.model_path(k)

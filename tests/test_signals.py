@@ -197,3 +197,19 @@ def test_chunking_invariance(counts, seed, cuts):
         np.testing.assert_array_equal(np.concatenate([p[col] for p in parts]), v, err_msg=col)
     # NaN exactly where an image has no boxes
     np.testing.assert_array_equal(np.isnan(whole["entropy_max"]), np.asarray(counts) == 0)
+
+
+def test_take_rows_equals_concat_of_single_rows():
+    rng = np.random.default_rng(0)
+    cnt = np.array([2, 0, 3, 1, 0, 2])
+    b = {"image_id": np.arange(6) + 100, "width": np.arange(6, dtype=np.int32), "offsets": P.offsets_from_counts(cnt),
+         "boxes": rng.random((8, 4)), "probs": rng.random((8, 3)),
+         "hflip_offsets": P.offsets_from_counts(cnt[::-1]), "hflip_boxes": rng.random((8, 4))}
+    rows = np.array([5, 0, 2, 2, 1])
+    got = P.take_rows(b, rows)
+    want = P.concat([P.slice_rows(b, int(r), int(r) + 1) for r in rows])
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    empty = P.take_rows(b, np.zeros(0, np.int64))
+    assert empty["offsets"].tolist() == [0] and empty["boxes"].shape == (0, 4)
