@@ -7,6 +7,11 @@ with pycocotools, and records time per image-step. Variants run as Ray tasks, on
 and one torch thread each, as the label-efficiency loops do.
 
     python benchmarks/preset_ablation.py      # -> benchmarks/results/preset_ablation_neu_det.json
+    python benchmarks/preset_ablation.py --group losses --seeds 0,1
+                                              # -> benchmarks/results/loss_ablation_neu_det.json
+
+`--group losses` trains the same images with HUALE's training losses (methods.md section 3,
+item 4) switched on one at a time and all together, to see which of them moves mAP.
 
 The warm-start choice is measured against the same images: `base` trains 8 epochs cold
 on the final 300 images; the label-efficiency loop reached its final model by warm
@@ -34,6 +39,17 @@ VARIANTS = {
     "input_200": ["detector.input_size=200"],  # NEU-DET's native size
     "input_128": ["detector.input_size=128"],
 }
+
+LOSS_VARIANTS = {
+    "base": [],
+    "emphasis": ["train.emphasis_loss=true"],
+    "eiou": ["train.eiou_loss=true"],
+    "aware": ["detector.box_var_head=true", "train.aware_loss=true"],
+    "lambda_0.5": ["train.loss_lambda=0.5"],
+    "all": ["detector.box_var_head=true", "train.emphasis_loss=true", "train.eiou_loss=true",
+            "train.aware_loss=true", "train.loss_lambda=0.5"],
+}
+GROUPS = {"preset": (VARIANTS, "preset_ablation_neu_det.json"), "losses": (LOSS_VARIANTS, "loss_ablation_neu_det.json")}
 
 
 def train_eval(run_dir: str, ids: list[int], files: list[str], overrides: list[str]) -> dict:
@@ -75,10 +91,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--loop-run", default=str(REPO / "benchmarks/runs/label_efficiency_neu_det_cpu-small/random_s0"),
                     help="Run directory whose labeled images to train on (its ledger and test split).")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/preset_ablation_neu_det.json"))
+    ap.add_argument("--group", choices=sorted(GROUPS), default="preset",
+                    help="preset: the speed choices of cpu-small; losses: HUALE's training losses.")
+    ap.add_argument("--variants", default=None, help="Comma-separated subset of the group's variants.")
+    ap.add_argument("--seeds", default="0", help="Comma-separated training seeds; each variant runs once per seed.")
+    ap.add_argument("--out", default=None, help="Result JSON (default benchmarks/results/<group's file>).")
     args = ap.parse_args(argv)
+    table, default_out = GROUPS[args.group]
+    names = args.variants.split(",") if args.variants else list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown} for group {args.group}; choose from {sorted(table)}")
+    seeds = [int(x) for x in args.seeds.split(",")]
+    out = Path(args.out) if args.out else REPO / "benchmarks/results" / default_out
 
+    import numpy as np
     import ray
 
     from engine.config import configs_dir
@@ -89,17 +116,29 @@ def main(argv=None) -> int:
     run.require()
     ids = sorted(int(i) for i in run.ids_in_state("labeled"))
     files = [str(configs_dir() / "neu_det.yaml"), str(configs_dir() / "cpu-small.yaml")]
-    base = ["train.epochs=8", "train.torch_threads=1", "seed=0"]
+    base = ["train.epochs=8", "train.torch_threads=1"]
     connect(quiet=True)
     task = ray.remote(num_cpus=1, max_retries=0)(train_eval)
-    names = args.variants.split(",")
     t0 = time.time()
-    refs = {n: task.remote(str(run.root), ids, files, [*base, *VARIANTS[n]]) for n in names}
-    results = {}
-    for n, r in refs.items():
-        results[n] = ray.get(r)
-        print(f"{n:16s} mAP50 {results[n]['map50']:.3f} mAP {results[n]['map']:.3f} "
-              f"{results[n]['ms_per_image_step']:.0f} ms/image-step", flush=True)
+    refs = {(n, s): task.remote(str(run.root), ids, files, [*base, f"seed={s}", *table[n]])
+            for n in names for s in seeds}
+    runs = {}
+    for (n, s), r in refs.items():
+        runs[(n, s)] = res = ray.get(r)
+        print(f"{n:16s} seed {s}  mAP50 {res['map50']:.3f} mAP {res['map']:.3f} "
+              f"{res['ms_per_image_step']:.0f} ms/image-step", flush=True)
+    if len(seeds) == 1:  # the single-seed layout of the committed preset results
+        results = {n: runs[(n, seeds[0])] for n in names}
+    else:
+        results = {}
+        for n in names:
+            per = [runs[(n, s)] for s in seeds]
+            m50 = [r["map50"] for r in per]
+            results[n] = {"map50": float(np.mean(m50)), "map50_std": float(np.std(m50)),
+                          "map": float(np.mean([r["map"] for r in per])),
+                          "ms_per_image_step": float(np.mean([r["ms_per_image_step"] for r in per])),
+                          "overrides": table[n], "per_seed": {str(s): runs[(n, s)] for s in seeds}}
+            print(f"{n:16s} mean mAP50 {results[n]['map50']:.3f} +- {results[n]['map50_std']:.3f}", flush=True)
     loop_final = None
     mpath = sorted((run.root / "cycles").glob("*/metrics.json"), key=lambda p: int(p.parent.name))
     if mpath:
@@ -107,12 +146,12 @@ def main(argv=None) -> int:
         loop_final = {"map50": m["eval"]["map50"], "map": m["eval"]["map"], "labeled_images": m["labeled_images"],
                       "train_seconds_all_cycles": round(sum(json.loads(p.read_text())["timings_s"].get("train", 0)
                                                             for p in mpath), 1)}
-    doc = {"benchmark": "preset_ablation", "dataset": "neu_det", "labeled_images": len(ids),
+    doc = {"benchmark": f"{args.group}_ablation" if args.group != "preset" else "preset_ablation",
+           "dataset": "neu_det", "labeled_images": len(ids), "seeds": seeds,
            "source_run": str(run.root.relative_to(REPO)) if run.root.is_relative_to(REPO) else str(run.root),
            "settings": {"configs": [Path(f).name for f in files], "overrides": base, "threads_per_variant": 1},
            "wall_seconds": round(time.time() - t0, 1), "variants": results,
            "warm_started_loop_final": loop_final}
-    out = Path(args.out)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, out)
