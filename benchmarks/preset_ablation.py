@@ -44,6 +44,7 @@ LOSS_VARIANTS = {
     "base": [],
     "emphasis": ["train.emphasis_loss=true"],
     "eiou": ["train.eiou_loss=true"],
+    "eiou_w10": ["train.eiou_loss=true", "train.eiou_weight=10"],
     "aware": ["detector.box_var_head=true", "train.aware_loss=true"],
     "lambda_0.5": ["train.loss_lambda=0.5"],
     "all": ["detector.box_var_head=true", "train.emphasis_loss=true", "train.eiou_loss=true",

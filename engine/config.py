@@ -96,6 +96,10 @@ class TrainConfig:
     # EIoU loss (1 + GIoU)^gamma (1 - GIoU) on decoded boxes instead of smooth L1 on deltas.
     eiou_loss: bool = False
     eiou_gamma: float = 0.8
+    # Weight on the EIoU term. An IoU loss in [0, 2] per box is an order of magnitude weaker
+    # than smooth L1 on torchvision's encoded deltas (weights 10, 10, 5, 5); IoU-loss Faster
+    # R-CNN configurations commonly weight it 10 [ours]. 1 = the paper's formula as written.
+    eiou_weight: float = 1.0
     # Uncertainty-aware regression smoothL1 / (2 sigma^2) + 0.5 log sigma^2 as an extra term
     # "loss_aware"; requires detector.box_var_head.
     aware_loss: bool = False

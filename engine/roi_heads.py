@@ -14,7 +14,8 @@ Training losses, over the N ROIs sampled in the batch (positives P: label >= 1):
 
     loss_classifier = sum_i w_cls,i CE_i / N
     loss_box_reg    = sum_{i in P} w_loc,i L_loc,i / N
-                      L_loc = EIoU on decoded boxes (train.eiou_loss) or torchvision's
+                      L_loc = w_eiou EIoU on decoded boxes (train.eiou_loss, w_eiou =
+                      train.eiou_weight, default 1) or torchvision's
                       smooth L1 (beta 1/9, summed over the 4 deltas)
     loss_aware      = sum_{i in P} L_aware,i / N   (train.aware_loss; needs the var head)
 
@@ -115,6 +116,7 @@ class PoolscoutRoIHeads(RoIHeads):
         self.emphasis_loss = False
         self.eiou_loss = False
         self.eiou_gamma = 0.8
+        self.eiou_weight = 1.0
         self.aware_loss = False
         self.loss_lambda: Optional[float] = None
         self.quality_momentum = 0.9
@@ -151,11 +153,13 @@ class PoolscoutRoIHeads(RoIHeads):
 
         Raises:
             ValueError: aware loss without the variance head (names both config keys),
-                loss_lambda outside [0, 1], eiou_gamma < 0 or quality_momentum outside [0, 1].
+                loss_lambda outside [0, 1], eiou_gamma < 0, eiou_weight <= 0 or quality_momentum
+                outside [0, 1].
         """
         emphasis = bool(_train_value(train_cfg, "emphasis_loss", False))
         eiou = bool(_train_value(train_cfg, "eiou_loss", False))
         gamma = float(_train_value(train_cfg, "eiou_gamma", 0.8))
+        eiou_weight = float(_train_value(train_cfg, "eiou_weight", 1.0))
         aware = bool(_train_value(train_cfg, "aware_loss", False))
         lam = _train_value(train_cfg, "loss_lambda", None)
         momentum = float(_train_value(train_cfg, "quality_momentum", 0.9))
@@ -166,9 +170,12 @@ class PoolscoutRoIHeads(RoIHeads):
             raise ValueError(f"train.loss_lambda must be in [0, 1] or null, got {lam}")
         if gamma < 0:
             raise ValueError(f"train.eiou_gamma must be >= 0, got {gamma}")
+        if not eiou_weight > 0:
+            raise ValueError(f"train.eiou_weight must be > 0, got {eiou_weight}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"train.quality_momentum must be in [0, 1], got {momentum}")
         self.emphasis_loss, self.eiou_loss, self.eiou_gamma, self.aware_loss = emphasis, eiou, gamma, aware
+        self.eiou_weight = eiou_weight
         self.loss_lambda = None if lam is None else float(lam)
         self.quality_momentum = momentum
 
@@ -239,7 +246,7 @@ class PoolscoutRoIHeads(RoIHeads):
             b_loc = None
 
         if self.eiou_loss:
-            per_box = eiou_loss(pred_boxes.float(), gt_boxes[pos].float(), gamma=self.eiou_gamma)
+            per_box = self.eiou_weight * eiou_loss(pred_boxes.float(), gt_boxes[pos].float(), gamma=self.eiou_gamma)
         elif b_loc is not None:
             per_box = F.smooth_l1_loss(deltas, targets_pos, beta=SMOOTH_L1_BETA, reduction="none").sum(1)
         else:

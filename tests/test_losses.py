@@ -282,6 +282,10 @@ def test_box_losses_hand_computed():
     assert float(out["loss_classifier"]) == pytest.approx(want_cls, rel=1e-5)
     assert float(out["loss_box_reg"]) == pytest.approx(0.4 * 1.5 * eiou_2 / 3, rel=1e-5)
     assert float(out["loss_aware"]) == pytest.approx(0.6 * 0.5 * sl1_2 / 3, rel=1e-5)
+    # EIoU weighted 10, no emphasis, no lambda: box = 10 * EIoU_2 / 3
+    rh.configure_losses(TrainConfig(eiou_loss=True, eiou_weight=10.0))
+    out = rh.box_losses(logits, deltas, None, proposals, labels, targets, gt)
+    assert float(out["loss_box_reg"]) == pytest.approx(10 * eiou_2 / 3, rel=1e-5)
     # second observation, momentum 0.9, same q: unchanged
     torch.testing.assert_close(rh.class_quality, torch.tensor([0.6 ** 0.6, 0.4 ** 0.6 * 0.5 ** 0.4]))
 
@@ -362,6 +366,8 @@ def test_config_errors_name_the_keys():
         configure_detector_losses(model, TrainConfig(aware_loss=True))
     with pytest.raises(ValueError, match="loss_lambda"):
         configure_detector_losses(model, TrainConfig(loss_lambda=1.5))
+    with pytest.raises(ValueError, match="train.eiou_weight"):
+        configure_detector_losses(model, TrainConfig(eiou_loss=True, eiou_weight=0.0))
 
     class OneStage(torch.nn.Module):
         poolscout_family = "fcos"
