@@ -9,6 +9,8 @@ and one torch thread each, as the label-efficiency loops do.
     python benchmarks/preset_ablation.py      # -> benchmarks/results/preset_ablation_neu_det.json
     python benchmarks/preset_ablation.py --group losses --seeds 0,1
                                               # -> benchmarks/results/loss_ablation_neu_det.json
+    python benchmarks/preset_ablation.py --group losses --seeds 0,1 --variants eiou_w10 --merge
+                                              # adds one variant to that file
 
 `--group losses` trains the same images with HUALE's training losses (methods.md section 3,
 item 4) switched on one at a time and all together, to see which of them moves mAP.
@@ -97,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None, help="Comma-separated subset of the group's variants.")
     ap.add_argument("--seeds", default="0", help="Comma-separated training seeds; each variant runs once per seed.")
     ap.add_argument("--out", default=None, help="Result JSON (default benchmarks/results/<group's file>).")
+    ap.add_argument("--merge", action="store_true",
+                    help="Keep the variants already in --out that this run does not train (same seeds and images).")
     args = ap.parse_args(argv)
     table, default_out = GROUPS[args.group]
     names = args.variants.split(",") if args.variants else list(table)
@@ -153,6 +157,13 @@ def main(argv=None) -> int:
            "settings": {"configs": [Path(f).name for f in files], "overrides": base, "threads_per_variant": 1},
            "wall_seconds": round(time.time() - t0, 1), "variants": results,
            "warm_started_loop_final": loop_final}
+    if args.merge and out.exists():
+        old = json.loads(out.read_text())
+        if old.get("seeds", [0]) != seeds or old.get("source_run") != doc["source_run"]:
+            raise SystemExit(f"--merge: {out} has seeds {old.get('seeds', [0])} from {old.get('source_run')}; "
+                             f"this run has seeds {seeds} from {doc['source_run']}")
+        doc["variants"] = {**old["variants"], **results}
+        doc["wall_seconds"] = round(old.get("wall_seconds", 0) + doc["wall_seconds"], 1)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, out)
