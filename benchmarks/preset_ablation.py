@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         loop_final = {"map50": m["eval"]["map50"], "map": m["eval"]["map"], "labeled_images": m["labeled_images"],
                       "train_seconds_all_cycles": round(sum(json.loads(p.read_text())["timings_s"].get("train", 0)
                                                             for p in mpath), 1)}
-    doc = {"benchmark": f"{args.group}_ablation" if args.group != "preset" else "preset_ablation",
+    doc = {"benchmark": f"{args.group}_ablation",
            "dataset": "neu_det", "labeled_images": len(ids), "seeds": seeds,
            "source_run": str(run.root.relative_to(REPO)) if run.root.is_relative_to(REPO) else str(run.root),
            "settings": {"configs": [Path(f).name for f in files], "overrides": base, "threads_per_variant": 1},
