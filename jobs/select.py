@@ -29,17 +29,12 @@ def compute_missing(run: RunDir, cfg: Config, k: int, specs: list, ids: np.ndarr
     """
     from engine import predictions as P
     from engine import signals as S
-    from jobs.score import _empty_rule
-
-    from jobs.score import signal_fields
+    from jobs.score import _empty_rule, model_class_quality, signal_fields
 
     fields = signal_fields(specs)
-    ds0 = _pred_dataset(run, k)
-    views = [v for v in S.required_views(specs) if P.prefix(v) + "num_boxes" in ds0.schema.names]
+    ds = _pred_dataset(run, k)
+    views = [v for v in S.required_views(specs) if P.prefix(v) + "num_boxes" in ds.schema.names]
     cols = ["image_id", "state", "error"] + [P.prefix(v) + f for v in views for f in ["num_boxes", *fields]]
-    from jobs.score import model_class_quality
-
-    ds = ds0
     cols = [c for c in cols if c in ds.schema.names]
     context = {"class_quality": model_class_quality(run.model_path(k)) if run.model_path(k).is_file() else None}
     got_ids, got_vals, got_empty = [], {s.column: [] for s in specs}, []
