@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from kernels.boxes import ragged_max_iou, ragged_max_iou_ref
+    from poolscout.kernels.boxes import ragged_max_iou, ragged_max_iou_ref
 
     pred, po, ref, ro = make_batch(args.images, args.seed)
     t0 = time.perf_counter()

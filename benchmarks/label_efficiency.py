@@ -90,8 +90,8 @@ def subsample_class(run_root: str, prefix: str, fraction: float, seed: int = 0) 
     run (`seed` fixed), test images untouched."""
     import pyarrow as pa
 
-    from engine import io
-    from engine.run import RunDir
+    from poolscout.engine.core import io
+    from poolscout.engine.core.run import RunDir
 
     run = RunDir(Path(run_root))
     if (run.root / "subsample.json").is_file():
@@ -122,10 +122,10 @@ def subsample_class(run_root: str, prefix: str, fraction: float, seed: int = 0) 
 def one_loop(run_dir: str, dataset_dir: str, dataset: str, config_files: list[str], overrides: list[str],
              quiet: bool = True, rare: tuple[str, float] | None = None) -> dict:
     """Init a run for one (strategy, seed) and run its loop to the end (a Ray task body)."""
-    from engine.config import load_config
-    from engine.pool import init_run
-    from engine.run import RunDir
-    from jobs.loop import loop_config, run_loop
+    from poolscout.engine.core.config import load_config
+    from poolscout.engine.data.pool import init_run
+    from poolscout.engine.core.run import RunDir
+    from poolscout.jobs.loop import loop_config, run_loop
 
     spec = DATASETS[dataset]
     root = Path(dataset_dir)
@@ -192,7 +192,7 @@ def share_ratio(curve: dict, cls: str) -> float | None:
 
 
 def summarise(results: dict, rarest: str | None, rare_class: str | None = None) -> dict:
-    from engine.report import aulc
+    from poolscout.engine.evaluation.report import aulc
 
     out = {}
     rand_final = None
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from engine.config import configs_dir
+    from poolscout.engine.core.config import configs_dir
 
     preset = PRESETS[args.preset]
     data_dir = Path(args.data_root) / args.dataset
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     base = [*preset["overrides"], f"select.budget={budget}", f"loop.cycles={cycles}",
             f"loop.seed_size={seed_size}", "loop.executor=local", *args.extra]
 
-    from jobs.ray_env import connect
+    from poolscout.jobs.ray_env import connect
 
     info = connect(args.address, quiet=True)
     task = ray.remote(num_cpus=preset["cpus_per_run"], num_gpus=preset["gpus_per_run"], max_retries=0)(one_loop)

@@ -58,11 +58,11 @@ GROUPS = {"preset": (VARIANTS, "preset_ablation_neu_det.json"), "losses": (LOSS_
 def train_eval(run_dir: str, ids: list[int], files: list[str], overrides: list[str]) -> dict:
     import torch
 
-    from engine.config import load_config
-    from engine.metrics import evaluate_model
-    from engine.run import RunDir
-    from engine import io
-    from engine.training import fit_detector
+    from poolscout.engine.core.config import load_config
+    from poolscout.engine.evaluation.metrics import evaluate_model
+    from poolscout.engine.core.run import RunDir
+    from poolscout.engine.core import io
+    from poolscout.engine.models.training import fit_detector
 
     import numpy as np
     import pyarrow as pa
@@ -113,9 +113,9 @@ def main(argv=None) -> int:
     import numpy as np
     import ray
 
-    from engine.config import configs_dir
-    from engine.run import RunDir
-    from jobs.ray_env import connect
+    from poolscout.engine.core.config import configs_dir
+    from poolscout.engine.core.run import RunDir
+    from poolscout.jobs.ray_env import connect
 
     run = RunDir(Path(args.loop_run))
     run.require()

@@ -28,10 +28,10 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine import io  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from engine.pool import image_id_for, init_run  # noqa: E402
-from engine.run import RunDir  # noqa: E402
+from poolscout.engine.core import io  # noqa: E402
+from poolscout.engine.core.config import load_config  # noqa: E402
+from poolscout.engine.data.pool import image_id_for, init_run  # noqa: E402
+from poolscout.engine.core.run import RunDir  # noqa: E402
 
 
 def make_run(root: Path, neu: Path, overrides: list[str]) -> RunDir:
@@ -46,8 +46,8 @@ def write_model(run: RunDir, cfg, train_images: int = 48) -> None:
     """A briefly trained checkpoint (so the heads produce realistic detections)."""
     import torch
 
-    from engine.detectors import build_detector, save_checkpoint
-    from engine.training import DetectionDataset, collate, labeled_items, train_epochs
+    from poolscout.engine.models.detectors import build_detector, save_checkpoint
+    from poolscout.engine.models.training import DetectionDataset, collate, labeled_items, train_epochs
 
     torch.set_num_threads(os.cpu_count() or 1)
     ids = run.ids_in_state("labeled")[:train_images]
@@ -74,11 +74,11 @@ def plain_loop(run: RunDir, cfg) -> dict:
     """
     import torch
 
-    from engine import predictions as P
-    from engine import signals as S
-    from engine.detectors import load_checkpoint
-    from engine.images import load_batch
-    from engine.inference import predict
+    from poolscout.engine.models import predictions as P
+    from poolscout.engine.acquisition import signals as S
+    from poolscout.engine.models.detectors import load_checkpoint
+    from poolscout.engine.data.images import load_batch
+    from poolscout.engine.models.inference import predict
 
     torch.set_num_threads(os.cpu_count() or 1)
     man = io.read_table(run.manifest)
@@ -136,8 +136,8 @@ RAY_LAYOUTS = {
 
 def ray_stream(run: RunDir, overrides: list[str]) -> dict:
     """Wall time of the whole Ray Data job (actor start-up included, ray.init excluded)."""
-    from jobs.ray_env import connect
-    from jobs.score import score
+    from poolscout.jobs.ray_env import connect
+    from poolscout.jobs.score import score
 
     connect(quiet=True)
     s = score(run, run.config(overrides=overrides), cycle=0, progress=False)
@@ -148,8 +148,8 @@ def rss_child(neu: Path, n: int, overrides: list[str], model_src: str) -> None:
     """Runs in a fresh process: score n replicated images, print peak driver RSS (MB)."""
     import shutil
 
-    from jobs.ray_env import connect
-    from jobs.score import score
+    from poolscout.jobs.ray_env import connect
+    from poolscout.jobs.score import score
 
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(Path(tmp) / "rep")
@@ -171,7 +171,7 @@ def rss_child(neu: Path, n: int, overrides: list[str], model_src: str) -> None:
         shutil.copy(src.categories, run.categories)
         cfg = src.config(overrides=overrides)
         run.write_config(cfg, {"benchmark": "rss"})
-        from engine.detectors import build_detector, save_checkpoint
+        from poolscout.engine.models.detectors import build_detector, save_checkpoint
 
         save_checkpoint(run.model_path(0), build_detector(cfg.detector, src.num_classes()), cfg.detector,
                         src.num_classes())

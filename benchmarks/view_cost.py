@@ -41,8 +41,8 @@ def build_model(path: Path | None, tmp: Path) -> Path:
     """A checkpoint to score with: `path`, or the cpu-small preset with dropout, untrained."""
     if path is not None:
         return path
-    from engine.config import load_config
-    from engine.detectors import build_detector, save_checkpoint
+    from poolscout.engine.core.config import load_config
+    from poolscout.engine.models.detectors import build_detector, save_checkpoint
 
     cfg = load_config([REPO / "configs" / "neu_det.yaml", REPO / "configs" / "cpu-small.yaml"],
                       ["detector.dropout=0.2"])
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow as pa
     import torch
 
-    from engine.images import probe
-    from jobs.score import DetectorStage, decode_batch, signal_batch
+    from poolscout.engine.data.images import probe
+    from poolscout.jobs.score import DetectorStage, decode_batch, signal_batch
 
     torch.set_num_threads(args.threads)
     img_dir = Path(args.data_root) / "neu_det" / "images"

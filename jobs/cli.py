@@ -10,14 +10,13 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
 
-from engine.config import ConfigError, load_config
-from engine.registry import RegistryError
-from engine.run import RunDir, RunError
+from poolscout.engine.core.config import ConfigError, load_config
+from poolscout.engine.core.registry import RegistryError
+from poolscout.engine.core.run import RunDir, RunError
 
 EXPECTED = (ConfigError, RunError, RegistryError, ValueError, FileNotFoundError, KeyError)
 
@@ -56,7 +55,7 @@ def _load(run_dir: str, configs, overrides):
 
 
 def _ray(cfg, address, quiet):
-    from jobs.ray_env import connect
+    from poolscout.jobs.ray_env import connect
 
     return connect(address or cfg.ray.address, cfg.ray.num_cpus, quiet=quiet)
 
@@ -100,7 +99,7 @@ def cli() -> None:
 @_guard
 def init(run_dir, images, annotations, fmt, labeled, seed_fraction, test, force, overrides, configs):
     """Create a run directory: manifest, annotations, ledger, rejects, run.yaml."""
-    from engine.pool import init_run
+    from poolscout.engine.data.pool import init_run
 
     if labeled and seed_fraction is not None:
         raise ValueError("give --labeled or --seed-fraction, not both")
@@ -119,7 +118,7 @@ def init(run_dir, images, annotations, fmt, labeled, seed_fraction, test, force,
 @common
 def train(run_dir, cycle, force, configs, overrides, address, quiet):
     """Train the detector on the labeled images (Ray Train TorchTrainer)."""
-    from jobs.train import train as do_train
+    from poolscout.jobs.train import train as do_train
 
     run, cfg = _load(run_dir, configs, overrides)
     _ray(cfg, address, quiet)
@@ -130,14 +129,15 @@ def train(run_dir, cycle, force, configs, overrides, address, quiet):
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--cycle", type=int, default=None)
+@click.option("--force", is_flag=True, help="Rescore a cycle already scored by the same model.")
 @common
-def score(run_dir, cycle, configs, overrides, address, quiet):
+def score(run_dir, cycle, force, configs, overrides, address, quiet):
     """Score the unlabeled pool with Ray Data (predictions + scores.parquet)."""
-    from jobs.score import score as do_score
+    from poolscout.jobs.score import score as do_score
 
     run, cfg = _load(run_dir, configs, overrides)
     _ray(cfg, address, quiet)
-    _print(do_score(run, cfg, cycle=cycle, progress=not quiet))
+    _print(do_score(run, cfg, cycle=cycle, progress=not quiet, force=force))
 
 
 @cli.command()
@@ -148,7 +148,7 @@ def score(run_dir, cycle, configs, overrides, address, quiet):
 @common
 def select(run_dir, strategy, budget, cycle, configs, overrides, address, quiet):
     """Pick the batch to label with a named strategy (selection.parquet)."""
-    from jobs.select import select as do_select
+    from poolscout.jobs.select import select as do_select
 
     run, cfg = _load(run_dir, configs, overrides)
     _print(do_select(run, cfg, strategy=strategy, budget=budget, cycle=cycle))
@@ -161,7 +161,7 @@ def select(run_dir, strategy, budget, cycle, configs, overrides, address, quiet)
 @common
 def export(run_dir, fmt, cycle, configs, overrides, address, quiet):
     """Write the selected batch for annotators (COCO, Label Studio, CSV)."""
-    from jobs.export import export as do_export
+    from poolscout.jobs.export import export as do_export
 
     run, cfg = _load(run_dir, configs, overrides)
     _print(do_export(run, cfg, fmt=fmt, cycle=cycle))
@@ -175,7 +175,7 @@ def export(run_dir, fmt, cycle, configs, overrides, address, quiet):
 @common
 def cycle(run_dir, strategy, budget, fmt, configs, overrides, address, quiet):
     """train -> score -> select -> export for the current cycle."""
-    from jobs.cycle import run_cycle
+    from poolscout.jobs.cycle import run_cycle
 
     run, cfg = _load(run_dir, configs, overrides)
     _ray(cfg, address, quiet)
@@ -198,7 +198,7 @@ def cycle(run_dir, strategy, budget, fmt, configs, overrides, address, quiet):
 def run_cmd(run_dir, cycles, budget, strategy, oracle, seed_size, seed_strategy, executor, configs, overrides,
             address, quiet):
     """Run the active-learning loop to the end, or resume it where it stopped."""
-    from jobs.loop import loop_config, run_loop
+    from poolscout.jobs.loop import loop_config, run_loop
 
     run = RunDir(Path(run_dir))
     run.require()
@@ -227,8 +227,8 @@ def run_cmd(run_dir, cycles, budget, strategy, oracle, seed_size, seed_strategy,
 @_guard
 def import_cmd(run_dir, labels, fmt, cycle):
     """Import human labels for the selected batch (idempotent; partial batches allowed)."""
-    from engine import oracle
-    from jobs.loop import loop_state
+    from poolscout.engine.data import oracle
+    from poolscout.jobs.loop import loop_state
 
     run = RunDir(Path(run_dir))
     run.require()
@@ -243,7 +243,7 @@ def import_cmd(run_dir, labels, fmt, cycle):
 
 
 def _read(path):
-    from engine import io
+    from poolscout.engine.core import io
 
     return io.read_table(path)
 
@@ -254,7 +254,7 @@ def _read(path):
 @_guard
 def status_cmd(run_dir, as_json):
     """Where the loop stands: stage, labeled counts, mAP per cycle, pending labels."""
-    from jobs.loop import status
+    from poolscout.jobs.loop import status
 
     st = status(RunDir(Path(run_dir)))
     if as_json:
@@ -286,7 +286,7 @@ def status_cmd(run_dir, as_json):
 @_guard
 def report_cmd(run_dirs, out_dir, montage_images, quiet):
     """Learning curves (PNG) and one self-contained HTML page for one or more runs."""
-    from engine.report import write_report
+    from poolscout.engine.evaluation.report import write_report
 
     index = write_report([Path(d) for d in run_dirs], Path(out_dir), montage_images=montage_images,
                          progress=not quiet)
@@ -307,7 +307,7 @@ def report_cmd(run_dirs, out_dir, montage_images, quiet):
 def demo_cmd(out_dir, n_images, size, cycles, budget, seed_size, strategies, seed, configs, overrides, address,
              quiet):
     """Synthetic defect pool -> a loop per strategy on the embedded Ray -> the report."""
-    from jobs.demo import run_demo
+    from poolscout.jobs.demo import run_demo
 
     index = run_demo(Path(out_dir), n_images=n_images, size=size, cycles=cycles, budget=budget,
                      seed_size=seed_size, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
@@ -326,7 +326,7 @@ def demo_cmd(out_dir, n_images, size, cycles, budget, seed_size, strategies, see
 @_guard
 def synth(out_dir, n_images, size, seed, weights):
     """Generate a seeded synthetic steel-defect pool (images + COCO annotations)."""
-    from engine.synthetic import generate
+    from poolscout.engine.data.synthetic import generate
 
     cw = {}
     for w in weights:
@@ -341,7 +341,7 @@ def synth(out_dir, n_images, size, seed, weights):
 @_guard
 def strategies_cmd():
     """List the shipped strategies."""
-    from engine.strategies import list_strategies, load_strategy
+    from poolscout.engine.acquisition.strategies import list_strategies, load_strategy
 
     for name in list_strategies():
         s = load_strategy(name)

@@ -4,17 +4,17 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from engine import io
-from engine.config import Config
-from engine.run import RunDir
+from poolscout.engine.core import io
+from poolscout.engine.core.config import Config
+from poolscout.engine.core.run import RunDir
 
 
 def run_cycle(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int | None = None,
               fmt: str = "all", progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    from jobs.export import export
-    from jobs.score import score
-    from jobs.select import select
-    from jobs.train import train
+    from poolscout.jobs.export import export
+    from poolscout.jobs.score import score
+    from poolscout.jobs.select import select
+    from poolscout.jobs.train import train
 
     run.require()
     k = run.current_cycle()
@@ -35,11 +35,3 @@ def run_cycle(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: 
     out["timings_s"] = timings
     io.atomic_write_json(run.cycle_dir(k) / "cycle.json", out)
     return out
-
-
-if __name__ == "__main__":  # python -m jobs.cycle RUN_DIR [options] (also under `ray job submit`)
-    import sys
-
-    from jobs.cli import main
-
-    main(["cycle", *sys.argv[1:]])

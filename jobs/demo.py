@@ -10,19 +10,19 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from engine.config import configs_dir, load_config
-from engine.run import RunDir
+from poolscout.engine.core.config import configs_dir, load_config
+from poolscout.engine.core.run import RunDir
 
 
 def run_demo(out: Path, *, n_images: int = 200, size: int = 128, cycles: int = 4, budget: int = 20,
              seed_size: int = 20, strategies: list[str] = ("random", "entropy"), seed: int = 0,
              test_fraction: float = 0.25, configs: list = (), overrides: list = (), address: str | None = None,
              executor: str = "ray", progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    from engine.pool import init_run
-    from engine.report import write_report
-    from engine.strategies import load_strategy
-    from engine.synthetic import generate
-    from jobs.loop import loop_config, run_loop
+    from poolscout.engine.data.pool import init_run
+    from poolscout.engine.evaluation.report import write_report
+    from poolscout.engine.acquisition.strategies import load_strategy
+    from poolscout.engine.data.synthetic import generate
+    from poolscout.jobs.loop import loop_config, run_loop
 
     if not strategies:
         raise ValueError("--strategies: give at least one strategy")

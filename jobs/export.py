@@ -6,16 +6,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from engine import io
-from engine.config import Config
-from engine.run import RunDir, RunError
+from poolscout.engine.core import io
+from poolscout.engine.core.config import Config
+from poolscout.engine.core.run import RunDir, RunError
 
 FORMATS = {"coco": "coco.json", "label_studio": "label_studio.json", "csv": "selection.csv"}
 
 
 def selected_predictions(run: RunDir, k: int, ids: np.ndarray) -> dict[str, np.ndarray] | None:
     """Canonical orig-view predictions of the given ids (filter pushed into the Parquet scan)."""
-    from engine import predictions as P
+    from poolscout.engine.models import predictions as P
 
     d = run.predictions_dir(k)
     if not d.is_dir():
@@ -29,7 +29,7 @@ def selected_predictions(run: RunDir, k: int, ids: np.ndarray) -> dict[str, np.n
 
 
 def export(run: RunDir, cfg: Config, *, fmt: str | None = None, cycle: int | None = None) -> dict:
-    from engine import export as E
+    from poolscout.engine.data import export as E
 
     run.require()
     k = run.current_cycle() if cycle is None else cycle
@@ -57,11 +57,3 @@ def export(run: RunDir, cfg: Config, *, fmt: str | None = None, cycle: int | Non
             info = E.export_csv(path, sel, manifest)
         out["files"][f] = {"path": str(path), **(info or {})}
     return out
-
-
-if __name__ == "__main__":  # python -m jobs.export RUN_DIR [options] (also under `ray job submit`)
-    import sys
-
-    from jobs.cli import main
-
-    main(["export", *sys.argv[1:]])

@@ -31,10 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine import io
-from engine.config import Config, ConfigError
-from engine.run import RunDir, RunError
-from jobs.hooks import crash_point
+from poolscout.engine.core import io
+from poolscout.engine.core.config import Config, ConfigError
+from poolscout.engine.core.run import RunDir, RunError
+from poolscout.jobs.hooks import crash_point
 
 STAGES = ("train", "evaluate", "score", "select", "label")
 # Settings that must not change once a loop has started (they change what it selects).
@@ -129,10 +129,10 @@ def _kcenter_seed(run: RunDir, cfg: Config, pool: np.ndarray, n: int, progress: 
     """Cold start: k-center greedy on image embeddings of the untrained detector."""
     import torch
 
-    from engine.detectors import build_detector
-    from engine.images import load_batch
-    from engine.inference import embed
-    from engine.selectors import SELECTORS, SelectContext
+    from poolscout.engine.models.detectors import build_detector
+    from poolscout.engine.data.images import load_batch
+    from poolscout.engine.models.inference import embed
+    from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext
 
     torch.manual_seed(cfg.seed)
     model = build_detector(cfg.detector, run.num_classes(), load_pretrained=True).eval()
@@ -163,8 +163,8 @@ def evaluate(run: RunDir, cfg: Config, k: int, *, progress: bool = True) -> dict
     """pycocotools evaluation of cycle k's model on the test split -> cycles/<k>/eval.json."""
     import torch
 
-    from engine.detectors import load_checkpoint
-    from engine.metrics import evaluate_model
+    from poolscout.engine.models.detectors import load_checkpoint
+    from poolscout.engine.evaluation.metrics import evaluate_model
 
     test = np.sort(run.ids_in_state("test"))
     if len(test) == 0:
@@ -186,13 +186,13 @@ def evaluate(run: RunDir, cfg: Config, k: int, *, progress: bool = True) -> dict
 
 def label(run: RunDir, cfg: Config, k: int) -> dict:
     """The oracle: simulated (GT revealed) or human (wait for `poolscout import`)."""
-    from engine import oracle
+    from poolscout.engine.data import oracle
 
     if cfg.loop.oracle == "simulated":
         res = oracle.simulated_label(run, k)
     elif cfg.loop.oracle == "human":
         if not run.export_dir(k).is_dir():
-            from jobs.export import export
+            from poolscout.jobs.export import export
 
             export(run, cfg, fmt="all", cycle=k)
         st = oracle.batch_status(run, k)
@@ -210,7 +210,7 @@ def label(run: RunDir, cfg: Config, k: int) -> dict:
 
 def write_metrics(run: RunDir, cfg: Config, k: int, strategy: str) -> dict:
     """cycles/<k>/metrics.json: evaluation + acquisition diagnostics + stage timings."""
-    from engine.metrics import acquisition_stats
+    from poolscout.engine.evaluation.metrics import acquisition_stats
 
     ev = _read_json(_marker(run, k, "evaluate"))
     ann = io.read_table(run.annotations) if run.annotations.is_file() else io.ANNOTATIONS_SCHEMA.empty_table()
@@ -235,7 +235,7 @@ def _record_time(run: RunDir, k: int, stage: str, seconds: float) -> None:
 def loop_config(run: RunDir, extra_files=(), overrides=()) -> Config:
     """The loop's config: loop.json's pinned config when resuming, else run.yaml; then
     --config files and --set overrides on top."""
-    from engine.config import build_config, load_yaml
+    from poolscout.engine.core.config import build_config, load_yaml
 
     state = loop_state(run)
     if state.get("config"):
@@ -250,10 +250,10 @@ def run_loop(run: RunDir, cfg: Config, *, progress: bool = True, log: Callable[[
 
     Returns with status "waiting_for_labels" when a human oracle has not answered yet.
     """
-    from engine import strategies as St
-    from jobs.score import score
-    from jobs.select import needs_model, select
-    from jobs.train import train
+    from poolscout.engine.acquisition import strategies as St
+    from poolscout.jobs.score import score
+    from poolscout.jobs.select import needs_model, select
+    from poolscout.jobs.train import train
 
     run.require()
     state = loop_state(run)
@@ -270,7 +270,7 @@ def run_loop(run: RunDir, cfg: Config, *, progress: bool = True, log: Callable[[
     state.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S"))
     _write_state(run, state)
     if cfg.loop.executor == "ray":
-        from jobs.ray_env import connect
+        from poolscout.jobs.ray_env import connect
 
         connect(cfg.ray.address, cfg.ray.num_cpus, quiet=not progress)
 
@@ -356,15 +356,7 @@ def status(run: RunDir) -> dict:
            "cycle": state.get("cycle"), "stage": state.get("stage"), "cycles_planned": state.get("cycles"),
            "ledger": counts, "cycles": cycles, "message": state.get("message")}
     if state.get("status") == "waiting_for_labels" and state.get("cycle") is not None:
-        from engine import oracle
+        from poolscout.engine.data import oracle
 
         out["batch"] = oracle.batch_status(run, int(state["cycle"]))
     return out
-
-
-if __name__ == "__main__":  # python -m jobs.loop RUN_DIR [options] (also under `ray job submit`)
-    import sys
-
-    from jobs.cli import main
-
-    main(["run", *sys.argv[1:]])

@@ -10,6 +10,7 @@ The driver never holds images or predictions of the pool.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -21,9 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from engine import io
-from engine.config import Config
-from engine.run import RunDir, RunError
+from poolscout.engine.core import io
+from poolscout.engine.core.config import Config
+from poolscout.engine.core.run import RunDir, RunError
 
 WORK_COLUMNS = ["image_id", "uri", "width", "height", "state"]
 
@@ -39,7 +40,7 @@ def worklist(run: RunDir, include_labeled: bool) -> pa.Table:
 
 def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict[str, np.ndarray]:
     """Stateless decode + letterbox of a batch of manifest rows (a Ray Data task)."""
-    from engine.images import load_batch
+    from poolscout.engine.data.images import load_batch
 
     out = load_batch(list(batch["uri"]), size, max_pixels)
     err = np.asarray(out["error"], dtype=object)
@@ -56,7 +57,7 @@ class DetectorStage:
                  view_params: dict | None = None):
         import torch
 
-        from engine.detectors import load_checkpoint
+        from poolscout.engine.models.detectors import load_checkpoint
 
         torch.set_num_threads(threads or (os.cpu_count() or 1))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,8 +79,8 @@ class DetectorStage:
         return w
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        from engine import predictions as P
-        from engine.inference import embed, predict
+        from poolscout.engine.models import predictions as P
+        from poolscout.engine.models.inference import embed, predict
 
         n = len(batch["image_id"])
         ok = np.asarray(batch["error"], dtype=object) == ""
@@ -122,7 +123,7 @@ def _scatter(pred: dict[str, np.ndarray], rows: np.ndarray, n: int, views: tuple
     Every field is always present (empty when no row was predicted) so that every
     Parquet file of the predictions has the same schema.
     """
-    from engine import predictions as P
+    from poolscout.engine.models import predictions as P
 
     out: dict[str, np.ndarray] = {}
     idx = np.flatnonzero(rows)
@@ -146,7 +147,7 @@ def _scatter(pred: dict[str, np.ndarray], rows: np.ndarray, n: int, views: tuple
 
 def signal_fields(specs) -> list[str]:
     """Per-box fields to load for `specs` (all views): scores, labels, probs + what they read."""
-    from engine import signals as S
+    from poolscout.engine.acquisition import signals as S
 
     fields = ["scores", "labels", "probs"]
     for fs in S.required_fields(specs).values():
@@ -157,8 +158,8 @@ def signal_fields(specs) -> list[str]:
 def signal_batch(table: pa.Table, specs: tuple[str, ...], seed: int, cycle: int, num_classes: int,
                  context: dict | None = None) -> pa.Table:
     """Adds one `sig__<column>` per configured signal (a Ray Data task on Arrow batches)."""
-    from engine import predictions as P
-    from engine import signals as S
+    from poolscout.engine.models import predictions as P
+    from poolscout.engine.acquisition import signals as S
 
     parsed = [S.parse_spec(s) for s in specs]
     have = set(table.column_names)
@@ -178,11 +179,11 @@ def scoring_plan(cfg: Config, model: Path | None = None) -> dict:
     the expensive image-level ones (cald, huale_*) run in the parallel workers. Views =
     score.views plus those the signals read; MC passes only when a signal needs them.
     """
-    from engine import signals as S
-    from engine import strategies as St
+    from poolscout.engine.acquisition import signals as S
+    from poolscout.engine.acquisition import strategies as St
 
     specs: list = []
-    for s in (*cfg.score.signals, *St.required_signals(St.load_strategy(cfg.select.strategy))):
+    for s in (*cfg.score.signals, *St.load_strategy(cfg.select.strategy).needs.signals):
         s = S.parse_spec(s)
         if s not in specs:
             specs.append(s)
@@ -238,7 +239,7 @@ def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: 
     """
     import torch
 
-    from jobs.hooks import crash_point
+    from poolscout.jobs.hooks import crash_point
 
     sc = cfg.score
     chunk = max(1, sc.batch_size) * 8
@@ -283,11 +284,12 @@ def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: 
 
 
 def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | None = None,
-          progress: bool = True, executor: str | None = None) -> dict:
+          progress: bool = True, executor: str | None = None, force: bool = False) -> dict:
     """Score the pool of cycle k with its model; returns a summary with counts and timings.
 
     executor: "ray" (the Ray Data stream) or "local" (this process, resumable per chunk);
-    default cfg.loop.executor.
+    default cfg.loop.executor. A cycle already scored by the same model over the same work
+    list, with every signal now needed, is kept (summary "skipped": true) unless `force`.
     """
     run.require()
     k = run.current_cycle() if cycle is None else cycle
@@ -305,6 +307,10 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     if n_pool == 0:
         raise RunError(f"{run.ledger}: the pool is empty; nothing to score")
     cdir = run.cycle_dir(k)
+    digest = _digest(model, work["image_id"].to_numpy())
+    done = _finished(run, k, digest, specs)
+    if done is not None and not force:
+        return {**done, "skipped": True}
     cdir.mkdir(parents=True, exist_ok=True)
     _clean_stale(cdir)
     wl_path = cdir / "worklist.parquet"
@@ -312,7 +318,6 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     executor = executor or cfg.loop.executor
     t0 = time.time()
     if executor == "local":
-        digest = _digest(model, work["image_id"].to_numpy())
         partial = cdir / f".predictions.partial-{digest}"
         for p in cdir.glob(".predictions.partial-*"):
             if p != partial:  # parts of another model (retrained) are worthless
@@ -328,9 +333,24 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     _replace_dir(tmp_dir, run.predictions_dir(k))
     summary = finalize_scores(run, cfg, k, specs)
     summary.update(cycle=k, seconds=round(seconds, 2), images=int(len(work)), pool=n_pool, input_size=input_size,
-                   executor=executor, images_per_s=round(len(work) / seconds, 2) if seconds else None)
+                   executor=executor, images_per_s=round(len(work) / seconds, 2) if seconds else None,
+                   digest=digest, specs=list(specs))
     io.atomic_write_json(cdir / "score.json", summary)
     return summary
+
+
+def _finished(run: RunDir, k: int, digest: str, specs: tuple[str, ...]) -> dict | None:
+    """score.json of cycle k if it was scored by this model over this work list with `specs`."""
+    path = run.cycle_dir(k) / "score.json"
+    if not (path.is_file() and run.scores_path(k).is_file() and run.predictions_dir(k).is_dir()):
+        return None
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if done.get("digest") != digest or not set(specs) <= set(done.get("specs", ())):
+        return None
+    return done
 
 
 def _digest(path: Path, ids: np.ndarray) -> str:
@@ -373,7 +393,7 @@ def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: in
 
 def finalize_scores(run: RunDir, cfg: Config, k: int, specs: tuple[str, ...]) -> dict:
     """Predictions -> scores.parquet (empty images filled) and rejects for failed decodes."""
-    from engine import signals as S
+    from poolscout.engine.acquisition import signals as S
 
     parsed = [S.parse_spec(s) for s in specs]
     cols = [p.column for p in parsed]
@@ -405,11 +425,3 @@ def _empty_rule(text: str) -> str | float:
         return float(text)
     except ValueError:
         return text
-
-
-if __name__ == "__main__":  # python -m jobs.score RUN_DIR [options] (also under `ray job submit`)
-    import sys
-
-    from jobs.cli import main
-
-    main(["score", *sys.argv[1:]])

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from engine import io
-from engine.config import Config
-from engine.run import RunDir, RunError
+from poolscout.engine.core import io
+from poolscout.engine.core.config import Config
+from poolscout.engine.core.run import RunDir, RunError
 
 
 def _pred_dataset(run: RunDir, k: int) -> pads.Dataset:
@@ -27,9 +27,9 @@ def compute_missing(run: RunDir, cfg: Config, k: int, specs: list, ids: np.ndarr
     Streams the predictions in Arrow batches (never the whole pool at once); values are
     aligned to `ids` and empty images are filled with the configured rule.
     """
-    from engine import predictions as P
-    from engine import signals as S
-    from jobs.score import _empty_rule, model_class_quality, signal_fields
+    from poolscout.engine.models import predictions as P
+    from poolscout.engine.acquisition import signals as S
+    from poolscout.jobs.score import _empty_rule, model_class_quality, signal_fields
 
     fields = signal_fields(specs)
     ds = _pred_dataset(run, k)
@@ -76,7 +76,7 @@ def load_embeddings(run: RunDir, k: int) -> tuple[np.ndarray, np.ndarray, np.nda
 def boxes_loader(run: RunDir, k: int):
     """ids -> canonical batch (orig view: boxes, scores, labels, probs, roi_embedding) of
     those scored pool images, in that order; reads only their rows."""
-    from engine import predictions as P
+    from poolscout.engine.models import predictions as P
 
     def load(ids: np.ndarray) -> dict[str, np.ndarray]:
         ids = np.asarray(ids, np.int64)
@@ -106,22 +106,21 @@ def labeled_class_counts(run: RunDir) -> np.ndarray:
     return np.bincount(cat[(cat >= 1) & (cat <= c)] - 1, minlength=c)[:c]
 
 
-MODEL_FREE_SIGNALS = frozenset({"random"})
-
-
 def needs_model(strategy) -> bool:
     """Whether a strategy needs the pool scored by the current model."""
-    from engine import strategies as St
-
-    return St.needs_embedding(strategy) or St.needs_boxes(strategy) or any(
-        s.name not in MODEL_FREE_SIGNALS for s in St.required_signals(strategy))
+    return strategy.needs.model
 
 
-def select(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int | None = None,
-           cycle: int | None = None) -> dict:
-    """Pick `budget` pool images with a named strategy; writes cycles/<k>/selection.parquet."""
-    from engine import strategies as St
-    from engine.selectors import SelectContext
+def query(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int | None = None,
+          cycle: int | None = None) -> tuple[pa.Table, dict]:
+    """Pick `budget` pool images with a named strategy from a scored cycle, writing nothing.
+
+    Returns:
+        The selection table (image_id, rank, score, rationale JSON; selection.parquet's
+        schema) and a summary dict (cycle, strategy, budget, selected, candidates, seconds).
+    """
+    from poolscout.engine.acquisition import strategies as St
+    from poolscout.engine.acquisition.selectors import SelectContext
 
     run.require()
     k = run.current_cycle() if cycle is None else cycle
@@ -131,7 +130,7 @@ def select(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int
         raise ValueError(f"--budget must be positive, got {budget}")
     sp = run.scores_path(k)
     t0 = time.time()
-    specs = St.required_signals(strat)
+    specs = list(strat.needs.signals)
     if not sp.is_file():
         if needs_model(strat):
             raise RunError(f"{sp} is missing: run `poolscout score {run.root}` first")
@@ -152,21 +151,21 @@ def select(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int
         table[c] = scores[c].to_numpy(zero_copy_only=False).astype(np.float64)
     missing = [s for s in specs if s.column not in table]
     if missing and not sp.is_file():
-        from engine import signals as S
+        from poolscout.engine.acquisition import signals as S
 
         table.update(S.compute({"image_id": ids, "offsets": np.zeros(len(ids) + 1, np.int64)}, missing,
                                seed=cfg.seed, cycle=k))
     elif missing:
         table.update(compute_missing(run, cfg, k, missing, ids))
     labeled_emb = None
-    if St.needs_embedding(strat):
+    if strat.needs.embedding:
         eid, state, emb = load_embeddings(run, k)
         order = np.argsort(eid)
         table["embedding"] = emb[order[np.searchsorted(eid[order], ids)]]
         labeled_emb = emb[state == "labeled"]
     ctx = SelectContext(rng=np.random.default_rng([cfg.seed, k]), labeled_embedding=labeled_emb,
                         labeled_class_counts=labeled_class_counts(run),
-                        boxes_loader=boxes_loader(run, k) if St.needs_boxes(strat) else None)
+                        boxes_loader=boxes_loader(run, k) if strat.needs.boxes else None)
     sel = St.select(strat, table, budget, ctx=ctx)
     out = pa.table({
         "image_id": pa.array(sel.image_id, pa.int64()),
@@ -174,10 +173,18 @@ def select(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int
         "score": pa.array(np.asarray(sel.score, dtype=np.float64)),
         "rationale": pa.array([json.dumps(r, default=_jsonable) for r in sel.rationale], pa.string()),
     })
-    io.write_table(out, run.selection_path(k), io.SELECTION_SCHEMA)
     summary = {"cycle": k, "strategy": strat.name, "budget": budget, "selected": len(out),
-               "candidates": int(len(ids)), "seconds": round(time.time() - t0, 3),
-               "selection": str(run.selection_path(k))}
+               "candidates": int(len(ids)), "seconds": round(time.time() - t0, 3)}
+    return out, summary
+
+
+def select(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int | None = None,
+           cycle: int | None = None) -> dict:
+    """Pick `budget` pool images with a named strategy; writes cycles/<k>/selection.parquet."""
+    out, summary = query(run, cfg, strategy=strategy, budget=budget, cycle=cycle)
+    k = summary["cycle"]
+    io.write_table(out, run.selection_path(k), io.SELECTION_SCHEMA)
+    summary["selection"] = str(run.selection_path(k))
     io.atomic_write_json(run.cycle_dir(k) / "select.json", summary)
     return summary
 
@@ -188,11 +195,3 @@ def _jsonable(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(type(o).__name__)
-
-
-if __name__ == "__main__":  # python -m jobs.select RUN_DIR [options] (also under `ray job submit`)
-    import sys
-
-    from jobs.cli import main
-
-    main(["select", *sys.argv[1:]])

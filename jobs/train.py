@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import io
-from engine.config import Config
-from engine.run import RunDir, RunError
+from poolscout.engine.core import io
+from poolscout.engine.core.config import Config
+from poolscout.engine.core.run import RunDir, RunError
 
 
 def _train_worker(config: dict) -> None:
@@ -26,9 +26,9 @@ def _train_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from engine.config import DetectorConfig, _merge_into
-    from engine.detectors import save_checkpoint
-    from engine.training import fit_detector
+    from poolscout.engine.core.config import DetectorConfig, _merge_into
+    from poolscout.engine.models.detectors import save_checkpoint
+    from poolscout.engine.models.training import fit_detector
 
     torch.set_num_threads(config["train"].get("torch_threads") or (os.cpu_count() or 1))
     rank = ray.train.get_context().get_world_rank()
@@ -58,9 +58,9 @@ def _train_local(config: dict, out: Path) -> None:
     """The local executor: the same training in this process, then an atomic model.pt."""
     import torch
 
-    from engine.config import DetectorConfig, _merge_into
-    from engine.detectors import save_checkpoint
-    from engine.training import fit_detector
+    from poolscout.engine.core.config import DetectorConfig, _merge_into
+    from poolscout.engine.models.detectors import save_checkpoint
+    from poolscout.engine.models.training import fit_detector
 
     threads = config["train"].get("torch_threads") or 0
     old = torch.get_num_threads()
@@ -150,11 +150,3 @@ def _train_ray(run: RunDir, cfg: Config, k: int, loop_cfg: dict, out: Path) -> N
         shutil.copyfile(src, tmp)
         os.replace(tmp, out)
     shutil.rmtree(storage, ignore_errors=True)
-
-
-if __name__ == "__main__":  # python -m jobs.train RUN_DIR [options] (also under `ray job submit`)
-    import sys
-
-    from jobs.cli import main
-
-    main(["train", *sys.argv[1:]])

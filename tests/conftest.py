@@ -30,7 +30,7 @@ TINY_SETTINGS = [
 @pytest.fixture(scope="session")
 def ray_session():
     """One embedded local Ray for the whole session (start-up costs ~5 s)."""
-    from jobs.ray_env import connect
+    from poolscout.jobs.ray_env import connect
 
     info = connect(num_cpus=2, quiet=True)
     yield info
@@ -39,7 +39,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_pool(tmp_path_factory):
     """A seeded synthetic pool of 24 images (64 px) with COCO annotations."""
-    from engine.synthetic import generate
+    from poolscout.engine.data.synthetic import generate
 
     out = tmp_path_factory.mktemp("tiny_pool")
     return generate(out, n_images=24, size=64, seed=3)

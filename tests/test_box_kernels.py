@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import boxes as K
+from poolscout.kernels import boxes as K
 
 
 def test_hand_cases():

@@ -7,8 +7,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from engine.config import ConfigError, load_config
-from jobs.cli import cli
+from poolscout.engine.core.config import ConfigError, load_config
+from poolscout.jobs.cli import cli
 
 COMMANDS = ["init", "train", "score", "select", "export", "cycle", "synth", "strategies"]
 
@@ -23,7 +23,7 @@ def test_every_command_has_help(cmd):
 
 
 def test_console_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "poolscout.jobs", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "cycle" in out.stdout
 
 
@@ -77,7 +77,7 @@ def test_config_layers_and_overrides(tmp_path):
 
 
 def test_unknown_strategy_lists_known(tmp_path):
-    from engine.strategies import load_strategy
+    from poolscout.engine.acquisition.strategies import load_strategy
 
     with pytest.raises(Exception) as e:
         load_strategy("no_such_strategy")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import consistency as K
+from poolscout.kernels import consistency as K
 
 LN2 = math.log(2.0)
 ONE = np.array([0, 1])

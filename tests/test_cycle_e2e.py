@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from engine import io
-from engine.run import RunDir
-from jobs.cli import cli
+from poolscout.engine.core import io
+from poolscout.engine.core.run import RunDir
+from poolscout.jobs.cli import cli
 from tests.conftest import TINY_SETTINGS
 
 pytestmark = pytest.mark.ray
@@ -97,8 +97,8 @@ def test_cycle_end_to_end(run_dir):
 
 def test_scoring_is_chunking_invariant(run_dir):
     """Scores and selection do not depend on batch size or the number of blocks."""
-    from jobs.score import score
-    from jobs.select import select
+    from poolscout.jobs.score import score
+    from poolscout.jobs.select import select
 
     run = run_dir
     if not run.model_path(0).is_file():
@@ -106,7 +106,7 @@ def test_scoring_is_chunking_invariant(run_dir):
     results = []
     for bs, blocks in ((1, 1), (3, 4), (8, 2)):
         cfg = run.config(overrides=[f"score.batch_size={bs}", f"score.decode_batch_size={bs}"])
-        score(run, cfg, cycle=0, blocks=blocks, progress=False)
+        score(run, cfg, cycle=0, blocks=blocks, progress=False, force=True)
         select(run, cfg, strategy="entropy", budget=5, cycle=0)
         results.append((io.read_table(run.scores_path(0)).sort_by("image_id").to_pydict(),
                         io.read_table(run.selection_path(0))["image_id"].to_pylist()))
@@ -121,7 +121,7 @@ def test_scoring_is_chunking_invariant(run_dir):
 
 
 def test_predictions_follow_the_contract(run_dir):
-    from engine import predictions as P
+    from poolscout.engine.models import predictions as P
 
     run = run_dir
     if not run.predictions_dir(0).is_dir():
@@ -141,7 +141,7 @@ def test_predictions_follow_the_contract(run_dir):
 
 
 def test_coreset_and_hybrid_strategies_select_from_pool(run_dir):
-    from jobs.select import select
+    from poolscout.jobs.select import select
 
     run = run_dir
     if not run.scores_path(0).is_file():

@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from engine import io
-from engine.config import load_config
-from engine.pool import init_run
-from engine.run import RunDir
+from poolscout.engine.core import io
+from poolscout.engine.core.config import load_config
+from poolscout.engine.data.pool import init_run
+from poolscout.engine.core.run import RunDir
 from tests.conftest import TINY_SETTINGS
 
 HUALE_TRAIN = ["detector.dropout=0.2", "detector.box_var_head=true", "train.emphasis_loss=true",
@@ -22,7 +22,7 @@ HUALE_TRAIN = ["detector.dropout=0.2", "detector.box_var_head=true", "train.emph
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_pool):
-    from jobs.train import train
+    from poolscout.jobs.train import train
 
     root = tmp_path_factory.mktemp("detection_e2e")
     files = [Path(__file__).parents[1] / "configs" / "demo.yaml"]
@@ -37,8 +37,8 @@ def trained(tmp_path_factory, tiny_pool):
 
 @pytest.mark.parametrize("strategy", ["bald", "cald", "huale", "ppal"])
 def test_strategy_scores_and_selects(trained, strategy):
-    from jobs.score import score
-    from jobs.select import select
+    from poolscout.jobs.score import score
+    from poolscout.jobs.select import select
 
     run, files, overrides = trained
     cfg = run.config(files, [*overrides, f"select.strategy={strategy}"])
@@ -69,7 +69,7 @@ def test_strategy_scores_and_selects(trained, strategy):
 
 
 def test_class_quality_reaches_dcus(trained):
-    from jobs.score import model_class_quality
+    from poolscout.jobs.score import model_class_quality
 
     run, _, _ = trained
     q = model_class_quality(run.model_path(0))

@@ -7,11 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from engine import signals as S
-from engine import strategies as St
-from engine.cald import cald_rerank, class_max_scores, view_consistency
-from engine.huale import category_diversity, localization_uncertainty, overlap, semantic_affinity, weighted_l2
-from engine.selectors import SelectContext
+from poolscout.engine.acquisition import signals as S
+from poolscout.engine.methods import bald as BALD
+from poolscout.engine.methods import uncertainty as U
+from poolscout.engine.acquisition import strategies as St
+from poolscout.engine.methods.cald import cald_rerank, class_max_scores, view_consistency
+from poolscout.engine.methods.huale import category_diversity, localization_uncertainty, overlap, semantic_affinity, weighted_l2
+from poolscout.engine.acquisition.selectors import SelectContext
 
 LN2 = math.log(2.0)
 
@@ -39,16 +41,16 @@ def test_bald_from_samples_hand_case():
     #   H(mean) = -(0.7 ln 0.7 + 0.3 ln 0.3) = 0.610864; H1 = 0.325083, H2 = 0.693147
     #   BALD = 0.610864 - 0.509115 = 0.101749
     s = np.array([[[1, 0], [0, 1]], [[0.5, 0.5], [0.5, 0.5]], [[0.9, 0.1], [0.5, 0.5]]])
-    np.testing.assert_allclose(S.bald_from_samples(s), [LN2, 0.0, 0.101749], atol=1e-6)
+    np.testing.assert_allclose(BALD.bald_from_samples(s), [LN2, 0.0, 0.101749], atol=1e-6)
 
 
 def test_bald_signal_reads_moments_and_reduces_per_image():
     s = np.array([[[1, 0, 0], [0, 1, 0]], [[0.5, 0.5, 0], [0.5, 0.5, 0]], [[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]]])
     mean_p = s.mean(1)
-    mean_h = S.box_entropy(s.reshape(-1, 3)).reshape(3, 2).mean(1)
+    mean_h = U.box_entropy(s.reshape(-1, 3)).reshape(3, 2).mean(1)
     batch = {"image_id": np.arange(2), "offsets": np.array([0, 2, 3]), "mc_probs": mean_p.astype(np.float32),
              "mc_entropy": mean_h.astype(np.float32)}
-    want = S.bald_from_samples(s)
+    want = BALD.bald_from_samples(s)
     out = S.compute(batch, ["bald:max", "bald:mean"])
     np.testing.assert_allclose(out["bald_max"], [want[:2].max(), want[2]], atol=1e-6)
     np.testing.assert_allclose(out["bald_mean"], [want[:2].mean(), want[2]], atol=1e-6)
@@ -59,9 +61,9 @@ def test_bald_signal_reads_moments_and_reduces_per_image():
 
 def test_mc_dropout_moments_equal_bald_of_the_passes():
     torch = pytest.importorskip("torch")
-    from engine.config import DetectorConfig
-    from engine.detectors import build_detector, set_mc_dropout
-    from engine.inference import mc_dropout_moments
+    from poolscout.engine.core.config import DetectorConfig
+    from poolscout.engine.models.detectors import build_detector, set_mc_dropout
+    from poolscout.engine.models.inference import mc_dropout_moments
 
     torch.manual_seed(0)
     model = build_detector(DetectorConfig(input_size=64, backbone_weights=None, dropout=0.3), 3,
@@ -78,8 +80,8 @@ def test_mc_dropout_moments_equal_bald_of_the_passes():
     set_mc_dropout(model.roi_heads.box_head, False)
     assert not model.roi_heads.box_head.drop6.training  # switched back off
     np.testing.assert_allclose(mp.numpy(), samples.mean(1), atol=1e-5)
-    bald = S.bald_from_samples(samples)
-    np.testing.assert_allclose(S.box_entropy(mp.numpy()) - mh.numpy(), bald, atol=1e-5)
+    bald = BALD.bald_from_samples(samples)
+    np.testing.assert_allclose(U.box_entropy(mp.numpy()) - mh.numpy(), bald, atol=1e-5)
     assert bald.max() > 0  # the passes differ: dropout was on
     nodrop = build_detector(DetectorConfig(input_size=64, backbone_weights=None), 3, load_pretrained=False).eval()
     with pytest.raises(ValueError, match="detector.dropout"):

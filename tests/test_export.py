@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 from pycocotools.coco import COCO
 
-from engine import export as E
-from engine import io
+from poolscout.engine.data import export as E
+from poolscout.engine.core import io
 
 CATS = [{"id": 1, "name": "crack", "supercategory": "defect"}, {"id": 2, "name": "dent", "supercategory": "defect"}]
 

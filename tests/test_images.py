@@ -18,8 +18,8 @@ from tests.conftest_data import (
     write_text_as_image,
     write_truncated_jpeg,
 )
-from engine import images
-from engine.images import ImageError, decode, header, letterbox, load_batch, orient_boxes, probe
+from poolscout.engine.data import images
+from poolscout.engine.data.images import ImageError, decode, header, letterbox, load_batch, orient_boxes, probe
 
 MAXP = 64_000_000
 

@@ -17,9 +17,9 @@ LOOP_SETTINGS = [*TINY_SETTINGS, "train.torch_threads=1", "score.torch_threads=1
 
 
 def _init(tmp_path: Path, tiny_pool: dict, name: str, extra: list[str] = (), labeled: Path | None = None):
-    from engine.config import load_config
-    from engine.pool import init_run
-    from engine.run import RunDir
+    from poolscout.engine.core.config import load_config
+    from poolscout.engine.data.pool import init_run
+    from poolscout.engine.core.run import RunDir
 
     names = sorted(p.name for p in Path(tiny_pool["images"]).iterdir())
     test = tmp_path / "test_ids.txt"
@@ -35,7 +35,7 @@ def _loop(run, crash: str | None = None, extra: list[str] = ()) -> subprocess.Co
     env.pop("POOLSCOUT_CRASH_AT", None)
     if crash:
         env["POOLSCOUT_CRASH_AT"] = crash
-    cmd = [sys.executable, "-m", "jobs.loop", str(run.root), "--quiet", *[a for s in extra for a in ("--set", s)]]
+    cmd = [sys.executable, "-m", "poolscout.jobs", "run", str(run.root), "--quiet", *[a for s in extra for a in ("--set", s)]]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -49,7 +49,7 @@ def _strip(d):
 
 
 def _outcome(run) -> dict:
-    from engine import io
+    from poolscout.engine.core import io
 
     led = io.read_table(run.ledger).sort_by("image_id").to_pydict()
     out = {"ledger": led}
@@ -95,8 +95,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_pool):
 
 
 def test_random_strategy_skips_scoring_and_status_reports(tmp_path, tiny_pool, torch_threads):
-    from engine.run import RunDir
-    from jobs.loop import loop_config, run_loop, status
+    from poolscout.engine.core.run import RunDir
+    from poolscout.jobs.loop import loop_config, run_loop, status
 
     run = _init(tmp_path, tiny_pool, "rand", ["select.strategy=random", "loop.cycles=1"])
     cfg = loop_config(run)
@@ -114,7 +114,7 @@ def test_random_strategy_skips_scoring_and_status_reports(tmp_path, tiny_pool, t
     assert set(m["timings_s"]) == {"train", "evaluate", "select", "label"}
     assert m["new_images"] == 6 and m["labeled_images"] == 6
     # a resumed loop cannot change what it selects
-    from engine.config import ConfigError
+    from poolscout.engine.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="select"):
         run_loop(run, loop_config(run, overrides=["select.strategy=entropy"]), progress=False, log=lambda m: None)
@@ -124,7 +124,7 @@ def test_random_strategy_skips_scoring_and_status_reports(tmp_path, tiny_pool, t
 
 
 def test_kcenter_seed_set_is_deterministic(tmp_path, tiny_pool, torch_threads):
-    from jobs.loop import seed_set
+    from poolscout.jobs.loop import seed_set
 
     picks = []
     for name in ("a", "b"):
@@ -137,9 +137,9 @@ def test_kcenter_seed_set_is_deterministic(tmp_path, tiny_pool, torch_threads):
 
 
 def test_loop_errors_are_clear(tmp_path, tiny_pool):
-    from engine.config import ConfigError
-    from engine.run import RunError
-    from jobs.loop import run_loop
+    from poolscout.engine.core.config import ConfigError
+    from poolscout.engine.core.run import RunError
+    from poolscout.jobs.loop import run_loop
 
     run = _init(tmp_path, tiny_pool, "bad", ["loop.seed_size=0"])
     with pytest.raises(RunError, match="seed_size"):
@@ -150,7 +150,7 @@ def test_loop_errors_are_clear(tmp_path, tiny_pool):
 
 
 def test_pinned_settings_accept_new_keys_at_their_default():
-    from jobs.loop import _same_settings
+    from poolscout.jobs.loop import _same_settings
 
     # a key the pinned settings lack (a newer version added it) is fine at its default
     assert _same_settings({"a": 1}, {"a": 1, "b": 2}, {"a": 0, "b": 2})

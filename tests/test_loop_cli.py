@@ -9,18 +9,18 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import TINY_SETTINGS
-from tests.test_loop import LOOP_SETTINGS, _init
+from tests.test_loop import _init
 
 
 def _cli(*args):
-    from jobs.cli import cli
+    from poolscout.jobs.cli import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def _answers(run, ids, path: Path) -> Path:
     """A COCO answer file for `ids`, boxes taken from the run's GT."""
-    from engine import io
+    from poolscout.engine.core import io
 
     man = io.read_table(run.manifest).to_pydict()
     row = {i: k for k, i in enumerate(man["image_id"])}
@@ -41,8 +41,8 @@ def _answers(run, ids, path: Path) -> Path:
 
 
 def test_human_oracle_pauses_then_resumes_after_import(tmp_path, tiny_pool, torch_threads):
-    from engine import io
-    from engine.run import RunDir
+    from poolscout.engine.core import io
+    from poolscout.engine.core.run import RunDir
 
     # a seed set given at init (the human oracle does not pick one)
     names = sorted(p.name for p in Path(tiny_pool["images"]).iterdir())

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from engine.config import DetectorConfig, TrainConfig
-from engine.detectors import build_detector, load_checkpoint, save_checkpoint
-from engine.losses import aware_regression_loss, class_quality_update, eiou_loss, emphasis_factors, paired_iou_giou
-from engine.roi_heads import PoolscoutRoIHeads, UncertainBoxPredictor, configure_detector_losses
-from engine.training import collate, train_epochs
+from poolscout.engine.core.config import DetectorConfig, TrainConfig
+from poolscout.engine.models.detectors import build_detector, load_checkpoint, save_checkpoint
+from poolscout.engine.models.losses import aware_regression_loss, class_quality_update, eiou_loss, emphasis_factors, paired_iou_giou
+from poolscout.engine.models.roi_heads import PoolscoutRoIHeads, UncertainBoxPredictor, configure_detector_losses
+from poolscout.engine.models.training import collate, train_epochs
 
 S = 64
 C = 2

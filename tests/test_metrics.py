@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine import io
-from engine.metrics import acquisition_stats, coco_eval, evaluate_model, gt_arrays
+from poolscout.engine.core import io
+from poolscout.engine.evaluation.metrics import acquisition_stats, coco_eval, evaluate_model, gt_arrays
 
 CATS3 = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
 
@@ -187,7 +187,7 @@ def test_equals_torchmetrics_pycocotools_backend():
 
 # ---------------------------------------------------------------- evaluate_model
 def _synthetic_tables(tmp_path, n_images: int = 8):
-    from engine.synthetic import generate
+    from poolscout.engine.data.synthetic import generate
 
     info = generate(tmp_path / "syn", n_images=n_images, size=64, seed=3)
     coco = json.loads(info["annotations"].read_text())
@@ -211,8 +211,8 @@ def _synthetic_tables(tmp_path, n_images: int = 8):
 def _tiny_detector(num_classes: int):
     import torch
 
-    from engine.config import DetectorConfig
-    from engine.detectors import build_detector
+    from poolscout.engine.core.config import DetectorConfig
+    from poolscout.engine.models.detectors import build_detector
 
     cfg = DetectorConfig(name="fasterrcnn_effnet_lite0_fpn", input_size=64, anchor_sizes=(8, 16, 32, 64),
                          fpn_channels=32, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine import export as E
-from engine import io
-from engine.config import Config
-from engine.oracle import (
+from poolscout.engine.data import export as E
+from poolscout.engine.core import io
+from poolscout.engine.core.config import Config
+from poolscout.engine.data.oracle import (
     ORACLE_SCHEMA,
     Answers,
     OracleError,
@@ -21,8 +21,8 @@ from engine.oracle import (
     read_answers,
     simulated_label,
 )
-from engine.pool import init_run
-from engine.run import RunDir
+from poolscout.engine.data.pool import init_run
+from poolscout.engine.core.run import RunDir
 
 STRATEGY = "entropy"
 SIZE = 64
@@ -30,7 +30,7 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from engine.synthetic import generate
+    from poolscout.engine.data.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("oracle_pool"), n_images=12, size=SIZE, seed=3)
 

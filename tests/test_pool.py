@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine import io
-from engine.config import Config, DatasetConfig
-from engine.pool import (
+from poolscout.engine.core import io
+from poolscout.engine.core.config import Config, DatasetConfig
+from poolscout.engine.data.pool import (
     assign_states,
     build_pool,
     image_id_for,
@@ -22,7 +22,7 @@ from engine.pool import (
     read_id_file,
     resolve_ids,
 )
-from engine.run import RunDir, RunError
+from poolscout.engine.core.run import RunDir, RunError
 from tests.conftest_data import (
     write_bomb_png,
     write_cmyk_jpeg,

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from engine import ppal as PP  # first: registers "dcus" and "ccms"
-from engine import signals as S
-from engine import strategies as St
-from engine.selectors import SELECTORS, SelectContext
+from poolscout.engine.methods import ppal as PP  # first: registers "dcus" and "ccms"
+from poolscout.engine.acquisition import signals as S
+from poolscout.engine.acquisition import strategies as St
+from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext
 
 A, B = 0.3, 0.2
 R = 1.0 / math.sqrt(2.0)  # cos 45 degrees

@@ -15,10 +15,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from engine import io
-from engine.report import (aulc, curve_series, group_runs, learning_curves, load_run_metrics, montage,
+from poolscout.engine.core import io
+from poolscout.engine.evaluation.report import (aulc, curve_series, group_runs, learning_curves, load_run_metrics, montage,
                            run_summary, write_report)
-from engine.run import RunError
+from poolscout.engine.core.run import RunError
 
 N_CYCLES = 2  # cycles 0..2; cycles 0 and 1 have a selection
 PICKS = 4
@@ -27,7 +27,7 @@ PICKS = 4
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     """Manifest / annotations / categories tables of an 8-image synthetic pool."""
-    from engine.synthetic import generate
+    from poolscout.engine.data.synthetic import generate
 
     out = tmp_path_factory.mktemp("report_pool")
     info = generate(out, n_images=8, size=64, seed=3)
@@ -98,8 +98,8 @@ def make_run(root: Path, pool: dict, *, strategy: str, seed: int, model: bool = 
 def _save_tiny_model(path: Path, num_classes: int) -> None:
     import torch
 
-    from engine.config import DetectorConfig
-    from engine.detectors import build_detector, save_checkpoint
+    from poolscout.engine.core.config import DetectorConfig
+    from poolscout.engine.models.detectors import build_detector, save_checkpoint
 
     cfg = DetectorConfig(name="fasterrcnn_effnet_lite0_fpn", input_size=64, fpn_channels=32,
                          anchor_sizes=(8, 16, 32, 64), backbone_weights=None, score_thresh=0.0, max_boxes=20,

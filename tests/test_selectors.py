@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import selectors as Z
-from kernels import kcenter
+from poolscout.engine.acquisition import selectors as Z
+from poolscout.engine.methods import coreset as C
+from poolscout.kernels import kcenter
 
 
 def ctx(**kw) -> Z.SelectContext:
@@ -107,12 +108,12 @@ def np_sqdist(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def test_coreset_hand_example_1d():
     x = np.array([[0.0], [1.0], [2.0], [10.0]], dtype=np.float32)
     t = {"image_id": np.array([100, 101, 102, 103]), "embedding": x}
-    s = Z.coreset(t, 3, ctx=ctx(labeled_embedding=np.array([[0.0]], np.float32)))
+    s = C.coreset(t, 3, ctx=ctx(labeled_embedding=np.array([[0.0]], np.float32)))
     np.testing.assert_array_equal(s.image_id, [103, 102, 101])
     np.testing.assert_allclose(s.score, [10.0, 2.0, 1.0])
     assert s.rationale[1] == {"coreset": {"distance": 2.0, "rank": 2}}
     # no labeled centres: the farthest from the mean (3.25) is 10, then 0 (d=10), then 2 (d=2 vs 1 from 1)
-    s = Z.coreset(t, 3, ctx=ctx())
+    s = C.coreset(t, 3, ctx=ctx())
     np.testing.assert_array_equal(s.image_id, [103, 100, 102])
     assert s.score[0] == np.inf and s.rationale[0]["coreset"]["init"] == "farthest_from_mean"
     assert s.rationale[0]["coreset"]["distance_to_mean"] == pytest.approx(6.75)
@@ -128,10 +129,10 @@ def test_coreset_matches_brute_force_for_all_chunkings_and_kernels(with_labeled)
     ref, ref_d = kcenter_reference(x, lab, 40)
     t = {"image_id": np.arange(1000, 1300), "embedding": x}
     for chunk in (1, 7, 64, 100000):
-        for dist in (None, np_sqdist, Z.sq_l2_faiss):
-            s = Z.coreset(t, 40, ctx=ctx(labeled_embedding=lab, distance=dist), chunk_size=chunk)
+        for dist in (None, np_sqdist, C.sq_l2_faiss):
+            s = C.coreset(t, 40, ctx=ctx(labeled_embedding=lab, distance=dist), chunk_size=chunk)
             np.testing.assert_array_equal(s.image_id, np.array(ref) + 1000, err_msg=f"chunk={chunk} dist={dist}")
-            tol = 1e-9 if dist is not Z.sq_l2_faiss else 1e-3
+            tol = 1e-9 if dist is not C.sq_l2_faiss else 1e-3
             np.testing.assert_allclose(s.score, ref_d, rtol=tol)
     assert len(set(s.image_id.tolist())) == 40
 
@@ -139,13 +140,13 @@ def test_coreset_matches_brute_force_for_all_chunkings_and_kernels(with_labeled)
 def test_coreset_random_first_uses_rng_and_budget_over_n():
     x = np.random.default_rng(3).normal(size=(6, 2)).astype(np.float32)
     t = {"image_id": np.arange(6), "embedding": x}
-    a = Z.coreset(t, 10, ctx=Z.SelectContext(rng=np.random.default_rng(5)), first="random")
-    b = Z.coreset(t, 10, ctx=Z.SelectContext(rng=np.random.default_rng(5)), first="random")
+    a = C.coreset(t, 10, ctx=Z.SelectContext(rng=np.random.default_rng(5)), first="random")
+    b = C.coreset(t, 10, ctx=Z.SelectContext(rng=np.random.default_rng(5)), first="random")
     np.testing.assert_array_equal(a.image_id, b.image_id)
     assert sorted(a.image_id.tolist()) == list(range(6))  # clipped to N, no repeats
     assert a.image_id[0] == np.random.default_rng(5).integers(6)
     with pytest.raises(ValueError, match="embedding"):
-        Z.coreset({"image_id": np.arange(3)}, 1, ctx=ctx())
+        C.coreset({"image_id": np.arange(3)}, 1, ctx=ctx())
 
 
 def test_kcenter_kernel_matches_numpy_twin():

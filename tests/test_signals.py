@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import predictions as P
-from engine import signals as S
+from poolscout.engine.models import predictions as P
+from poolscout.engine.acquisition import signals as S
+from poolscout.engine.methods import baseline as B
+from poolscout.engine.methods import uncertainty as U
 
 LN2 = math.log(2.0)
 
@@ -41,9 +43,9 @@ H4 = 0.75 * math.log(8.0 / 3.0)
 
 def test_box_functions_hand_values():
     p = toy_batch()["probs"]
-    np.testing.assert_allclose(S.box_entropy(p), [1.5 * LN2, 0.0, 1.5 * LN2, LN2, H4], rtol=1e-12)
-    np.testing.assert_allclose(S.box_margin(p), [0.25, 1.0, 0.25, 0.0, 0.625], rtol=1e-12)
-    np.testing.assert_allclose(S.box_least_confidence(p), [0.5, 0.0, 0.5, 0.5, 0.25], rtol=1e-12)
+    np.testing.assert_allclose(U.box_entropy(p), [1.5 * LN2, 0.0, 1.5 * LN2, LN2, H4], rtol=1e-12)
+    np.testing.assert_allclose(U.box_margin(p), [0.25, 1.0, 0.25, 0.0, 0.625], rtol=1e-12)
+    np.testing.assert_allclose(U.box_least_confidence(p), [0.5, 0.0, 0.5, 0.5, 0.25], rtol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -149,7 +151,7 @@ def test_random_deterministic_and_order_invariant():
     assert hist.min() > 400  # each quarter expects 500
     assert not np.array_equal(a, S.compute({"image_id": ids}, ["random"], seed=4, cycle=1)["random"])
     assert not np.array_equal(a, S.compute({"image_id": ids}, ["random"], seed=3, cycle=2)["random"])
-    np.testing.assert_array_equal(a[:5], S.hash_uniform(ids[:5], 3, 1))
+    np.testing.assert_array_equal(a[:5], B.hash_uniform(ids[:5], 3, 1))
 
 
 def test_multi_view_image_signal_is_just_a_registered_function():

@@ -6,10 +6,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from engine import strategies as T
-from engine.config import ConfigError
-from engine.selectors import SelectContext
-from engine.signals import SignalSpec
+from poolscout.engine.acquisition import strategies as T
+from poolscout.engine.core.config import ConfigError
+from poolscout.engine.acquisition.selectors import SelectContext
+from poolscout.engine.acquisition.signals import SignalSpec
 
 SHIPPED = ["coreset", "entropy", "entropy_coreset", "least_confidence", "margin", "random"]
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import synthetic
-from engine.config import DatasetConfig
-from engine.pool import build_pool
-from engine.synthetic import CLASSES, generate
+from poolscout.engine.data import synthetic
+from poolscout.engine.core.config import DatasetConfig
+from poolscout.engine.data.pool import build_pool
+from poolscout.engine.data.synthetic import CLASSES, generate
 
 
 def _files(root):

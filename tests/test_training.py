@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.config import DetectorConfig, TrainConfig
-from engine.detectors import build_detector
-from engine.training import (DetectionDataset, collate, labeled_items, lr_factor, make_optimizer, seed_everything,
+from poolscout.engine.core.config import DetectorConfig, TrainConfig
+from poolscout.engine.models.detectors import build_detector
+from poolscout.engine.models.training import (DetectionDataset, collate, labeled_items, lr_factor, make_optimizer, seed_everything,
                              train_epochs)
 
 S = 96

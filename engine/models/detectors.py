@@ -39,9 +39,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import DetectorConfig
-from .registry import Registry
-from .roi_heads import QUALITY_BUFFERS, install_roi_heads
+from poolscout.engine.core.config import DetectorConfig
+from poolscout.engine.core.registry import Registry
+from poolscout.engine.models.roi_heads import QUALITY_BUFFERS, install_roi_heads
 
 CHECKPOINT_FORMAT = "poolscout-detector-v1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -571,7 +571,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, detector_cfg: DetectorCo
         num_classes: C.
         extra: small plain data (cycle, epoch, metrics) stored as is.
     """
-    from .config import to_plain
+    from poolscout.engine.core.config import to_plain
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -590,7 +590,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, detector_cfg: DetectorCo
 
 def detector_config_from_dict(data: dict[str, Any]) -> DetectorConfig:
     """Plain dict (as stored in a checkpoint) -> DetectorConfig; unknown keys are an error."""
-    from .config import Config, build_config
+    from poolscout.engine.core.config import Config, build_config
 
     return build_config([("checkpoint", {"detector": dict(data)})], base=Config()).detector
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import io
+from poolscout.engine.core import io
 
 CLASSES = ("scratch", "inclusion", "patch", "pit")
 _VERSION = 1

@@ -43,7 +43,7 @@ from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from .losses import aware_regression_loss, class_quality_update, eiou_loss, emphasis_factors, paired_iou_giou
+from poolscout.engine.models.losses import aware_regression_loss, class_quality_update, eiou_loss, emphasis_factors, paired_iou_giou
 
 LOG_VAR_CLAMP = 10.0
 SMOOTH_L1_BETA = 1.0 / 9.0

@@ -297,8 +297,8 @@ def evaluate_model(model: Any, manifest_rows: pa.Table, annotations: pa.Table, c
     """
     from tqdm import tqdm
 
-    from .images import load_batch
-    from .inference import predict
+    from poolscout.engine.data.images import load_batch
+    from poolscout.engine.models.inference import predict
 
     t0 = time.perf_counter()
     _require_columns(manifest_rows, "manifest_rows", ["image_id", "uri", "width", "height"])

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import predictions as P
-from .selectors import SELECTORS, SelectContext, Selection, _check_budget, _json_float, topk_indices
-from .signals import register_signal
+from poolscout.engine.models import predictions as P
+from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext, Selection, check_budget, json_float, topk_indices
+from poolscout.engine.acquisition.signals import register_signal
 
 CALD_VIEWS = ("hflip", "cutout", "resize", "rotate")
 BETA = 1.3
@@ -49,8 +49,8 @@ def view_consistency(ref_boxes: np.ndarray, ref_probs: np.ndarray, ref_off: np.n
     Returns:
         (N,) float64.
     """
-    from kernels.boxes import ragged_max_iou
-    from kernels.consistency import js_divergence
+    from poolscout.kernels.boxes import ragged_max_iou
+    from poolscout.kernels.consistency import js_divergence
 
     ref_off = np.asarray(ref_off, np.int64) - ref_off[0]
     view_off = np.asarray(view_off, np.int64) - view_off[0]
@@ -112,7 +112,7 @@ def class_max_scores(probs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 def class_prior_divergence(r: np.ndarray, labeled_counts: np.ndarray | None) -> np.ndarray:
     """JS(softmax(g) || softmax(r_i)) per candidate: (N,), g = labeled class frequencies."""
-    from kernels.consistency import js_divergence
+    from poolscout.kernels.consistency import js_divergence
 
     r = np.asarray(r, np.float64)
     c = r.shape[1]
@@ -135,7 +135,7 @@ def cald_rerank(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext
     Returns:
         Selection with score = the divergence; rationale {"cald_rerank": {js, rank}}.
     """
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     ids = np.asarray(table["image_id"], np.int64)
     b = ctx.boxes
     if b is None:
@@ -144,7 +144,7 @@ def cald_rerank(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext
         raise ValueError("selector cald_rerank: ctx.boxes rows differ from the table's image_id")
     js = class_prior_divergence(class_max_scores(b["probs"], b["offsets"]), ctx.labeled_class_counts)
     rows = topk_indices(js, ids, budget, "high")
-    rat = [{"cald_rerank": {"js": _json_float(js[r]), "rank": i}} for i, r in enumerate(rows.tolist(), start=1)]
+    rat = [{"cald_rerank": {"js": json_float(js[r]), "rank": i}} for i, r in enumerate(rows.tolist(), start=1)]
     return Selection(ids[rows], js[rows], rat)
 
 

@@ -36,17 +36,16 @@ from typing import Sequence
 
 import numpy as np
 
-from . import predictions as P
-from . import signals as S
-from .selectors import SELECTORS, SelectContext, Selection, _check_budget, _json_float, resolve_by, topk_indices
-from .signals import register_signal
+from poolscout.engine.acquisition import signals as S
+from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext, Selection, check_budget, json_float, resolve_by, topk_indices
+from poolscout.engine.acquisition.signals import register_signal
 
 OR_SCORE_THRESH = 0.05
 OR_IOU_THRESH = 0.5
 
 
 def _match_flip(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    from kernels.boxes import ragged_max_iou
+    from poolscout.kernels.boxes import ragged_max_iou
 
     if "hflip_offsets" not in batch:
         raise KeyError("HUALE metrics need the 'hflip' view in the predictions (score.views)")
@@ -59,7 +58,7 @@ def _per_image(values: np.ndarray, offsets: np.ndarray, reduce: str) -> np.ndarr
 
 def semantic_affinity(batch: dict[str, np.ndarray]) -> np.ndarray:
     """SA per image: (N,) float64, NaN without boxes (see the module docstring)."""
-    from kernels.consistency import bhattacharyya
+    from poolscout.kernels.consistency import bhattacharyya
 
     iou, idx = _match_flip(batch)
     per_box = np.ones(len(iou))
@@ -89,7 +88,7 @@ def category_diversity(batch: dict[str, np.ndarray]) -> np.ndarray:
 
 def overlap(batch: dict[str, np.ndarray]) -> np.ndarray:
     """OR per image: (N,) float64, NaN without boxes (see the module docstring)."""
-    from kernels.consistency import overlap_ratio
+    from poolscout.kernels.consistency import overlap_ratio
 
     off = np.asarray(batch["offsets"], np.int64)
     out = overlap_ratio(batch["boxes"], batch["scores"], off - off[0], OR_SCORE_THRESH, OR_IOU_THRESH)
@@ -163,7 +162,7 @@ def weighted_l2(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext
         w d^2}, "dropped": [columns without spread or values]}}. A NaN metric value
         contributes 0 to that image's l.
     """
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     signals = list(signals)
     if not signals:
         raise ValueError("weighted_l2 needs at least one signal")
@@ -189,8 +188,8 @@ def weighted_l2(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext
         raise ValueError(f"weighted_l2: no metric has any spread over the {len(ids)} candidates ({dropped})")
     score = np.sqrt(total)
     rows = topk_indices(score, ids, budget, "high")
-    rat = [{"weighted_l2": {"l": _json_float(score[r]), "rank": i,
-                            "terms": {c: _json_float(t[r]) for c, t in terms.items()}, "dropped": dropped}}
+    rat = [{"weighted_l2": {"l": json_float(score[r]), "rank": i,
+                            "terms": {c: json_float(t[r]) for c, t in terms.items()}, "dropped": dropped}}
            for i, r in enumerate(rows.tolist(), start=1)]
     return Selection(ids[rows], score[rows], rat)
 

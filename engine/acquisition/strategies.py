@@ -31,16 +31,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from . import signals as S
-from .config import ConfigError, configs_dir
-from .selectors import SELECTORS, SelectContext, Selection
+from poolscout.engine.acquisition import signals as S
+from poolscout.engine.core.config import ConfigError, configs_dir
+from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext, Selection
 
 _TOP_KEYS = ("name", "description", "stages")
 _RESERVED = ("table", "budget", "ctx")
@@ -55,6 +55,31 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class Needs:
+    """What a strategy needs from scoring and selection, worked out once at parse time.
+
+    Attributes:
+        signals: signal specs its stages read (`by:` and `signals:`), in stage order.
+        views: prediction views those signals read, "orig" first.
+        mc: whether a signal reads MC-dropout moments (scoring runs score.mc_passes).
+        embedding: whether a stage reads the image "embedding" column.
+        boxes: whether a stage reads the candidates' per-box predictions.
+    """
+
+    signals: tuple[S.SignalSpec, ...] = ()
+    views: tuple[str, ...] = ("orig",)
+    mc: bool = False
+    embedding: bool = False
+    boxes: bool = False
+
+    @property
+    def model(self) -> bool:
+        """Whether the pool must be scored by the current model (random needs nothing)."""
+        return self.embedding or self.boxes or any(not S.SIGNALS.entry(s.name).meta.get("model_free", False)
+                                                   for s in self.signals)
+
+
+@dataclass(frozen=True)
 class Strategy:
     """A named pipeline of stages (see the module docstring for the YAML format)."""
 
@@ -62,6 +87,19 @@ class Strategy:
     description: str
     stages: tuple[Stage, ...]
     path: str | None = None
+    needs: Needs = field(default_factory=Needs)
+
+
+def _needs(stages: tuple[Stage, ...]) -> Needs:
+    specs: list[S.SignalSpec] = []
+    for st in stages:
+        for text in ([st.params["by"]] if "by" in st.params else []) + list(st.params.get("signals", [])):
+            spec = S.parse_spec(text)
+            if spec not in specs:
+                specs.append(spec)
+    meta = [SELECTORS.entry(st.selector).meta for st in stages]
+    return Needs(tuple(specs), tuple(S.required_views(specs)), S.needs_mc(specs),
+                 any(m.get("needs_embedding", False) for m in meta), any(m.get("needs_boxes", False) for m in meta))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -143,7 +181,7 @@ def parse_strategy(data: Any, source: str, default_name: str = "") -> Strategy:
         if i == len(raw) - 1 and not SELECTORS.entry(sel).meta.get("final", True):
             raise ConfigError(f"{where}.selector: {sel!r} narrows the candidates and cannot be the last stage")
         stages.append(Stage(sel, params))
-    return Strategy(name, desc, tuple(stages), None)
+    return Strategy(name, desc, tuple(stages), None, _needs(tuple(stages)))
 
 
 def _strategies_dir() -> Path:
@@ -173,7 +211,7 @@ def load_strategy(name_or_path: str | Path) -> Strategy:
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({e})") from None
     st = parse_strategy(data, str(p), default_name=p.stem)
-    return Strategy(st.name, st.description, st.stages, str(p))
+    return dataclasses.replace(st, path=str(p))
 
 
 def list_strategies() -> list[str]:
@@ -186,24 +224,17 @@ def list_strategies() -> list[str]:
 
 def required_signals(strategy: Strategy) -> list[S.SignalSpec]:
     """Signal specs referenced by `by:` parameters, in stage order, without duplicates."""
-    out: list[S.SignalSpec] = []
-    for st in strategy.stages:
-        texts = ([st.params["by"]] if "by" in st.params else []) + list(st.params.get("signals", []))
-        for text in texts:
-            spec = S.parse_spec(text)
-            if spec not in out:
-                out.append(spec)
-    return out
+    return list(strategy.needs.signals)
 
 
 def needs_boxes(strategy: Strategy) -> bool:
     """Whether any stage reads per-box predictions (SelectContext.boxes)."""
-    return any(SELECTORS.entry(st.selector).meta.get("needs_boxes", False) for st in strategy.stages)
+    return strategy.needs.boxes
 
 
 def needs_embedding(strategy: Strategy) -> bool:
     """Whether any stage reads the "embedding" column."""
-    return any(SELECTORS.entry(st.selector).meta.get("needs_embedding", False) for st in strategy.stages)
+    return strategy.needs.embedding
 
 
 def _stage_keys(strategy: Strategy) -> list[str]:
@@ -294,5 +325,5 @@ def select(strategy: Strategy, table: dict[str, np.ndarray], budget: int, *, ctx
     return Selection(np.asarray(final.image_id, dtype=np.int64), np.asarray(final.score, dtype=np.float64), merged)
 
 
-__all__ = ["Stage", "Strategy", "load_strategy", "list_strategies", "parse_strategy", "required_signals",
+__all__ = ["Needs", "Stage", "Strategy", "load_strategy", "list_strategies", "parse_strategy", "required_signals",
            "needs_embedding", "needs_boxes", "select"]

@@ -48,10 +48,10 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from . import io
-from .config import Config, DatasetConfig, to_plain
-from .images import HeaderInfo, ImageError, header, orient_boxes
-from .run import RunDir, RunError, code_version, table_hash
+from poolscout.engine.core import io
+from poolscout.engine.core.config import Config, DatasetConfig, to_plain
+from poolscout.engine.data.images import HeaderInfo, ImageError, header, orient_boxes
+from poolscout.engine.core.run import RunDir, RunError, code_version, table_hash
 
 FORMATS = ("coco", "voc", "yolo")
 _MASK63 = (1 << 63) - 1

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from poolscout.engine.core.config import TrainConfig
 
 
 def seed_everything(seed: int) -> None:
@@ -76,7 +76,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         return bool(rng.random() < self.hflip_prob)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        from engine.images import decode, letterbox
+        from poolscout.engine.data.images import decode, letterbox
 
         item = self.items[index]
         iid = int(item["image_id"])
@@ -241,7 +241,7 @@ def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: Tra
         FloatingPointError: a non-finite loss, naming the epoch, iteration and image ids.
         ValueError: loss switches the detector does not support (see configure_detector_losses).
     """
-    from .roi_heads import configure_detector_losses
+    from poolscout.engine.models.roi_heads import configure_detector_losses
 
     loss_weights = configure_detector_losses(model, cfg)
     dev = torch.device(device)
@@ -332,8 +332,8 @@ def fit_detector(spec: dict, *, rank: int = 0, device: Any = "cpu",
     """
     import pyarrow.parquet as pq
 
-    from .config import DetectorConfig, _merge_into
-    from .detectors import build_detector, load_checkpoint
+    from poolscout.engine.core.config import DetectorConfig, _merge_into
+    from poolscout.engine.models.detectors import build_detector, load_checkpoint
 
     tcfg = _merge_into(TrainConfig, TrainConfig(), spec["train"], "train.", "run.yaml")
     dcfg = _merge_into(DetectorConfig, DetectorConfig(), spec["detector"], "detector.", "run.yaml")

@@ -331,7 +331,7 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = (), base: C
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def configs_dir() -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import io
+from poolscout.engine.core import io
 
 _NEEDED_MANIFEST = ("image_id", "uri", "width", "height", "source_key")
 

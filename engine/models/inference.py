@@ -195,7 +195,7 @@ def mc_dropout_moments(model: nn.Module, pooled: torch.Tensor, passes: int) -> t
     Raises:
         ValueError: the box head has no dropout (build the detector with detector.dropout > 0).
     """
-    from .detectors import set_mc_dropout
+    from poolscout.engine.models.detectors import set_mc_dropout
 
     rh = model.roi_heads
     if set_mc_dropout(rh.box_head, True) == 0:
@@ -410,7 +410,7 @@ def _unmap_view(view: str, boxes: np.ndarray, counts: np.ndarray, content_w: np.
         out[:, 0::2] /= factors[img, 0:1]
         out[:, 1::2] /= factors[img, 1:2]
         return out
-    from kernels.consistency import map_view_boxes
+    from poolscout.kernels.consistency import map_view_boxes
 
     off = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=off[1:])

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from . import io
-from .config import Config, ConfigError, build_config, load_yaml
+from poolscout.engine.core import io
+from poolscout.engine.core.config import Config, ConfigError, build_config, load_yaml
 
 
 class RunError(RuntimeError):
@@ -158,7 +158,7 @@ class RunDir:
 
 
 def code_version() -> str:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=5)
@@ -166,7 +166,7 @@ def code_version() -> str:
             return out.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         pass
-    from . import __version__
+    from poolscout.engine import __version__
 
     return __version__
 

@@ -76,8 +76,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import io
-from .run import RunDir
+from poolscout.engine.core import io
+from poolscout.engine.core.run import RunDir
 
 ORACLE_SCHEMA = pa.schema(
     [
@@ -224,7 +224,7 @@ def _finite_xywh(vals, where: str, probs: "_Problems") -> tuple[float, float, fl
 def _check_box(x1: float, y1: float, x2: float, y2: float, W: int, H: int, where: str, probs: _Problems,
                tol: float, min_size: float) -> tuple[float, float, float, float] | None:
     """Validate one pixel box against a W x H image; clip within `tol`. None when bad."""
-    from .pool import out_of_bounds
+    from poolscout.engine.data.pool import out_of_bounds
 
     bad = out_of_bounds(x1, y1, x2, y2, W, H, tol)
     if bad:

@@ -43,10 +43,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import predictions as P
-from .registry import Registry
+from poolscout.engine.models import predictions as P
+from poolscout.engine.core.registry import Registry
 
-SIGNALS: Registry[Callable[..., np.ndarray]] = Registry("signal")
+SIGNALS: Registry[Callable[..., np.ndarray]] = Registry("signal", plugins="poolscout.engine.methods")
 REDUCTIONS = ("max", "mean", "sum", "topk_mean")
 DIRECTIONS = ("high", "low")
 
@@ -197,13 +197,14 @@ def required_fields(specs: Sequence[SignalSpec | str]) -> dict[str, list[str]]:
 
 
 def register_signal(name: str, *, direction: str, per_box: bool, fields: tuple[str, ...] = (),
-                    views: tuple[str, ...] = (), mc: bool = False):
+                    views: tuple[str, ...] = (), mc: bool = False, model_free: bool = False):
     """Decorator: register a signal function (see the module docstring for the two kinds).
 
     Args:
         views: augmented views the signal reads besides its own (the score job predicts
             them whatever score.views says).
         mc: the signal reads MC-dropout moments (the score job then runs score.mc_passes).
+        model_free: the signal reads no prediction (selection then needs no scored pool).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"signal {name!r}: direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -211,7 +212,7 @@ def register_signal(name: str, *, direction: str, per_box: bool, fields: tuple[s
     if bad:
         raise ValueError(f"signal {name!r}: unknown views {bad}; known: {', '.join(P.VIEWS)}")
     return SIGNALS.register(name, direction=direction, per_box=per_box, fields=tuple(fields), views=tuple(views),
-                            mc=bool(mc))
+                            mc=bool(mc), model_free=bool(model_free))
 
 
 def required_views(specs: Sequence[SignalSpec | str]) -> list[str]:
@@ -229,186 +230,6 @@ def needs_mc(specs: Sequence[SignalSpec | str]) -> bool:
     """Whether any spec reads MC-dropout moments."""
     return any(SIGNALS.entry(parse_spec(s).name).meta.get("mc", False) for s in specs)
 
-
-# --------------------------------------------------------------------------------------
-# per-box functions (reused by later methods)
-def box_entropy(probs: np.ndarray) -> np.ndarray:
-    """Shannon entropy of each box's softmax, natural log, 0 log 0 = 0.
-
-    Args:
-        probs: (M, C+1) class probabilities (background included).
-
-    Returns:
-        (M,) float64, H(p) = -sum_c p_c log p_c.
-
-    References:
-        Shannon 1948; as an acquisition function e.g. Settles, "Active Learning Literature
-        Survey", 2009, §3.1.
-    """
-    p = np.asarray(probs, dtype=np.float64)
-    if p.ndim != 2:
-        raise ValueError(f"probs must be (M, C+1), got shape {p.shape}")
-    logp = np.log(p, out=np.zeros_like(p), where=p > 0)
-    return -np.einsum("ij,ij->i", p, logp) + 0.0  # + 0.0 turns -0.0 into 0.0
-
-
-def _top2(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if p.shape[1] == 0:
-        z = np.zeros(p.shape[0])
-        return z, z
-    if p.shape[1] == 1:
-        return p[:, 0], np.zeros(p.shape[0])
-    part = np.partition(p, p.shape[1] - 2, axis=1)
-    return part[:, -1], part[:, -2]
-
-
-def box_margin(probs: np.ndarray) -> np.ndarray:
-    """Margin between the two largest probabilities of each box (over all C+1 columns).
-
-    Args:
-        probs: (M, C+1).
-
-    Returns:
-        (M,) float64, p(1) - p(2) in [0, 1]; LOW = uncertain.
-
-    References:
-        Scheffer et al., "Active Hidden Markov Models for Information Extraction", 2001.
-    """
-    p1, p2 = _top2(np.asarray(probs, dtype=np.float64))
-    return p1 - p2
-
-
-def box_least_confidence(probs: np.ndarray) -> np.ndarray:
-    """1 - the largest probability of each box.
-
-    Args:
-        probs: (M, C+1).
-
-    Returns:
-        (M,) float64 in [0, 1); high = uncertain.
-
-    References:
-        Culotta & McCallum, "Reducing Labeling Effort for Structured Prediction Tasks", 2005.
-    """
-    p = np.asarray(probs, dtype=np.float64)
-    if p.shape[1] == 0:
-        return np.ones(p.shape[0])
-    return 1.0 - p.max(axis=1)
-
-
-def _probs(batch: dict[str, np.ndarray], view: str) -> np.ndarray:
-    key = P.prefix(view) + "probs"
-    if key not in batch or batch[key] is None:
-        raise KeyError(f"signal needs {key!r} but the batch has no such field")
-    p = np.asarray(batch[key])
-    if p.ndim == 1:  # an empty batch may come back as (0,)
-        p = p.reshape(len(p), -1) if len(p) else p.reshape(0, 0)
-    return p
-
-
-@register_signal("entropy", direction="high", per_box=True, fields=("probs",))
-def entropy(batch: dict[str, np.ndarray], *, view: str = "orig") -> np.ndarray:
-    """Per-box entropy of the (C+1)-way softmax of `view`: (M,). See `box_entropy`."""
-    return box_entropy(_probs(batch, view))
-
-
-@register_signal("margin", direction="low", per_box=True, fields=("probs",))
-def margin(batch: dict[str, np.ndarray], *, view: str = "orig") -> np.ndarray:
-    """Per-box margin p(1) - p(2) of `view`: (M,). See `box_margin`."""
-    return box_margin(_probs(batch, view))
-
-
-def bald_from_samples(samples: np.ndarray) -> np.ndarray:
-    """BALD of each box from its T MC-dropout softmaxes.
-
-    Args:
-        samples: (M, T, K) probabilities.
-
-    Returns:
-        (M,) float64, H(mean_t p_t) - mean_t H(p_t) >= 0 (mutual information between the
-        prediction and the weights).
-
-    References:
-        Houlsby et al., "Bayesian Active Learning for Classification and Preference
-        Learning", 2011; Gal, Islam & Ghahramani, "Deep Bayesian Active Learning with Image
-        Data", ICML 2017.
-    """
-    x = np.asarray(samples, dtype=np.float64)
-    if x.ndim != 3:
-        raise ValueError(f"samples must be (M, T, K), got shape {x.shape}")
-    m, t, k = x.shape
-    mean_h = box_entropy(x.reshape(m * t, k)).reshape(m, t).mean(1) if m else np.zeros(0)
-    return np.maximum(box_entropy(x.mean(1)) - mean_h, 0.0)
-
-
-@register_signal("bald", direction="high", per_box=True, fields=("mc_probs", "mc_entropy"), mc=True)
-def bald(batch: dict[str, np.ndarray], *, view: str = "orig") -> np.ndarray:
-    """Per-box BALD from the stored MC-dropout moments: H(mc_probs) - mc_entropy, (M,).
-
-    `mc_probs` is mean_t p_t and `mc_entropy` mean_t H(p_t) over score.mc_passes passes of
-    the box head with dropout on (engine.inference.mc_dropout_moments), so this equals
-    `bald_from_samples` of those passes. Original view only.
-    """
-    if view != "orig":
-        raise ValueError("bald is computed on the original view only")
-    if batch.get("mc_probs") is None or batch.get("mc_entropy") is None:
-        raise KeyError("bald needs 'mc_probs' and 'mc_entropy' (score with score.mc_passes > 0 and a detector "
-                       "trained with detector.dropout > 0)")
-    p = np.asarray(batch["mc_probs"], dtype=np.float64)
-    if p.ndim == 1:
-        p = p.reshape(len(p), -1) if len(p) else p.reshape(0, 0)
-    return np.maximum(box_entropy(p) - np.asarray(batch["mc_entropy"], dtype=np.float64), 0.0)
-
-
-@register_signal("least_confidence", direction="high", per_box=True, fields=("probs",))
-def least_confidence(batch: dict[str, np.ndarray], *, view: str = "orig") -> np.ndarray:
-    """Per-box 1 - p(1) of `view`: (M,). See `box_least_confidence`."""
-    return box_least_confidence(_probs(batch, view))
-
-
-# --------------------------------------------------------------------------------------
-# image-level signals
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        return z ^ (z >> np.uint64(31))
-
-
-def hash_uniform(image_id: np.ndarray, seed: int = 0, cycle: int = 0) -> np.ndarray:
-    """Uniform [0, 1) values from a SplitMix64 hash of (seed, cycle, image_id).
-
-    Args:
-        image_id: (N,) int64.
-
-    Returns:
-        (N,) float64; each value depends only on its own (seed, cycle, image_id).
-
-    References:
-        Steele, Lea & Flood, "Fast Splittable Pseudorandom Number Generators", OOPSLA 2014.
-    """
-    ids = np.asarray(image_id, dtype=np.int64).view(np.uint64)
-    key = _splitmix64(np.array([seed], dtype=np.int64).view(np.uint64))
-    key = _splitmix64(key ^ np.array([cycle], dtype=np.int64).view(np.uint64))
-    h = _splitmix64(ids ^ key)
-    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-@register_signal("random", direction="high", per_box=False)
-def random_signal(batch: dict[str, np.ndarray], *, seed: int = 0, cycle: int = 0) -> np.ndarray:
-    """Random baseline: (N,) uniform [0, 1) from a hash of (seed, cycle, image_id), so a
-    value is the same however the pool is batched or ordered.
-
-    References:
-        The random-sampling baseline of every active-learning benchmark.
-    """
-    return hash_uniform(batch["image_id"], seed, cycle)
 
 
 # --------------------------------------------------------------------------------------
@@ -561,10 +382,5 @@ def fill_empty(values: np.ndarray, empty: np.ndarray, rule: str | float, directi
 
 __all__ = [
     "SIGNALS", "REDUCTIONS", "SignalSpec", "parse_spec", "from_column", "direction", "compute", "compute_one",
-    "fill_empty", "reduce_boxes", "required_fields", "register_signal", "box_entropy", "box_margin",
-    "box_least_confidence", "hash_uniform", "bald_from_samples", "required_views", "needs_mc",
+    "fill_empty", "reduce_boxes", "required_fields", "register_signal", "required_views", "needs_mc",
 ]
-
-# The detection methods register their signals and selectors when engine.selectors is
-# imported (kept last: they import this module).
-from . import selectors  # noqa: E402,F401

@@ -45,9 +45,9 @@ import math
 
 import numpy as np
 
-from . import predictions as P
-from .signals import register_signal  # before .selectors (which imports this module last)
-from .selectors import SELECTORS, SelectContext, Selection, _check_budget, _json_float
+from poolscout.engine.models import predictions as P
+from poolscout.engine.acquisition.signals import register_signal
+from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext, Selection, check_budget, json_float
 
 DCUS_A = 0.3
 DCUS_B = 0.2
@@ -389,7 +389,7 @@ def ccms(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
     References:
         Yang et al., "Plug and Play Active Learning for Object Detection", CVPR 2024, CCMS.
     """
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     ids = np.asarray(table["image_id"], dtype=np.int64)
     b = ctx.boxes
     if b is None:
@@ -413,7 +413,7 @@ def ccms(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
         if len(mem) > 1:
             mean_d[t] = d[med[t], mem].sum() / (len(mem) - 1)  # D(medoid, medoid) = 0
     order = np.lexsort((ids[med], -size))
-    rat = [{"ccms": {"cluster_size": int(size[t]), "mean_distance_in_cluster": _json_float(mean_d[t])}}
+    rat = [{"ccms": {"cluster_size": int(size[t]), "mean_distance_in_cluster": json_float(mean_d[t])}}
            for t in order.tolist()]
     return Selection(ids[med[order]], size[order].astype(np.float64), rat)
 

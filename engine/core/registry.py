@@ -1,5 +1,12 @@
-"""Name -> plug-in registries that refuse duplicates and unknown names loudly."""
+"""Name -> plug-in registries that refuse duplicates and unknown names loudly.
+
+A registry may name a `plugins` package: it is imported on the first lookup, so the
+modules that register entries (e.g. `poolscout.engine.methods`) are loaded without the
+registry's own module importing them (no import circles).
+"""
 from __future__ import annotations
+
+import importlib
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
@@ -26,11 +33,19 @@ class Registry(Generic[T]):
 
     Args:
         kind: what is registered, used in error messages ("signal", "selector", ...).
+        plugins: a package imported before the first lookup; its modules register entries.
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, plugins: str | None = None):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
+        self._plugins = plugins
+
+    def _load(self) -> dict[str, Entry[T]]:
+        if self._plugins is not None:
+            name, self._plugins = self._plugins, None  # before importing: the plug-ins look names up too
+            importlib.import_module(name)
+        return self._entries
 
     def register(self, name: str, **meta: Any) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -46,7 +61,7 @@ class Registry(Generic[T]):
 
     def entry(self, name: str) -> Entry[T]:
         try:
-            return self._entries[name]
+            return self._load()[name]
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "(none)"
             raise RegistryError(f"unknown {self.kind} {name!r}; known: {known}") from None
@@ -55,10 +70,10 @@ class Registry(Generic[T]):
         return self.entry(name).obj
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._load()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
+        return iter(sorted(self._load()))
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self._load())

@@ -45,8 +45,8 @@ import pyarrow.compute as pc  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from . import io  # noqa: E402
-from .run import RunError  # noqa: E402
+from poolscout.engine.core import io  # noqa: E402
+from poolscout.engine.core.run import RunError  # noqa: E402
 
 GT_COLOR = (0, 200, 0)
 PRED_COLOR = (230, 30, 30)
@@ -332,9 +332,9 @@ def _max_pixels(root: Path) -> int:
 def _predictions(model_path: Path, uris: list[str], sizes: list[tuple[int, int]], max_pixels: int, device: Any,
                  batch_size: int = 8) -> list[list[tuple[int, float, list[float]]] | None]:
     """(label, score, box in original pixels) per image from a checkpoint; None per bad image."""
-    from .detectors import load_checkpoint
-    from .images import load_batch
-    from .inference import predict
+    from poolscout.engine.models.detectors import load_checkpoint
+    from poolscout.engine.data.images import load_batch
+    from poolscout.engine.models.inference import predict
 
     model, meta = load_checkpoint(model_path, map_location="cpu")
     size = int((meta.get("detector") or {}).get("input_size") or model.poolscout_input_size)
@@ -420,7 +420,7 @@ def montage(run_dir: str | Path, k: int, out_png: str | Path, *, max_images: int
             warnings.warn(f"{model_path}: cannot run the model for the montage ({e}); drawing ground truth only",
                           stacklevel=2)
 
-    from .images import load_batch
+    from poolscout.engine.data.images import load_batch
 
     canv = load_batch(uris, int(thumb), max_pixels)
     font = _font(10)

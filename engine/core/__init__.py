@@ -1,0 +1,2 @@
+"""Infrastructure every layer uses: plug-in registries, typed config, atomic IO, the run directory.
+"""

@@ -1,0 +1,2 @@
+"""Metrics (pycocotools) and the report.
+"""

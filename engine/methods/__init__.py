@@ -1,0 +1,17 @@
+"""One module per published acquisition method. Importing this package registers every
+method's signals and selectors in `poolscout.engine.acquisition` (the registries do it on
+their first lookup).
+
+| module | method | registers |
+|---|---|---|
+| `baseline` | random | signal `random` |
+| `uncertainty` | entropy, margin, least confidence | signals `entropy`, `margin`, `least_confidence` |
+| `bald` | BALD (MC dropout) | signal `bald` |
+| `coreset` | core-set (k-center greedy) | selector `coreset` |
+| `cald` | CALD | signal `cald`, selector `cald_rerank` |
+| `huale` | HUALE | signals `huale_*`, selector `weighted_l2` |
+| `ppal` | PPAL | signal `dcus`, selector `ccms` |
+
+A new method is a new module here plus a line below.
+"""
+from poolscout.engine.methods import baseline, uncertainty, bald, coreset, cald, huale, ppal  # noqa: F401

@@ -1,0 +1,2 @@
+"""Detectors, their heads and losses, inference with the prediction contract, training loops.
+"""
