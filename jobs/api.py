@@ -100,13 +100,21 @@ def query(run_dir: PathLike, *, strategy: str, budget: int, cycle: int | None = 
 
     Returns:
         image_id (int64), rank (int32, 1-based), score (float64), rationale (JSON string),
-        file (the image's path relative to the pool root).
+        file (the image's path relative to the pool root). The schema metadata holds the
+        selection summary as JSON under b"poolscout": cycle, candidates, "warnings" (ties,
+        a budget above the pool) and "no_detections" (picks scored by score.empty_value).
     """
     from poolscout.jobs.select import query as do_query
 
     run_, cfg = _open(run_dir, configs, overrides)
-    table, _ = do_query(run_, cfg, strategy=strategy, budget=budget, cycle=cycle)
-    return _with_files(run_, table)
+    table, summary = do_query(run_, cfg, strategy=strategy, budget=budget, cycle=cycle)
+    return _with_files(run_, table).replace_schema_metadata({"poolscout": json.dumps(summary, default=str)})
+
+
+def summary_of(table: pa.Table) -> dict:
+    """The selection summary stored in a `query`/`select` result's schema metadata."""
+    meta = table.schema.metadata or {}
+    return json.loads(meta.get(b"poolscout", b"{}"))
 
 
 def select(run_dir: PathLike, *, strategy: str, budget: int, cycle: int | None = None,
@@ -116,7 +124,8 @@ def select(run_dir: PathLike, *, strategy: str, budget: int, cycle: int | None =
 
     run_, cfg = _open(run_dir, configs, overrides)
     summary = do_select(run_, cfg, strategy=strategy, budget=budget, cycle=cycle)
-    return _with_files(run_, io.read_table(summary["selection"]))
+    table = _with_files(run_, io.read_table(summary["selection"]))
+    return table.replace_schema_metadata({"poolscout": json.dumps(summary, default=str)})
 
 
 def scores(run_dir: PathLike, *, cycle: int | None = None, columns: Sequence[str] | None = None) -> pa.Table:
@@ -155,4 +164,4 @@ def _with_files(run_: RunDir, table: pa.Table) -> pa.Table:
     return table.append_column("file", pc.take(man["source_key"], idx))
 
 
-__all__ = ["init", "run", "score", "query", "select", "scores", "ledger", "metrics"]
+__all__ = ["init", "run", "score", "query", "select", "summary_of", "scores", "ledger", "metrics"]

@@ -315,6 +315,8 @@ def run_loop(run: RunDir, cfg: Config, *, progress: bool = True, log: Callable[[
             dt = time.time() - t0
             _record_time(run, k, stage, dt)
             log(f"[cycle {k}] {stage} done in {dt:.1f} s{_brief(stage, res)}")
+            for w in res.get("warnings", []) if isinstance(res, dict) else []:
+                log(f"[cycle {k}] warning: {w}")
             if stage == "evaluate":
                 write_metrics(run, cfg, k, strat.name)
             crash_point(f"{k}:{stage}:after")

@@ -394,6 +394,7 @@ def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: in
 def finalize_scores(run: RunDir, cfg: Config, k: int, specs: tuple[str, ...]) -> dict:
     """Predictions -> scores.parquet (empty images filled) and rejects for failed decodes."""
     from poolscout.engine.acquisition import signals as S
+    from poolscout.engine.acquisition.checks import parse_empty_rule
 
     parsed = [S.parse_spec(s) for s in specs]
     cols = [p.column for p in parsed]
@@ -415,13 +416,6 @@ def finalize_scores(run: RunDir, cfg: Config, k: int, specs: tuple[str, ...]) ->
     out = {"image_id": good["image_id"], "num_boxes": good["num_boxes"]}
     for p, c in zip(parsed, cols):
         v = good[f"sig__{c}"].to_numpy(zero_copy_only=False).astype(np.float64)
-        out[c] = S.fill_empty(v, empty & np.isnan(v), _empty_rule(cfg.score.empty_value), S.direction(p))
+        out[c] = S.fill_empty(v, empty & np.isnan(v), parse_empty_rule(cfg.score.empty_value), S.direction(p))
     io.write_table(pa.table(out), run.scores_path(k))
     return {"scored": int(len(good)), "rejected": int(len(bad)), "signals": cols, "empty_images": int(empty.sum())}
-
-
-def _empty_rule(text: str) -> str | float:
-    try:
-        return float(text)
-    except ValueError:
-        return text

@@ -29,7 +29,8 @@ def compute_missing(run: RunDir, cfg: Config, k: int, specs: list, ids: np.ndarr
     """
     from poolscout.engine.models import predictions as P
     from poolscout.engine.acquisition import signals as S
-    from poolscout.jobs.score import _empty_rule, model_class_quality, signal_fields
+    from poolscout.engine.acquisition.checks import parse_empty_rule
+    from poolscout.jobs.score import model_class_quality, signal_fields
 
     fields = signal_fields(specs)
     ds = _pred_dataset(run, k)
@@ -58,7 +59,7 @@ def compute_missing(run: RunDir, cfg: Config, k: int, specs: list, ids: np.ndarr
     out = {}
     for s in specs:
         v = np.concatenate(got_vals[s.column])[pos]
-        out[s.column] = S.fill_empty(v, empty & np.isnan(v), _empty_rule(cfg.score.empty_value), S.direction(s))
+        out[s.column] = S.fill_empty(v, empty & np.isnan(v), parse_empty_rule(cfg.score.empty_value), S.direction(s))
     return out
 
 
@@ -119,7 +120,9 @@ def query(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int 
         The selection table (image_id, rank, score, rationale JSON; selection.parquet's
         schema) and a summary dict (cycle, strategy, budget, selected, candidates, seconds).
     """
+    from poolscout.engine.acquisition import signals as S
     from poolscout.engine.acquisition import strategies as St
+    from poolscout.engine.acquisition.checks import note_empty, parse_empty_rule, selection_warnings
     from poolscout.engine.acquisition.selectors import SelectContext
 
     run.require()
@@ -139,7 +142,8 @@ def query(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int 
         scores = pa.table({"image_id": pa.array(pool_ids, pa.int64())})
     else:
         have = io.read_table(sp).schema.names
-        scores = io.read_table(sp, columns=["image_id"] + sorted({s.column for s in specs if s.column in have}))
+        scores = io.read_table(sp, columns=["image_id"] + sorted({s.column for s in specs if s.column in have})
+                               + (["num_boxes"] if "num_boxes" in have else []))
     # Only images still in the pool are candidates (a rerun after labeling must not re-pick).
     pool_ids = run.ids_in_state("pool")
     scores = scores.filter(pc.is_in(scores["image_id"], pa.array(pool_ids))).sort_by("image_id")
@@ -147,12 +151,12 @@ def query(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int 
     if len(ids) == 0:
         raise RunError(f"{sp}: no scored images left in the pool")
     table: dict[str, np.ndarray] = {"image_id": ids}
+    num_boxes = scores["num_boxes"].to_numpy() if "num_boxes" in scores.column_names else None
     for c in scores.column_names[1:]:
-        table[c] = scores[c].to_numpy(zero_copy_only=False).astype(np.float64)
+        if c != "num_boxes":
+            table[c] = scores[c].to_numpy(zero_copy_only=False).astype(np.float64)
     missing = [s for s in specs if s.column not in table]
     if missing and not sp.is_file():
-        from poolscout.engine.acquisition import signals as S
-
         table.update(S.compute({"image_id": ids, "offsets": np.zeros(len(ids) + 1, np.int64)}, missing,
                                seed=cfg.seed, cycle=k))
     elif missing:
@@ -167,14 +171,22 @@ def query(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int 
                         labeled_class_counts=labeled_class_counts(run),
                         boxes_loader=boxes_loader(run, k) if strat.needs.boxes else None)
     sel = St.select(strat, table, budget, ctx=ctx)
+    rationale, empty = sel.rationale, None
+    if num_boxes is not None and any(S.SIGNALS.entry(s.name).meta["per_box"] for s in specs):
+        # picks whose box-reduced score came from score.empty_value, not from the model
+        empty = num_boxes[np.searchsorted(ids, np.asarray(sel.image_id, dtype=np.int64))] == 0
+        rationale = note_empty(rationale, empty, parse_empty_rule(cfg.score.empty_value))
+    warnings = selection_warnings(np.asarray(sel.score, dtype=np.float64), budget=budget, candidates=len(ids),
+                                  empty=empty)
     out = pa.table({
         "image_id": pa.array(sel.image_id, pa.int64()),
         "rank": pa.array(np.arange(1, len(sel.image_id) + 1), pa.int32()),
         "score": pa.array(np.asarray(sel.score, dtype=np.float64)),
-        "rationale": pa.array([json.dumps(r, default=_jsonable) for r in sel.rationale], pa.string()),
+        "rationale": pa.array([json.dumps(r, default=_jsonable) for r in rationale], pa.string()),
     })
     summary = {"cycle": k, "strategy": strat.name, "budget": budget, "selected": len(out),
-               "candidates": int(len(ids)), "seconds": round(time.time() - t0, 3)}
+               "candidates": int(len(ids)), "seconds": round(time.time() - t0, 3),
+               "no_detections": int(empty.sum()) if empty is not None else None, "warnings": warnings}
     return out, summary
 
 

@@ -152,3 +152,33 @@ def test_coreset_and_hybrid_strategies_select_from_pool(run_dir):
         s = select(run, cfg, strategy=strat, budget=4, cycle=0)
         ids = io.read_table(run.selection_path(0))["image_id"].to_pylist()
         assert s["selected"] == 4 and len(set(ids)) == 4 and set(ids) <= pool, strat
+
+
+def test_query_says_when_picks_come_from_the_empty_rule(run_dir, tmp_path):
+    """A model that detects nothing: every entropy pick is tied at the fill value and says so."""
+    from poolscout.jobs import api
+
+    run = run_dir
+    if not run.scores_path(0).is_file():
+        pytest.skip("needs the end-to-end test's scores")
+    copy = tmp_path / "run"
+    shutil.copytree(run.root, copy)
+    rd = RunDir(copy)
+    sc = io.read_table(rd.scores_path(0))
+    import pyarrow as pa
+
+    cols = {c: sc[c] for c in sc.column_names}
+    cols["num_boxes"] = pa.array(np.zeros(len(sc), np.int32))
+    cols["entropy_max"] = pa.array(np.zeros(len(sc)))
+    io.write_table(pa.table(cols), rd.scores_path(0))
+    before = sorted(p.name for p in rd.cycle_dir(0).iterdir())
+    picks = api.query(copy, strategy="entropy", budget=4, cycle=0)
+    summary = api.summary_of(picks)
+    assert len(picks) == 4 and summary["no_detections"] == 4
+    assert any(w.startswith("4 of 4 picks are tied") and "no detections" in w for w in summary["warnings"])
+    for r in picks["rationale"].to_pylist():
+        assert json.loads(r)["note"].startswith("no detections: scored as the pool maximum")
+    assert all(isinstance(f, str) and f for f in picks["file"].to_pylist())
+    assert sorted(p.name for p in rd.cycle_dir(0).iterdir()) == before  # query writes nothing
+    big = api.query(copy, strategy="random", budget=100_000, cycle=0)
+    assert any(w.startswith("budget 100000 >") for w in api.summary_of(big)["warnings"])
