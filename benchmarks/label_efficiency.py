@@ -26,6 +26,18 @@ among the instances labeled after the seed set divided by its share in the pool
     python benchmarks/label_efficiency.py --preset cpu-small \
         --strategies random,entropy,bald,cald,huale,huale_losses,ppal
     python benchmarks/label_efficiency.py --preset cpu-small --rare pitted_surface:0.1 --tag rare_pitted
+
+Any pool: `--pool` takes a dataset name below (read from --data-root), a YAML file
+describing the pool (`images`, `annotations`, optional `format`, `test` split file and
+`config` dataset YAML; relative paths are relative to the YAML file), or an initialised
+run directory (its manifest, annotations and test split are copied into every loop; images
+it already labels are the seed set):
+
+    python benchmarks/label_efficiency.py --pool my_pool.yaml --preset cpu-small --tag mine
+    python benchmarks/label_efficiency.py --pool runs/steel --strategies random,entropy
+
+The loops of one seed (and identical training settings) share their cycle 0: it is trained
+once and copied (jobs/compare.py).
 """
 from __future__ import annotations
 
@@ -65,7 +77,7 @@ PRESETS = {
         "configs": ["neu_det.yaml"],
         "overrides": ["detector.input_size=320", "train.epochs=12", "train.warm_epochs=6", "train.use_gpu=true",
                       "train.batch_size=8", "score.views=[orig,hflip]", "score.batch_size=32"],
-        "seed_size": 200, "budget": 100, "cycles": 6, "cpus_per_run": 4, "gpus_per_run": 1,
+        "seed_size": 200, "budget": 100, "cycles": 6, "cpus_per_run": 4, "gpus_per_run": 1, "threads": 4,
         "strategies": ["random", "entropy", "margin", "coreset", "entropy_coreset"], "seeds": [0, 1, 2],
     },
 }
@@ -119,28 +131,58 @@ def subsample_class(run_root: str, prefix: str, fraction: float, seed: int = 0) 
     return out
 
 
-def one_loop(run_dir: str, dataset_dir: str, dataset: str, config_files: list[str], overrides: list[str],
-             quiet: bool = True, rare: tuple[str, float] | None = None) -> dict:
-    """Init a run for one (strategy, seed) and run its loop to the end (a Ray task body)."""
-    from poolscout.engine.core.config import load_config
-    from poolscout.engine.data.pool import init_run
-    from poolscout.engine.core.run import RunDir
-    from poolscout.jobs.loop import loop_config, run_loop
+def pool_spec(arg: str, data_root: Path) -> dict:
+    """--pool: a DATASETS name, a pool YAML, or an initialised run directory -> a spec dict."""
+    import yaml
 
-    spec = DATASETS[dataset]
-    root = Path(dataset_dir)
-    run = RunDir(Path(run_dir))
-    if not run.exists():
-        init_run(run, images=root / spec["images"], annotations=root / spec["annotations"],
-                 test=root / spec["test"], cfg=load_config(config_files, overrides))
-    if rare is not None:
-        subsample_class(str(run.root), rare[0], rare[1])
-    cfg = loop_config(run) if (run.root / "loop.json").is_file() else run.config(config_files, overrides)
-    t0 = time.time()
-    log_path = run.root / "loop.log"
-    with open(log_path, "a") as logf:
-        state = run_loop(run, cfg, progress=False, log=lambda m: (logf.write(m + "\n"), logf.flush()))
-    return {"run": str(run.root), "status": state["status"], "seconds": round(time.time() - t0, 1)}
+    if arg in DATASETS:
+        root = data_root / arg
+        if not root.is_dir():
+            raise SystemExit(f"error: dataset folder {root} not found (see --data-root)")
+        d = DATASETS[arg]
+        return {"name": arg, "images": root / d["images"], "annotations": root / d["annotations"],
+                "test": root / d["test"], "format": d.get("format"), "config": d.get("config")}
+    p = Path(arg)
+    if p.is_dir() and (p / "run.yaml").is_file() and (p / "manifest.parquet").is_file():
+        return {"name": p.name, "run": p.resolve()}
+    if p.is_file() and p.suffix in (".yaml", ".yml"):
+        doc = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(doc, dict):
+            raise SystemExit(f"error: {p}: expected a mapping with images, annotations, test")
+        for key in ("images", "test"):
+            if key not in doc:
+                raise SystemExit(f"error: {p}: missing key {key!r}")
+        spec = {"name": doc.get("name", p.stem), "format": doc.get("format"), "config": doc.get("config")}
+        for key in ("images", "annotations", "test"):
+            if doc.get(key) is not None:
+                spec[key] = (p.parent / str(doc[key])).resolve()
+        return spec
+    raise SystemExit(f"error: --pool {arg!r} is neither a dataset ({', '.join(DATASETS)}), a pool YAML nor a run "
+                     f"directory")
+
+
+def init_loop_run(run_dir: Path, spec: dict, config_files: list[str], overrides: list[str]) -> None:
+    """The first run of a group: from the pool spec (init) or a copy of an initialised run."""
+    import shutil
+
+    from poolscout.engine.core.config import load_config
+    from poolscout.engine.core.run import RunDir
+    from poolscout.engine.data.pool import init_run
+
+    run = RunDir(run_dir)
+    if run.exists():
+        return
+    if "run" in spec:
+        run.root.mkdir(parents=True, exist_ok=True)
+        for name in ("manifest.parquet", "annotations.parquet", "categories.json", "ledger.parquet",
+                     "rejects.parquet"):
+            if (spec["run"] / name).is_file():
+                shutil.copy2(spec["run"] / name, run.root / name)
+        shutil.copy2(spec["run"] / "run.yaml", run.run_yaml)
+        run.config(config_files, overrides)  # the settings must load on top of that run's
+        return
+    init_run(run, images=spec["images"], annotations=spec.get("annotations"), fmt=spec.get("format"),
+             test=spec.get("test"), cfg=load_config(config_files, overrides), progress=False)
 
 
 def _curve(run_dir: Path) -> dict:
@@ -258,9 +300,11 @@ def plot(summary: dict, results: dict, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="neu_det", choices=sorted(DATASETS))
+    ap.add_argument("--pool", "--dataset", dest="pool", default="neu_det",
+                    help=f"A dataset name ({', '.join(DATASETS)}, read from --data-root), a pool YAML "
+                         f"(images, annotations, format, test, config) or an initialised run directory.")
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"),
-                    help="Folder holding the dataset folder (default ../shared/data).")
+                    help="Folder holding the named datasets (default ../shared/data).")
     ap.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
     ap.add_argument("--strategies", default=None, help="Comma list (default: the preset's).")
     ap.add_argument("--seeds", default=None, help="Comma list of seeds (default: the preset's).")
@@ -285,52 +329,48 @@ def main(argv: list[str] | None = None) -> int:
         if not cls or not 0 < rare[1] <= 1:
             ap.error(f"--rare must be CLASS:FRACTION with 0 < FRACTION <= 1, got {args.rare!r}")
 
-    import ray
-
     from poolscout.engine.core.config import configs_dir
+    from poolscout.engine.core.run import RunDir
+    from poolscout.jobs.compare import compare
 
     preset = PRESETS[args.preset]
-    data_dir = Path(args.data_root) / args.dataset
-    if not data_dir.is_dir():
-        print(f"error: dataset folder {data_dir} not found (see --data-root)", file=sys.stderr)
-        return 2
+    spec = pool_spec(args.pool, Path(args.data_root))
     strategies = args.strategies.split(",") if args.strategies else preset["strategies"]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else preset["seeds"]
     cycles = args.cycles if args.cycles is not None else preset["cycles"]
     budget = args.budget if args.budget is not None else preset["budget"]
     seed_size = args.seed_size if args.seed_size is not None else preset["seed_size"]
-    name = f"label_efficiency_{args.dataset}_{args.preset}{('_' + args.tag) if args.tag else ''}"
+    name = f"label_efficiency_{spec['name']}_{args.preset}{('_' + args.tag) if args.tag else ''}"
     workdir = Path(args.workdir or REPO / "benchmarks" / "runs" / name)
     out = Path(args.out or REPO / "benchmarks" / "results" / f"{name}.json")
-    files = [str(configs_dir() / DATASETS[args.dataset]["config"])] + [str(configs_dir() / c)
-                                                                      for c in preset["configs"]]
-    base = [*preset["overrides"], f"select.budget={budget}", f"loop.cycles={cycles}",
-            f"loop.seed_size={seed_size}", "loop.executor=local", *args.extra]
+    files = ([str(configs_dir() / spec["config"])] if spec.get("config") else []) + \
+        [str(configs_dir() / c) for c in preset["configs"]]
+    base = [*preset["overrides"], f"select.budget={budget}", f"loop.seed_size={seed_size}", *args.extra]
 
     from poolscout.jobs.ray_env import connect
 
-    info = connect(args.address, quiet=True)
-    task = ray.remote(num_cpus=preset["cpus_per_run"], num_gpus=preset["gpus_per_run"], max_retries=0)(one_loop)
-    t0 = time.time()
-    refs = {}
+    info = connect(args.address, log_dir=workdir / "logs")
+    runs, ovs = {}, {}
     for seed in seeds:
         for strat in strategies:
             strategy, extra = variant(strat)
-            ov = [*base, *extra, f"seed={seed}", f"select.strategy={strategy}"]
-            refs[(strat, seed)] = task.remote(str(workdir / f"{strat}_s{seed}"), str(data_dir), args.dataset, files, ov,
-                                              rare=rare)
-    print(f"{len(refs)} loops on {info['cpus']:.0f} CPUs / {info['gpus']:.0f} GPUs; logs in {workdir}/*/loop.log",
+            runs[(strat, seed)] = RunDir(workdir / f"{strat}_s{seed}")
+            ovs[(strat, seed)] = [*base, *extra, f"seed={seed}", f"select.strategy={strategy}"]
+    # the first run of every group that shares a cycle 0 (same seed and training settings)
+    firsts: dict = {}
+    for key, ov in ovs.items():
+        firsts.setdefault((key[1], tuple(sorted(o for o in ov if not o.startswith("select.strategy=")))), key)
+    for key in firsts.values():
+        init_loop_run(runs[key].root, spec, files, ovs[key])  # no-op for an existing run
+        if rare is not None:
+            subsample_class(str(runs[key].root), rare[0], rare[1])  # before cycle 0, so shared too
+    print(f"{len(runs)} loops on {info['cpus']:.0f} CPUs / {info['gpus']:.0f} GPUs; logs in {workdir}/*/loop.log",
           flush=True)
-    runs = {}
-    pending = dict(refs)
-    while pending:
-        done, _ = ray.wait(list(pending.values()), num_returns=1)
-        key = next(k for k, v in pending.items() if v == done[0])
-        pending.pop(key)
-        res = ray.get(done[0])
-        runs[key] = res
-        print(f"  {key[0]} seed {key[1]}: {res['status']} in {res['seconds']:.0f} s "
-              f"({time.time() - t0:.0f} s elapsed)", flush=True)
+    t0 = time.time()
+    res = compare(runs, config_files=files, overrides=ovs, cycles=cycles, cpus_per_run=preset["cpus_per_run"],
+                  gpus_per_run=preset["gpus_per_run"], threads=preset.get("threads", 1),
+                  log=lambda m: print(f"{m} ({time.time() - t0:.0f} s elapsed)", flush=True))
+    runs = {k: {**v} for k, v in res.items()}
     wall = time.time() - t0
 
     results: dict = {}
@@ -339,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     rarest = next(iter(next(iter(results.values())).values()))["rarest_class"]
     summary = summarise(results, rarest, rare[0] if rare else None)
     doc = {
-        "benchmark": "label_efficiency", "dataset": args.dataset, "preset": args.preset,
+        "benchmark": "label_efficiency", "dataset": spec["name"], "pool": str(args.pool), "preset": args.preset,
         "settings": {"seed_size": seed_size, "budget": budget, "cycles": cycles, "strategies": strategies,
                      "seeds": seeds, "configs": [Path(f).name for f in files], "overrides": base,
                      "variants": {s: variant(s) for s in strategies}, "rare": list(rare) if rare else None,
@@ -354,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, out)
     plot(summary, results, out.with_suffix(".png"),
-         f"{args.dataset} / {args.preset}: {seed_size} seed + {cycles} x {budget}, seeds {seeds}")
+         f"{spec['name']} / {args.preset}: {seed_size} seed + {cycles} x {budget}, seeds {seeds}")
     print(f"wall {wall / 60:.1f} min -> {out}")
     for strat, s in summary.items():
         print(f"  {strat:16s} final mAP50 {s['final_map50']:.3f}  mAP {s['final_map']:.3f}  AULC {s['aulc']:.3f}  "

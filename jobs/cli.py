@@ -33,13 +33,33 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except EXPECTED as e:
             _fail(str(e) if not isinstance(e, KeyError) or isinstance(e, RegistryError) else str(e.args[0]))
+        except Exception:
+            logs = _log_dir()
+            if logs:  # the traceback follows in full; Ray's side of the story is in the logs
+                click.echo(f"poolscout: Ray's driver and worker logs are in {logs}", err=True)
+            raise
 
     return wrapper
 
 
+def _log_dir():
+    mod = sys.modules.get("poolscout.jobs.ray_env")
+    return getattr(mod, "LOG_DIR", None) if mod is not None else None
+
+
+def _set_verbose(ctx, param, value):
+    if value:
+        from poolscout.jobs import ray_env
+
+        ray_env.VERBOSE = True
+    return value
+
+
 def common(fn):
-    """--config / --set / --address / --quiet for every command."""
-    fn = click.option("--quiet", is_flag=True, help="Hide Ray's logs and progress bars.")(fn)
+    """--config / --set / --address / --quiet / --verbose for every command."""
+    fn = click.option("--verbose", is_flag=True, expose_value=False, callback=_set_verbose, is_eager=True,
+                      help="Show Ray's own logs and progress bars (by default they go to RUN/logs/).")(fn)
+    fn = click.option("--quiet", is_flag=True, help="Hide poolscout's progress bars too.")(fn)
     fn = click.option("--address", default=None, envvar="RAY_ADDRESS",
                       help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray).")(fn)
     fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -54,10 +74,11 @@ def _load(run_dir: str, configs, overrides):
     return run, run.config(list(configs), list(overrides))
 
 
-def _ray(cfg, address, quiet):
+def _ray(cfg, address, quiet, run=None):
     from poolscout.jobs.ray_env import connect
 
-    return connect(address or cfg.ray.address, cfg.ray.num_cpus, quiet=quiet)
+    return connect(address or cfg.ray.address, cfg.ray.num_cpus, quiet=quiet,
+                   log_dir=(run.root / "logs") if run is not None else None)
 
 
 def _print(summary: dict, keys=None) -> None:
@@ -121,7 +142,7 @@ def train(run_dir, cycle, force, configs, overrides, address, quiet):
     from poolscout.jobs.train import train as do_train
 
     run, cfg = _load(run_dir, configs, overrides)
-    _ray(cfg, address, quiet)
+    _ray(cfg, address, quiet, run)
     s = do_train(run, cfg, cycle=cycle, force=force, progress=not quiet)
     _print(s, ["cycle", "model", "labeled", "warm_start", "seconds", "skipped"])
 
@@ -136,7 +157,7 @@ def score(run_dir, cycle, force, configs, overrides, address, quiet):
     from poolscout.jobs.score import score as do_score
 
     run, cfg = _load(run_dir, configs, overrides)
-    _ray(cfg, address, quiet)
+    _ray(cfg, address, quiet, run)
     _print(do_score(run, cfg, cycle=cycle, progress=not quiet, force=force))
 
 
@@ -151,34 +172,42 @@ def select(run_dir, strategy, budget, cycle, configs, overrides, address, quiet)
     from poolscout.jobs.select import select as do_select
 
     run, cfg = _load(run_dir, configs, overrides)
-    _print(do_select(run, cfg, strategy=strategy, budget=budget, cycle=cycle))
+    res = do_select(run, cfg, strategy=strategy, budget=budget, cycle=cycle)
+    for w in res.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    _print(res)
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["coco", "label_studio", "csv", "all"]), default=None)
+@click.option("--format", "fmt", type=click.Choice(["coco", "label_studio", "cvat", "csv", "all"]), default=None,
+              help="Export format (default: export.format); label_studio also writes label_studio_config.xml.")
 @click.option("--cycle", type=int, default=None)
+@click.option("--image-root-url", default=None, metavar="URL",
+              help="Label Studio image references become URL + the URL-quoted source_key (e.g. "
+                   "https://host/images/); default export.image_root_url, else /data/local-files/?d=<path "
+                   "relative to export.local_files_root, or to the run's images folder>.")
 @common
-def export(run_dir, fmt, cycle, configs, overrides, address, quiet):
-    """Write the selected batch for annotators (COCO, Label Studio, CSV)."""
+def export(run_dir, fmt, cycle, image_root_url, configs, overrides, address, quiet):
+    """Write the selected batch for annotators (COCO, Label Studio, CVAT, CSV)."""
     from poolscout.jobs.export import export as do_export
 
     run, cfg = _load(run_dir, configs, overrides)
-    _print(do_export(run, cfg, fmt=fmt, cycle=cycle))
+    _print(do_export(run, cfg, fmt=fmt, cycle=cycle, image_root_url=image_root_url))
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--strategy", default=None)
 @click.option("--budget", type=int, default=None)
-@click.option("--format", "fmt", type=click.Choice(["coco", "label_studio", "csv", "all"]), default="all")
+@click.option("--format", "fmt", type=click.Choice(["coco", "label_studio", "cvat", "csv", "all"]), default="all")
 @common
 def cycle(run_dir, strategy, budget, fmt, configs, overrides, address, quiet):
     """train -> score -> select -> export for the current cycle."""
     from poolscout.jobs.cycle import run_cycle
 
     run, cfg = _load(run_dir, configs, overrides)
-    _ray(cfg, address, quiet)
+    _ray(cfg, address, quiet, run)
     _print(run_cycle(run, cfg, strategy=strategy, budget=budget, fmt=fmt, progress=not quiet,
                      log=lambda m: click.echo(m, err=True)))
 
@@ -223,7 +252,9 @@ def run_cmd(run_dir, cycles, budget, strategy, oracle, seed_size, seed_strategy,
               help="COCO JSON or Label Studio JSON export with the answers for the current selection.")
 @click.option("--format", "fmt", type=click.Choice(["coco", "label_studio"]), default=None,
               help="Answer format (default: detected from the file).")
-@click.option("--cycle", type=int, default=None, help="Selection the answers belong to (default: the loop's).")
+@click.option("--cycle", type=int, default=None,
+              help="Selection the answers belong to (default: the cycle whose selection holds the answered "
+                   "images).")
 @_guard
 def import_cmd(run_dir, labels, fmt, cycle):
     """Import human labels for the selected batch (idempotent; partial batches allowed)."""
@@ -232,12 +263,14 @@ def import_cmd(run_dir, labels, fmt, cycle):
 
     run = RunDir(Path(run_dir))
     run.require()
+    answers = oracle.read_answers(labels, fmt, manifest=_read(run.manifest), categories=run.read_categories())
     k = cycle
     if k is None:
+        k = oracle.answers_cycle(run, answers)
+    if k is None:  # the file answers no image: the loop's cycle
         k = loop_state(run).get("cycle")
     if k is None:
         k = run.current_cycle()
-    answers = oracle.read_answers(labels, fmt, manifest=_read(run.manifest), categories=run.read_categories())
     res = oracle.import_answers(run, answers, int(k), source=str(Path(labels).resolve()))
     _print({"cycle": int(k), **res})
 
@@ -261,8 +294,12 @@ def status_cmd(run_dir, as_json):
         _print(st)
         return
     click.echo(f"run      {st['run']}")
-    click.echo(f"status   {st['status']}" + (f" (cycle {st['cycle']}, stage {st['stage']})"
-                                             if st["status"] == "running" and st["cycle"] is not None else ""))
+    where = ""
+    if st["status"] == "running" and st["cycle"] is not None:
+        where = f" (cycle {st['cycle']}, stage {st['stage']})"
+    elif st["status"] == "stages run by hand":
+        where = f" (last: cycle {st['cycle']} {st['stage']})"
+    click.echo(f"status   {st['status']}{where}")
     click.echo(f"strategy {st['strategy']}   planned cycles {st['cycles_planned']}")
     click.echo("ledger   " + ", ".join(f"{k} {v}" for k, v in st["ledger"].items()))
     if st["cycles"]:
@@ -296,24 +333,29 @@ def report_cmd(run_dirs, out_dir, montage_images, quiet):
 @cli.command("demo")
 @click.option("--out", "out_dir", default="poolscout-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the pool, the runs and the report go.")
-@click.option("--images", "n_images", type=int, default=200, show_default=True, help="Synthetic pool size.")
+@click.option("--images", "n_images", type=int, default=320, show_default=True, help="Synthetic pool size.")
 @click.option("--size", type=int, default=128, show_default=True, help="Image side in pixels.")
 @click.option("--cycles", type=int, default=4, show_default=True)
 @click.option("--budget", type=int, default=20, show_default=True)
-@click.option("--seed-size", type=int, default=20, show_default=True)
-@click.option("--strategies", default="random,entropy", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed-size", type=int, default=40, show_default=True)
+@click.option("--strategies", default="random,entropy", show_default=True,
+              help="Comma-separated; random is the reference the verdict compares against.")
+@click.option("--seeds", default="0,1", show_default=True, help="Comma-separated loop seeds.")
 @common
-def demo_cmd(out_dir, n_images, size, cycles, budget, seed_size, strategies, seed, configs, overrides, address,
+def demo_cmd(out_dir, n_images, size, cycles, budget, seed_size, strategies, seeds, configs, overrides, address,
              quiet):
-    """Synthetic defect pool -> a loop per strategy on the embedded Ray -> the report."""
+    """Synthetic inspection pool -> random vs entropy loops over 2 seeds on the embedded Ray -> report + verdict."""
     from poolscout.jobs.demo import run_demo
 
-    index = run_demo(Path(out_dir), n_images=n_images, size=size, cycles=cycles, budget=budget,
-                     seed_size=seed_size, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
-                     seed=seed, configs=list(configs), overrides=list(overrides), address=address,
-                     progress=not quiet, log=lambda m: click.echo(m, err=True))
-    click.echo(f"report: {index}")
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+    res = run_demo(Path(out_dir), n_images=n_images, size=size, cycles=cycles, budget=budget,
+                   seed_size=seed_size, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+                   seeds=seed_list, configs=list(configs), overrides=list(overrides), address=address,
+                   progress=not quiet, log=lambda m: click.echo(m, err=True))
+    click.echo(res["verdict"])
 
 
 @cli.command()

@@ -1,63 +1,144 @@
-"""`poolscout demo`: a synthetic defect pool, one loop per strategy on the embedded Ray, a report.
+"""`poolscout demo`: what an acquisition engine is for, on a synthetic inspection pool.
 
-Sized for a 2-core laptop without a GPU: 200 images of 128 px, a 20-image seed set,
-4 rounds of 20, the EfficientNet-Lite0 Faster R-CNN preset of configs/demo.yaml.
-Rerunning it resumes (or skips) what is already there.
+The pool looks like an inspection line: half the images are clean parts, the others carry
+scratches, inclusions and patches, and one defect type (pits) is rare. Random selection
+and the recommended strategy (entropy) each run an active-learning loop over 2 seeds on
+the embedded Ray (one loop per CPU, each seed's cycle 0 shared), the report is written,
+and the last line is the verdict: which strategy won, mAP50 and AULC with their seed
+spread, the labels it saved (or not), and how often each picked the rare class.
+
+Sized for a 2-core laptop without a GPU (configs/demo.yaml); a rerun reuses what is there.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
+from poolscout.engine.core import io
 from poolscout.engine.core.config import configs_dir, load_config
 from poolscout.engine.core.run import RunDir
 
+RARE_CLASS = "pit"
 
-def run_demo(out: Path, *, n_images: int = 200, size: int = 128, cycles: int = 4, budget: int = 20,
-             seed_size: int = 20, strategies: list[str] = ("random", "entropy"), seed: int = 0,
-             test_fraction: float = 0.25, configs: list = (), overrides: list = (), address: str | None = None,
-             executor: str = "ray", progress: bool = True, log: Callable[[str], None] = print) -> Path:
+
+def demo_pool(out: Path, *, n_images: int, size: int, seed: int = 0, test_fraction: float = 0.25) -> dict:
+    """The synthetic inspection pool and its test split (the last images by name)."""
+    from poolscout.engine.data.synthetic import generate
+
+    pool = generate(out, n_images=n_images, size=size, seed=seed, class_weights={RARE_CLASS: 0.2},
+                    clean_fraction=0.5, contrast=2.5, max_defects=2)
+    names = sorted(p.name for p in Path(pool["images"]).iterdir())
+    n_test = int(round(n_images * test_fraction))
+    test_file = out / "test_ids.txt"
+    io.atomic_write_bytes(test_file, "".join(f"{n}\n" for n in names[len(names) - n_test:]).encode())
+    return {**pool, "test": test_file, "n_test": n_test}
+
+
+def demo_verdict(run_dirs: Sequence[Path], reference: str = "random", rare: str = RARE_CLASS) -> dict:
+    """The demo's conclusion as data and one line (the last line the demo prints)."""
+    import numpy as np
+
+    from poolscout.engine.evaluation.report import load_run_metrics, rare_share_ratio, verdict
+
+    runs = [load_run_metrics(r) for r in run_dirs]
+    v = verdict(runs)
+    finals: dict[str, dict[int, float]] = {}
+    shares: dict[str, list[float]] = {}
+    for r in runs:
+        last = r["cycles"][-1]
+        finals.setdefault(r["strategy"], {})[int(r["seed"] or 0)] = float((last.get("eval") or {}).get("map50", float("nan")))
+        ratio = rare_share_ratio(r, rare)
+        if ratio is not None:
+            shares.setdefault(r["strategy"], []).append(ratio)
+    parts = []
+    for s in v["strategies"]:
+        name = s["strategy"]
+        txt = (f"{name} mAP50 {s['map50_mean']:.3f} ± {s['map50_std'] or 0:.3f}, "
+               f"AULC {s['aulc_mean']:.3f} ± {s['aulc_std'] or 0:.3f}")
+        if shares.get(name):
+            txt += f", {rare} share x{np.mean(shares[name]):.2f}"
+        parts.append(txt)
+    best = v["strategies"][0] if v["strategies"] else None
+    ref = next((s for s in v["strategies"] if s["strategy"] == reference), None)
+    if best is None or ref is None:
+        head = "verdict: no comparison (random missing)"
+    elif best["strategy"] == reference:
+        head = f"verdict: no strategy beat {reference} on this pool"
+    else:
+        head = f"verdict: {best['strategy']} beats {reference} (AULC +{best['aulc_mean'] - ref['aulc_mean']:.3f})"
+        reach = best.get("reach_images")
+        if reach is not None and ref.get("labeled_images_mean"):
+            saved = ref["labeled_images_mean"] - reach
+            head += (f", reaching {reference}'s final mAP50 with {reach:.0f} labeled images instead of "
+                     f"{ref['labeled_images_mean']:.0f}" + (f" ({saved:.0f} labels saved)" if saved > 0 else ""))
+        else:
+            head += f", but never reaches {reference}'s final mAP50 ({ref['map50_mean']:.3f})"
+        if best["aulc_std"] is not None and ref["aulc_std"] is not None and \
+                best["aulc_mean"] - ref["aulc_mean"] <= max(best["aulc_std"], ref["aulc_std"]):
+            head += "; the lead is within the seed spread"
+    line = head + ". " + "; ".join(parts) + f" ({len(runs)} loops)"
+    return {"line": line, "final_map50": finals, "rare_share_ratio": shares, "report_verdict": v}
+
+
+def run_demo(out: Path, *, n_images: int = 320, size: int = 128, cycles: int = 4, budget: int = 20,
+             seed_size: int = 40, strategies: Sequence[str] = ("random", "entropy"), seeds: Sequence[int] = (0, 1),
+             configs: Sequence[str] = (), overrides: Sequence[str] = (), address: str | None = None,
+             progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Run the demo; returns {"report": index.html, "verdict": line, "seconds", ...}."""
+    from poolscout.engine.acquisition.strategies import load_strategy
     from poolscout.engine.data.pool import init_run
     from poolscout.engine.evaluation.report import write_report
-    from poolscout.engine.acquisition.strategies import load_strategy
-    from poolscout.engine.data.synthetic import generate
-    from poolscout.jobs.loop import loop_config, run_loop
+    from poolscout.jobs.compare import compare
+    from poolscout.jobs.ray_env import connect
 
     if not strategies:
         raise ValueError("--strategies: give at least one strategy")
     for s in strategies:
         load_strategy(s)  # unknown names fail before any work
-    n_test = int(round(n_images * test_fraction))
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed")
+    out = Path(out)
+    n_test = int(round(n_images * 0.25))
     if n_images - n_test < seed_size + cycles * budget:
         raise ValueError(f"the pool ({n_images} images, {n_test} for test) is too small for a seed set of "
                          f"{seed_size} and {cycles} rounds of {budget}")
-    out = Path(out)
     t0 = time.time()
-    log(f"[demo] synthetic pool: {n_images} images of {size} px -> {out / 'pool'}")
-    # One rare class ("pit", a quarter of the others' weight) makes the acquisition
-    # diagnostics (rare-class retrieval) worth reading.
-    pool = generate(out / "pool", n_images=n_images, size=size, seed=seed, class_weights={"pit": 0.25})
-    names = sorted(p.name for p in Path(pool["images"]).iterdir())
-    test_file = out / "pool" / "test_ids.txt"
-    test_file.write_text("".join(f"{n}\n" for n in names[len(names) - n_test:]))
-    cfg_files = [configs_dir() / "demo.yaml", *configs]
-    runs = []
-    for strat in strategies:
-        run = RunDir(out / "runs" / strat)
-        ov = [*overrides, f"seed={seed}", f"select.strategy={strat}", f"select.budget={budget}",
-              f"loop.cycles={cycles}", f"loop.seed_size={seed_size}", f"loop.executor={executor}"]
-        if address:
-            ov.append(f"ray.address={address}")
-        if not run.exists():
-            init_run(run, images=pool["images"], annotations=pool["annotations"], test=test_file,
-                     cfg=load_config(cfg_files, ov))
-        cfg = loop_config(run, [], []) if (run.root / "loop.json").is_file() else run.config(cfg_files, ov)
-        log(f"[demo] {strat}: {cycles} rounds of {budget} images on top of a seed set of {seed_size}")
-        state = run_loop(run, cfg, progress=progress, log=log)
-        if state["status"] != "done":
-            raise RuntimeError(f"{run.root}: the loop stopped with status {state['status']}")
-        runs.append(run.root)
-    index = write_report(runs, out / "report", progress=progress)
-    log(f"[demo] finished in {time.time() - t0:.0f} s; open {index}")
-    return index
+    info = connect(address, log_dir=out / "logs")
+    pool = demo_pool(out / "pool", n_images=n_images, size=size)
+    log(f"[demo] inspection pool: {n_images} images of {size} px (half clean, '{RARE_CLASS}' rare), "
+        f"{pool['n_test']} held out for test -> {out / 'pool'}")
+    cfg_files = [str(configs_dir() / "demo.yaml"), *map(str, configs)]
+    runs: dict[tuple[str, int], RunDir] = {}
+    ovs: dict[tuple[str, int], list] = {}
+    for seed in seeds:
+        for i, strat in enumerate(strategies):
+            key = (strat, int(seed))
+            runs[key] = RunDir(out / "runs" / f"{strat}-s{seed}")
+            ovs[key] = [*overrides, f"seed={seed}", f"select.strategy={strat}", f"select.budget={budget}",
+                        f"loop.seed_size={seed_size}"]
+            if i == 0 and not runs[key].exists():
+                init_run(runs[key], images=pool["images"], annotations=pool["annotations"], test=pool["test"],
+                         cfg=load_config(cfg_files, ovs[key]), progress=False)
+    log(f"[demo] {len(runs)} loops ({', '.join(strategies)} x seeds {', '.join(map(str, seeds))}): a seed set of "
+        f"{seed_size}, then {cycles} rounds of {budget}; {int(info['cpus'])} at a time; Ray's logs: {out / 'logs'}")
+    res = compare(runs, config_files=cfg_files, overrides=ovs, cycles=cycles, progress=progress,
+                  log=lambda m: log(m.replace("[compare]", "[demo]")))
+    bad = [f"{k[0]} seed {k[1]}: {r['status']}" for k, r in res.items() if r["status"] != "done"]
+    if bad:
+        raise RuntimeError("loops did not finish: " + "; ".join(bad))
+    index = write_report([r.root for r in runs.values()], out / "report", progress=False)
+    v = demo_verdict([r.root for r in runs.values()], reference=strategies[0] if "random" not in strategies
+                     else "random")
+    seconds = round(time.time() - t0, 1)
+    summary = {"seconds": seconds, "report": str(index), "verdict": v["line"],
+               "final_map50": {s: {str(k): x for k, x in d.items()} for s, d in v["final_map50"].items()},
+               "rare_share_ratio": v["rare_share_ratio"], "n_images": n_images, "size": size, "cycles": cycles,
+               "budget": budget, "seed_size": seed_size, "strategies": list(strategies), "seeds": list(seeds)}
+    io.atomic_write_json(out / "demo.json", summary)
+    log(f"[demo] finished in {seconds:.0f} s; report: {index}")
+    log(v["line"])
+    return summary
+
+
+__all__ = ["demo_pool", "demo_verdict", "run_demo", "RARE_CLASS"]

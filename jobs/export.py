@@ -1,4 +1,4 @@
-"""`poolscout export`: the selected batch for annotators (COCO, Label Studio, CSV)."""
+"""`poolscout export`: the selected batch for annotators (COCO, Label Studio, CVAT, CSV)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,8 @@ from poolscout.engine.core import io
 from poolscout.engine.core.config import Config
 from poolscout.engine.core.run import RunDir, RunError
 
-FORMATS = {"coco": "coco.json", "label_studio": "label_studio.json", "csv": "selection.csv"}
+# format -> file in cycles/<k>/export/ (label_studio also writes label_studio_config.xml there)
+FORMATS = {"coco": "coco.json", "label_studio": "label_studio.json", "cvat": "cvat.xml", "csv": "selection.csv"}
 
 
 def selected_predictions(run: RunDir, k: int, ids: np.ndarray) -> dict[str, np.ndarray] | None:
@@ -28,7 +29,14 @@ def selected_predictions(run: RunDir, k: int, ids: np.ndarray) -> dict[str, np.n
                         num_classes=run.num_classes())
 
 
-def export(run: RunDir, cfg: Config, *, fmt: str | None = None, cycle: int | None = None) -> dict:
+def export(run: RunDir, cfg: Config, *, fmt: str | None = None, cycle: int | None = None,
+           image_root_url: str | None = None) -> dict:
+    """Write cycle k's selection in `fmt` ("coco", "label_studio", "cvat", "csv" or "all").
+
+    Label Studio image references follow engine.data.export.image_ref: `image_root_url`
+    (default: export.image_root_url) when set, else /data/local-files/?d=<path relative to
+    export.local_files_root, or to the run's images folder when that is empty>.
+    """
     from poolscout.engine.data import export as E
 
     run.require()
@@ -38,6 +46,7 @@ def export(run: RunDir, cfg: Config, *, fmt: str | None = None, cycle: int | Non
     for f in fmts:
         if f not in FORMATS:
             raise ValueError(f"unknown export format {f!r}; known: {', '.join(FORMATS)}, all")
+    root_url = cfg.export.image_root_url if image_root_url is None else image_root_url
     sp = run.selection_path(k)
     if not sp.is_file():
         raise RunError(f"{sp} is missing: run `poolscout select {run.root} --strategy NAME --budget N` first")
@@ -52,7 +61,11 @@ def export(run: RunDir, cfg: Config, *, fmt: str | None = None, cycle: int | Non
             info = E.export_coco(path, sel, manifest, preds, cats, min_score=cfg.export.min_score)
         elif f == "label_studio":
             info = E.export_label_studio(path, sel, manifest, preds, cats, min_score=cfg.export.min_score,
-                                         model_version=f"poolscout-cycle-{k}")
+                                         model_version=f"poolscout-cycle-{k}", image_root_url=root_url,
+                                         local_files_root=cfg.export.local_files_root)
+        elif f == "cvat":
+            info = E.export_cvat(path, sel, manifest, preds, cats, min_score=cfg.export.min_score,
+                                 task_name=f"{run.root.name} cycle {k}")
         else:
             info = E.export_csv(path, sel, manifest)
         out["files"][f] = {"path": str(path), **(info or {})}

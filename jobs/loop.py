@@ -145,7 +145,7 @@ def _kcenter_seed(run: RunDir, cfg: Config, pool: np.ndarray, n: int, progress: 
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(it, desc="seed: embedding the pool", unit="batch", dynamic_ncols=True)
+        it = tqdm(it, desc="seed: embedding the pool", unit="batch", leave=False, dynamic_ncols=True)
     for i in it:
         b = load_batch(uris[i:i + bs], cfg.detector.input_size, cfg.dataset.max_pixels)
         bad = [u for u, e in zip(uris[i:i + bs], b["error"]) if e]
@@ -176,9 +176,16 @@ def evaluate(run: RunDir, cfg: Config, k: int, *, progress: bool = True) -> dict
     ann = io.read_table(run.annotations)
     model, meta = load_checkpoint(run.model_path(k))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    res = evaluate_model(model, man, ann, run.read_categories(), input_size=int(meta["detector"]["input_size"]),
-                         batch_size=cfg.loop.eval_batch_size, device=dev, max_pixels=cfg.dataset.max_pixels,
-                         progress=progress)
+    threads = cfg.loop.eval_threads or cfg.score.torch_threads
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        res = evaluate_model(model, man, ann, run.read_categories(), input_size=int(meta["detector"]["input_size"]),
+                             batch_size=cfg.loop.eval_batch_size, device=dev, max_pixels=cfg.dataset.max_pixels,
+                             progress=progress)
+    finally:
+        torch.set_num_threads(old_threads)
     res["cycle"] = k
     io.atomic_write_json(_marker(run, k, "evaluate"), res)
     return res
@@ -272,11 +279,10 @@ def run_loop(run: RunDir, cfg: Config, *, progress: bool = True, log: Callable[[
     if cfg.loop.executor == "ray":
         from poolscout.jobs.ray_env import connect
 
-        connect(cfg.ray.address, cfg.ray.num_cpus, quiet=not progress)
+        connect(cfg.ray.address, cfg.ray.num_cpus, log_dir=run.root / "logs")
 
     crash_point("0:seed:before")
     if not run.ids_in_state("labeled").size:
-        log("[seed] picking the seed set ...")
         res = seed_set(run, cfg, progress=progress)
         log(f"[seed] {res['images']} images ({res['method']})")
     crash_point("0:seed:after")
@@ -294,7 +300,6 @@ def run_loop(run: RunDir, cfg: Config, *, progress: bool = True, log: Callable[[
             state.update(cycle=k, stage=stage)
             _write_state(run, state)
             crash_point(f"{k}:{stage}:before")
-            log(f"[cycle {k}] {stage} ...")
             t0 = time.time()
             try:
                 if stage == "train":
@@ -351,12 +356,20 @@ def status(run: RunDir) -> dict:
     ks = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
     for k in ks:
         m = _read_json(run.cycle_dir(k) / "metrics.json")
-        ev = m.get("eval") or {}
-        cycles.append({"cycle": k, "stages": [s for s in STAGES if _marker(run, k, s).is_file()],
-                       "labeled_images": m.get("labeled_images"), "map50": ev.get("map50"), "map": ev.get("map")})
+        ev = m.get("eval") or _read_json(run.cycle_dir(k) / "eval.json")  # stages run by hand write no metrics
+        stages = [s for s in STAGES if _marker(run, k, s).is_file()]
+        if (run.export_dir(k)).is_dir() and any(run.export_dir(k).iterdir()):
+            stages.append("export")
+        cycles.append({"cycle": k, "stages": stages, "labeled_images": m.get("labeled_images"),
+                       "map50": ev.get("map50"), "map": ev.get("map")})
     out = {"run": str(run.root), "status": state.get("status", "not started"), "strategy": state.get("strategy"),
            "cycle": state.get("cycle"), "stage": state.get("stage"), "cycles_planned": state.get("cycles"),
            "ledger": counts, "cycles": cycles, "message": state.get("message")}
+    done = [c for c in cycles if c["stages"]]
+    if not state and done:  # no loop, but `poolscout train/score/select/export` ran
+        out.update(status="stages run by hand", cycle=done[-1]["cycle"], stage=done[-1]["stages"][-1])
+        sel = _read_json(run.cycle_dir(done[-1]["cycle"]) / "select.json")
+        out["strategy"] = sel.get("strategy")
     if state.get("status") == "waiting_for_labels" and state.get("cycle") is not None:
         from poolscout.engine.data import oracle
 

@@ -1,35 +1,154 @@
-"""Connect to a Ray cluster (RAY_ADDRESS / --address) or start the embedded local Ray."""
+"""Connect to a Ray cluster (RAY_ADDRESS / --address) or start the embedded local Ray, and
+keep Ray's own output off poolscout's console.
+
+By default the console shows only poolscout's lines (a progress bar per stage, a summary
+line per stage, errors in full). Ray's driver-side logs (the "ray" loggers) go to
+`<log_dir>/ray-driver.log`, its workers' stdout/stderr stay in the Ray session's log
+folder (linked as `<log_dir>/ray-session`), and Ray Data's progress bars are off;
+`verbose=True` brings all of it back to the console.
+"""
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import ray
 
+# Where the current process's Ray logs go (printed with errors); None until `connect`.
+LOG_DIR: Path | None = None
+# Process-wide default of `connect(verbose=...)`: the CLI's --verbose sets it.
+VERBOSE = False
+_RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 
-def connect(address: str | None = None, num_cpus: int = 0, quiet: bool = False) -> dict:
+
+def _route_ray_logs(log_dir: Path | None, verbose: bool) -> None:
+    """Send the driver-side "ray" loggers to a file (or nowhere) instead of the console."""
+    if verbose:
+        return
+    handler: logging.Handler
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_dir / "ray-driver.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    for name in _RAY_LOGGERS:
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                lg.removeHandler(h)
+        lg.addHandler(handler)
+        lg.propagate = False
+
+
+_DATA_LOGGING = """\
+# written by poolscout: Ray Data logs to its session file only, not to the console
+version: 1
+disable_existing_loggers: false
+formatters:
+  ray:
+    format: "%(asctime)s\\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"
+handlers:
+  file:
+    class: ray.data._internal.logging.SessionFileHandler
+    formatter: ray
+    filename: ray-data.log
+loggers:
+  ray.data:
+    level: DEBUG
+    handlers: [file]
+    propagate: false
+"""
+
+
+def _quiet_ray_data(log_dir: Path | None) -> None:
+    """Ray Data reconfigures its logger at every execution from $RAY_DATA_LOGGING_CONFIG."""
+    import tempfile
+
+    folder = log_dir if log_dir is not None else Path(tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ray-data-logging.yaml"
+    path.write_text(_DATA_LOGGING)
+    os.environ["RAY_DATA_LOGGING_CONFIG"] = str(path)
+    # Ray's C++ core prints warnings of the driver process straight to stderr
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    try:
+        from ray.data._internal.logging import configure_logging
+
+        configure_logging()
+    except Exception:  # noqa: BLE001 - private API; the env var alone covers later executions
+        pass
+
+
+def _link_session_logs(log_dir: Path) -> None:
+    """`<log_dir>/ray-session` -> this Ray session's log folder (embedded Ray only)."""
+    try:
+        from ray._private import worker as _worker
+
+        node = getattr(_worker, "_global_node", None)
+        logs = Path(node.get_logs_dir_path()) if node is not None else None
+    except Exception:  # noqa: BLE001 - a private API; the link is a convenience
+        logs = None
+    if logs is None or not logs.is_dir():
+        return
+    link = log_dir / "ray-session"
+    try:
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(logs, target_is_directory=True)
+    except OSError:
+        pass
+
+
+def connect(address: str | None = None, num_cpus: int = 0, quiet: bool = False, *, verbose: bool | None = None,
+            log_dir: str | Path | None = None) -> dict:
     """Initialise Ray once per process.
 
     Args:
         address: a cluster address ("ray://host:10001", "host:6379", "auto"); falls back to
             the RAY_ADDRESS environment variable; without either an embedded local Ray starts.
         num_cpus: CPUs of the embedded local Ray (0 = all cores); ignored for a cluster.
-        quiet: hide Ray's own INFO logs (tests).
+        quiet: kept for callers that only want Ray silent (the default now).
+        verbose: relay Ray's driver and worker logs and Ray Data's progress bars to the console
+            (default: VERBOSE).
+        log_dir: folder for Ray's driver log and a link to the session's worker logs
+            (RUN/logs for the CLI).
 
     Returns:
-        {"address": ..., "local": bool, "cpus": float}
+        {"address": ..., "cpus": float, "gpus": float, "logs": str | None}
     """
+    global LOG_DIR
+    verbose = VERBOSE if verbose is None else bool(verbose)
     if not ray.is_initialized():
+        log_dir = Path(log_dir) if log_dir is not None else None
+        if not verbose:
+            _quiet_ray_data(log_dir)
+        _route_ray_logs(log_dir, verbose)
         addr = address or os.environ.get("RAY_ADDRESS") or None
-        kwargs: dict = {"log_to_driver": not quiet, "include_dashboard": False}
-        if quiet:
-            kwargs["logging_level"] = logging.WARNING
+        kwargs: dict = {"log_to_driver": bool(verbose), "include_dashboard": False,
+                        "logging_level": logging.INFO if verbose else logging.WARNING}
         if addr:
             ray.init(address=addr, **kwargs)
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        _route_ray_logs(log_dir, verbose)  # ray.init may have (re)configured its loggers
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = not quiet
+        ctx.enable_progress_bars = bool(verbose)
+        for attr in ("enable_operator_progress_bars", "print_on_execution_start"):
+            if hasattr(ctx, attr):
+                setattr(ctx, attr, bool(verbose))
+        if log_dir is not None:
+            LOG_DIR = log_dir
+            if not addr:
+                _link_session_logs(log_dir)
     res = ray.cluster_resources()
     return {"address": ray.get_runtime_context().gcs_address, "cpus": res.get("CPU", 0.0),
-            "gpus": res.get("GPU", 0.0)}
+            "gpus": res.get("GPU", 0.0), "logs": str(LOG_DIR) if LOG_DIR else None}
+
+
+def is_local() -> bool:
+    """Whether the connected Ray is an embedded single-node instance started by this process."""
+    if not ray.is_initialized():
+        return True
+    return len([n for n in ray.nodes() if n.get("Alive")]) <= 1 and not os.environ.get("RAY_ADDRESS")

@@ -260,8 +260,10 @@ def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: 
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(work), initial=len(work) - sum(min(chunk, len(work) - st) for _, st in todo),
-                       desc=f"score cycle {k}", unit="img", dynamic_ncols=True)
+            is_pool = np.asarray(work["state"].to_pylist(), dtype=object) == "pool"
+            left = sum(int(is_pool[st:st + chunk].sum()) for _, st in todo)
+            bar = tqdm(total=int(is_pool.sum()), initial=int(is_pool.sum()) - left, desc=f"score cycle {k}",
+                       unit="img", leave=False, dynamic_ncols=True)
         for n_done, (i, st) in enumerate(todo):
             rows = work.slice(st, chunk)
             parts = []
@@ -273,7 +275,7 @@ def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: 
                 dec = decode_batch(batch, input_size, cfg.dataset.max_pixels)
                 parts.append(signal_batch(stage(dec), plan["specs"], cfg.seed, k, num_classes, plan["context"]))
                 if bar is not None:
-                    bar.update(len(b))
+                    bar.update(int((batch["state"] == "pool").sum()))
             io.write_table(pa.concat_tables(parts), partial / f"part-{i:05d}.parquet")
             if n_done == len(todo) // 2:
                 crash_point(f"{k}:score:mid")
@@ -326,7 +328,7 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
         tmp_dir = partial
     elif executor == "ray":
         tmp_dir = cdir / f".predictions.tmp-{uuid.uuid4().hex[:8]}"
-        _score_ray(work, model, cfg, k, run.num_classes(), input_size, tmp_dir, blocks)
+        _score_ray(work, model, cfg, k, run.num_classes(), input_size, tmp_dir, blocks, progress, n_pool)
     else:
         raise ValueError(f"loop.executor must be 'ray' or 'local', got {executor!r}")
     seconds = time.time() - t0
@@ -334,7 +336,10 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     summary = finalize_scores(run, cfg, k, specs)
     summary.update(cycle=k, seconds=round(seconds, 2), images=int(len(work)), pool=n_pool, input_size=input_size,
                    executor=executor, images_per_s=round(len(work) / seconds, 2) if seconds else None,
-                   digest=digest, specs=list(specs))
+                   specs=list(specs))
+    # the identity of what is now scored: images rejected while scoring left the work list
+    summary["digest"] = _digest(model, worklist(run, sc.embed_labeled)["image_id"].to_numpy()) \
+        if summary.get("rejected") else digest
     io.atomic_write_json(cdir / "score.json", summary)
     return summary
 
@@ -365,7 +370,7 @@ def _digest(path: Path, ids: np.ndarray) -> str:
 
 
 def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: int, input_size: int,
-               tmp_dir: Path, blocks: int | None) -> None:
+               tmp_dir: Path, blocks: int | None, progress: bool = False, n_pool: int = 0) -> None:
     import ray
 
     sc = cfg.score
@@ -388,7 +393,41 @@ def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: in
     ds = ds.map_batches(signal_batch, fn_kwargs={"specs": plan["specs"], "seed": cfg.seed, "cycle": k,
                                                  "num_classes": num_classes, "context": plan["context"]},
                         batch_format="pyarrow", batch_size=None, num_cpus=0.25)
-    ds.write_parquet(str(tmp_dir), ray_remote_args={"num_cpus": 0.25})
+    # Each block is written by the task that made it; only its row counts reach the driver,
+    # which turns them into the progress bar (the driver never holds predictions).
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    ds = ds.map_batches(write_part, fn_kwargs={"out_dir": str(tmp_dir)}, batch_format="pyarrow", batch_size=None,
+                        num_cpus=0.25)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_pool, desc=f"score cycle {k}", unit="img", leave=False, dynamic_ncols=True)
+    for counts in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if bar is not None:
+            bar.update(int(counts["pool_rows"].sum()))
+    if bar is not None:
+        bar.close()
+
+
+def write_part(table: pa.Table, out_dir: str) -> pa.Table:
+    """Write one block of predictions as a Parquet part; return its row counts.
+
+    The part's name is a digest of its image ids, so a retried task rewrites the same file
+    (atomically) instead of adding a duplicate.
+    """
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    ids = np.ascontiguousarray(table["image_id"].to_numpy(), dtype=np.int64)
+    name = f"part-{hashlib.sha256(ids.tobytes()).hexdigest()[:20]}.parquet"
+    final = Path(out_dir) / name
+    tmp = final.with_name(f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+    pool_rows = int(pc.sum(pc.equal(table["state"], "pool")).as_py() or 0) if "state" in table.column_names else len(table)
+    return pa.table({"rows": [len(table)], "pool_rows": [pool_rows]})
 
 
 def finalize_scores(run: RunDir, cfg: Config, k: int, specs: tuple[str, ...]) -> dict:

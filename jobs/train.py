@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -68,8 +67,8 @@ def _train_local(config: dict, out: Path) -> None:
         torch.set_num_threads(threads)
     try:
         dev = "cuda" if config["train"].get("use_gpu") and torch.cuda.is_available() else "cpu"
-        log = (lambda m: print(m, file=sys.stderr, flush=True)) if config["progress"] else (lambda *a, **k: None)
-        model, history = fit_detector(config, device=dev, progress=config["progress"], log=log)
+        # one progress bar on the console; the per-epoch records go to train.json's history
+        model, history = fit_detector(config, device=dev, progress=config["progress"], log=lambda *a, **k: None)
     finally:
         torch.set_num_threads(old)
     dcfg = _merge_into(DetectorConfig, DetectorConfig(), config["detector"], "detector.", "run.yaml")
@@ -108,11 +107,13 @@ def train(run: RunDir, cfg: Config, *, cycle: int | None = None, force: bool = F
         "train": cfg.to_dict()["train"], "detector": cfg.to_dict()["detector"], "seed": cfg.seed,
         "manifest": str(run.manifest), "annotations": str(run.annotations),
         "labeled_ids": labeled.tolist(), "num_classes": run.num_classes(), "max_pixels": cfg.dataset.max_pixels,
-        "warm_start": warm, "progress": progress, "cycle": k,
+        "warm_start": warm, "progress": progress, "cycle": k, "desc": f"train cycle {k}",
     }
     executor = executor or cfg.loop.executor
     t0 = time.time()
-    if executor == "local":
+    if executor == "ray" and in_process(cfg):
+        executor = "in_process"
+    if executor in ("local", "in_process"):
         _train_local(loop_cfg, out)
     elif executor == "ray":
         _train_ray(run, cfg, k, loop_cfg, out)
@@ -125,6 +126,23 @@ def train(run: RunDir, cfg: Config, *, cycle: int | None = None, force: bool = F
                "executor": executor, "seconds": round(time.time() - t0, 2), "history": meta.get("history", [])}
     io.atomic_write_json(run.cycle_dir(k) / "train.json", summary)
     return summary
+
+
+def in_process(cfg: Config) -> bool:
+    """Whether the "ray" executor trains in this process instead of a Ray Train job.
+
+    train.backend "auto" does so when one worker is all there is on an embedded local Ray:
+    a Ray Train job would spend about a minute starting its controller and worker for the
+    same single process, every cycle. "ray_train" always uses Ray Train, "in_process" never.
+    """
+    backend = getattr(cfg.train, "backend", "auto")
+    if backend == "in_process":
+        return True
+    if backend == "ray_train":
+        return False
+    from poolscout.jobs.ray_env import is_local
+
+    return cfg.train.num_workers == 1 and not cfg.ray.address and is_local()
 
 
 def _train_ray(run: RunDir, cfg: Config, k: int, loop_cfg: dict, out: Path) -> None:

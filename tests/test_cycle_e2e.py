@@ -57,9 +57,12 @@ def run_dir(tmp_path_factory, tiny_pool, ray_session):
 
 def test_cycle_end_to_end(run_dir):
     run = run_dir
-    res = _invoke(["cycle", run.root, "--strategy", "entropy", "--budget", "5", "--quiet"])
+    # the Ray Train path (one worker on the embedded Ray would otherwise train in-process)
+    res = _invoke(["cycle", run.root, "--strategy", "entropy", "--budget", "5", "--quiet",
+                   "--set", "train.backend=ray_train"])
     summary = json.loads(res.stdout)
     assert summary["cycle"] == 0
+    assert json.loads((run.cycle_dir(0) / "train.json").read_text())["executor"] == "ray"
     # model: a real state_dict, loadable without unpickling arbitrary objects
     import torch
 
@@ -93,6 +96,24 @@ def test_cycle_end_to_end(run_dir):
     assert len(ls) == 5
     csv_rows = (run.export_dir(0) / "selection.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 6
+
+
+def test_stages_know_their_state(run_dir):
+    """A finished cycle is not rescored without --force; status sees stages run by hand."""
+    from poolscout.jobs.loop import status
+
+    run = run_dir
+    if not run.scores_path(0).is_file():
+        pytest.skip("needs the end-to-end test's scores")
+    before = run.scores_path(0).stat().st_mtime_ns
+    res = _invoke(["score", run.root, "--cycle", "0", "--quiet"])
+    out = json.loads(res.stdout)
+    assert out["skipped"] is True and run.scores_path(0).stat().st_mtime_ns == before
+    st = status(run)
+    assert st["status"] == "stages run by hand" and st["cycle"] == 0 and st["strategy"] == "entropy"
+    assert {"train", "score", "select", "export"} <= set(st["cycles"][0]["stages"])
+    text = _invoke(["status", run.root]).stdout
+    assert "stages run by hand (last: cycle 0 export)" in text
 
 
 def test_scoring_is_chunking_invariant(run_dir):

@@ -38,3 +38,31 @@ def test_summarise_hand_case(bench):
     # smart reaches random's final 0.5 at 20 labeled images (its second point)
     assert s["smart"]["labels_to_reach_random_final"] == pytest.approx(20.0)
     assert s["random"]["labels_to_reach_random_final"] == pytest.approx(30.0)
+
+
+@pytest.mark.ray
+def test_harness_runs_any_pool_and_shares_cycle0(bench, tmp_path, tiny_pool, ray_session):
+    """A pool YAML (not NEU-DET) end to end: 2 strategies x 1 seed, cycle 0 trained once."""
+    import json
+
+    from tests.conftest import TINY_SETTINGS
+
+    names = sorted(p.name for p in tiny_pool["images"].iterdir())
+    (tmp_path / "test.txt").write_text("".join(n + "\n" for n in names[-6:]))
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(f"name: tinypool\nimages: {tiny_pool['images']}\nannotations: {tiny_pool['annotations']}\n"
+                    f"test: test.txt\n")
+    out = tmp_path / "result.json"
+    sets = [a for s in TINY_SETTINGS for a in ("--set", s)]
+    rc = bench.main(["--pool", str(pool), "--preset", "cpu-small", "--strategies", "random,entropy", "--seeds", "3",
+                     "--cycles", "1", "--budget", "4", "--seed-size", "6", "--workdir", str(tmp_path / "w"),
+                     "--out", str(out), *sets, "--set", "score.views=[orig]"])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["dataset"] == "tinypool" and set(doc["summary"]) == {"random", "entropy"}
+    a, b = tmp_path / "w" / "random_s3", tmp_path / "w" / "entropy_s3"
+    assert (a / "cycles/0/model.pt").read_bytes() == (b / "cycles/0/model.pt").read_bytes()
+    for r in (a, b):
+        assert json.loads((r / "loop.json").read_text())["status"] == "done"
+        assert json.loads((r / "cycles/1/metrics.json").read_text())["labeled_images"] == 10
+    assert out.with_suffix(".png").stat().st_size > 5_000

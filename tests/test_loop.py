@@ -144,9 +144,8 @@ def test_loop_errors_are_clear(tmp_path, tiny_pool):
     run = _init(tmp_path, tiny_pool, "bad", ["loop.seed_size=0"])
     with pytest.raises(RunError, match="seed_size"):
         run_loop(run, run.config(), progress=False, log=lambda m: None)
-    run2 = _init(tmp_path, tiny_pool, "bad2", ["loop.seed_strategy=magic"])
-    with pytest.raises(ConfigError, match="seed_strategy"):
-        run_loop(run2, run2.config(), progress=False, log=lambda m: None)
+    with pytest.raises(ConfigError, match="seed_strategy"):  # refused when the config loads
+        _init(tmp_path, tiny_pool, "bad2", ["loop.seed_strategy=magic"])
 
 
 def test_pinned_settings_accept_new_keys_at_their_default():
@@ -159,3 +158,25 @@ def test_pinned_settings_accept_new_keys_at_their_default():
     assert not _same_settings({"s": {"a": 1}}, {"s": {"a": 1, "b": True}}, {"s": {"b": False}})
     assert not _same_settings({"a": 1}, {"a": 2, "b": 2}, {"b": 2})
     assert not _same_settings({"a": 1, "c": 1}, {"a": 1}, {})
+
+
+def test_evaluation_honours_its_thread_setting(tmp_path, tiny_pool, monkeypatch):
+    """loop.eval_threads (else score.torch_threads) holds while evaluating, and is restored after."""
+    import torch
+
+    from poolscout.jobs.loop import evaluate
+
+    run = _init(tmp_path, tiny_pool, "threads")
+    seen = []
+    monkeypatch.setattr("poolscout.engine.models.detectors.load_checkpoint",
+                        lambda path: (None, {"detector": {"input_size": 64}}))
+    monkeypatch.setattr("poolscout.engine.evaluation.metrics.evaluate_model",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or {"map50": 0.0})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        evaluate(run, run.config(overrides=["loop.eval_threads=1"]), 0, progress=False)
+        evaluate(run, run.config(overrides=["loop.eval_threads=0", "score.torch_threads=1"]), 0, progress=False)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

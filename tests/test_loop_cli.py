@@ -89,25 +89,37 @@ def test_human_oracle_pauses_then_resumes_after_import(tmp_path, tiny_pool, torc
 def test_demo_end_to_end_tiny(tmp_path, ray_session):
     sets = [a for s in TINY_SETTINGS for a in ("--set", s)]
     out = tmp_path / "demo"
-    res = _cli("demo", "--out", out, "--images", 32, "--size", 64, "--cycles", 1, "--budget", 4,
-               "--seed-size", 6, "--quiet", *sets)
+    res = _cli("demo", "--out", out, "--images", 40, "--size", 64, "--cycles", 1, "--budget", 4,
+               "--seed-size", 6, "--seeds", "0,1", "--quiet", *sets)
     assert res.exit_code == 0, res.output
     index = out / "report" / "index.html"
-    assert f"report: {index}" in res.stdout
     html = index.read_text()
-    for strat in ("random", "entropy"):
-        run = out / "runs" / strat
+    runs = {(s, k): out / "runs" / f"{s}-s{k}" for s in ("random", "entropy") for k in (0, 1)}
+    for (strat, seed), run in runs.items():
         loop = json.loads((run / "loop.json").read_text())
-        assert loop["status"] == "done" and loop["executor"] == "ray"
+        assert loop["status"] == "done" and loop["strategy"] == strat and loop["seed"] == seed
         assert (run / "cycles" / "1" / "metrics.json").is_file()
         assert strat in html
     assert "Cycle 0" in html and "Cycle 1" in html
     assert (out / "report" / "curves.png").stat().st_size > 10_000
-    # entropy scored the pool with Ray Data; random did not need to
-    assert (out / "runs" / "entropy" / "cycles" / "0" / "scores.parquet").is_file()
-    assert not (out / "runs" / "random" / "cycles" / "0" / "scores.parquet").exists()
+    # each seed's cycle 0 was trained once and shared: same seed set, byte-identical model
+    for seed in (0, 1):
+        a, b = runs[("random", seed)], runs[("entropy", seed)]
+        assert (a / "cycles/0/model.pt").read_bytes() == (b / "cycles/0/model.pt").read_bytes()
+        assert (a / "seed.json").read_text() == (b / "seed.json").read_text()
+    assert (runs[("random", 0)] / "cycles/0/model.pt").read_bytes() != \
+        (runs[("random", 1)] / "cycles/0/model.pt").read_bytes()
+    # entropy scored the pool; random did not need to
+    assert (runs[("entropy", 0)] / "cycles" / "0" / "scores.parquet").is_file()
+    assert not (runs[("random", 0)] / "cycles" / "0" / "scores.parquet").exists()
+    # the last line is the verdict, also in demo.json with the final mAP50 of every loop
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.startswith("verdict: ") and "random mAP50" in last and "entropy mAP50" in last
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["verdict"] == last and set(summary["final_map50"]) == {"random", "entropy"}
+    assert set(summary["final_map50"]["entropy"]) == {"0", "1"}
     # report for several runs from the CLI as well
-    r = _cli("report", out / "runs" / "random", out / "runs" / "entropy", "--out", tmp_path / "rep", "--quiet")
+    r = _cli("report", runs[("random", 0)], runs[("entropy", 0)], "--out", tmp_path / "rep", "--quiet")
     assert r.exit_code == 0 and (tmp_path / "rep" / "index.html").is_file()
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert {r["strategy"] for r in summary["runs"]} == {"random", "entropy"}

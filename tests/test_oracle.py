@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from poolscout.engine.data.oracle import (
     Answers,
     OracleError,
     answer_digest,
+    answers_cycle,
     batch_status,
     import_answers,
     read_answers,
@@ -502,3 +504,145 @@ def test_import_plain_mapping(run):
     assert res["imported"] == 2 and gt(run, ids[0])[0].tolist() == [[1, 2, 30, 40]]
     with pytest.raises(OracleError, match=rf"api: image {ids[2]} .* box 0: unknown category 99"):
         import_answers(run, {ids[2]: (np.array([[1, 2, 3, 4]]), np.array([99]))}, 0, source="api")
+
+
+# --------------------------------------------------------------------------- finding the cycle
+def _cli_import(run: RunDir, path: Path, *extra):
+    from click.testing import CliRunner
+
+    from poolscout.jobs.cli import cli
+
+    return CliRunner().invoke(cli, ["import", str(run.root), "--labels", str(path), *map(str, extra)])
+
+
+def test_import_finds_the_cycle_and_reimport_after_the_loop_moved_on_is_a_no_op(run, tmp_path):
+    ids = selected(run)
+    path = coco_file(run, tmp_path / "answers.json", {i: [(1, 2, 3, 10, 12)] for i in ids})
+    assert answers_cycle(run, read(run, path)) == 0
+    r = _cli_import(run, path)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"cycle": 0, "imported": 4, "unchanged": 0, "selected": 4,
+                                    "labeled_in_batch": 4, "missing": 0}
+    # the loop moves on: loop.json says cycle 1, which has no selection yet (the user's report)
+    io.atomic_write_json(run.root / "loop.json", {"cycle": 1, "status": "running"})
+    snap = snapshot(run)
+    mtimes = {p: p.stat().st_mtime_ns for p in run.root.glob("*.parquet")}
+    r = _cli_import(run, path)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"cycle": 0, "imported": 0, "unchanged": 4, "selected": 4,
+                                    "labeled_in_batch": 4, "missing": 0}
+    # ... and after cycle 1 selected other images: still cycle 0, still nothing written
+    others = [i for i, v in state_of(run).items() if v[0] == "pool"][:2]
+    write_selection(run, 1, others)
+    r = _cli_import(run, path)
+    assert r.exit_code == 0 and json.loads(r.stdout)["cycle"] == 0 and json.loads(r.stdout)["unchanged"] == 4
+    assert snapshot(run) == snap
+    assert {p: p.stat().st_mtime_ns for p in run.root.glob("*.parquet")} == mtimes
+    # an explicit --cycle still wins (and is checked)
+    r = _cli_import(run, path, "--cycle", 1)
+    assert r.exit_code == 2 and "not in cycle 1's selection" in r.stderr
+    # the next batch's answers find cycle 1 by themselves
+    p1 = coco_file(run, tmp_path / "next.json", {others[0]: []})
+    r = _cli_import(run, p1)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["cycle"] == 1 and json.loads(r.stdout)["imported"] == 1
+    assert state_of(run)[others[0]] == ("labeled", 2, STRATEGY)
+
+
+def test_answers_in_no_selection_or_spanning_cycles_are_one_line_errors(run, tmp_path):
+    ids = selected(run)
+    st = state_of(run)
+    test_id = [i for i, v in st.items() if v[0] == "test"][0]
+    unselected = [i for i, v in st.items() if v[0] == "pool" and i not in ids]
+    p = coco_file(run, tmp_path / "none.json", {ids[0]: [], test_id: []})
+    snap = snapshot(run)
+    r = _cli_import(run, p)
+    assert r.exit_code == 2
+    msg = r.stderr.strip()
+    assert "\n" not in msg and "none.json" in msg
+    assert re.search(rf"1 answered image\(s\) are in no cycle's selection: image {test_id} "
+                     rf"\(syn_0001[01].png\), images\[1\].*\(in the test split\)", msg), msg
+    write_selection(run, 1, unselected[:1])
+    p = coco_file(run, tmp_path / "span.json", {ids[0]: [], unselected[0]: []})
+    r = _cli_import(run, p)
+    assert r.exit_code == 2
+    msg = r.stderr.strip()
+    assert "\n" not in msg and "span.json" in msg
+    assert "span the selections of cycles 0, 1" in msg
+    assert re.search(rf"image {ids[0]} \(.*\) in cycle 0", msg) and re.search(rf"image {unselected[0]} \(.*\) in "
+                                                                                rf"cycle 1", msg), msg
+    assert snapshot(run) == snap
+    # the same image in two cycles' selections: the cycle where it can still be labeled
+    write_selection(run, 2, [ids[0]])
+    with pytest.raises(OracleError, match=r"x: the answered images are in the selections of cycles 0, 2 alike"):
+        answers_cycle(run, {ids[0]: (np.zeros((0, 4)), np.zeros(0, np.int32))}, "x")
+    import_answers(run, {ids[0]: (np.zeros((0, 4)), np.zeros(0, np.int32))}, 0, source="api")
+    assert answers_cycle(run, {ids[0]: (np.zeros((0, 4)), np.zeros(0, np.int32))}, "x") == 0
+    assert answers_cycle(run, {}) is None
+
+
+def test_label_studio_round_trip_with_an_image_server(run, tmp_path):
+    """Tasks exported with --image-root-url come back matched by their (quoted) image URL."""
+    ids = selected(run)
+    sel = io.read_table(run.selection_path(0))
+    path = tmp_path / "ls.json"
+    E.export_label_studio(path, sel, manifest(run), gt_preds(run, ids), run.read_categories(), min_score=0.5,
+                          image_root_url="https://img.example.org/pool")
+    tasks = json.loads(path.read_text())
+    assert all(t["data"]["image"] == f"https://img.example.org/pool/{key_of(run, t['id'])}" for t in tasks)
+    accept_predictions(path)
+    tasks = json.loads(path.read_text())
+    for t in tasks:
+        del t["data"]["image_id"]  # only the URL names the image
+    path.write_text(json.dumps(tasks))
+    ans = read(run, path)
+    assert sorted(ans) == sorted(ids)
+    for i in ids:
+        np.testing.assert_allclose(ans[i][0], gt(run, i)[0], atol=1e-4)
+
+
+def test_cli_export_all_then_import_label_studio_answers(run, tmp_path, pool):
+    """`poolscout export --format all` (CVAT and the LS config included, image references from
+    --image-root-url / export.local_files_root), then the LS answers back without --cycle."""
+    from click.testing import CliRunner
+
+    from poolscout.jobs.cli import cli
+
+    ids = selected(run)
+    r = CliRunner().invoke(cli, ["export", str(run.root), "--format", "all", "--cycle", "0"])
+    assert r.exit_code == 0, r.output
+    files = json.loads(r.stdout)["files"]
+    assert sorted(files) == ["coco", "csv", "cvat", "label_studio"]
+    out = run.export_dir(0)
+    assert sorted(p.name for p in out.iterdir()) == ["coco.json", "cvat.xml", "label_studio.json",
+                                                     "label_studio_config.xml", "selection.csv"]
+    assert files["label_studio"]["config"] == str(out / "label_studio_config.xml")
+    tasks = json.loads((out / "label_studio.json").read_text())
+    assert [t["data"]["image"] for t in tasks] == [f"/data/local-files/?d={key_of(run, i)}" for i in ids]
+    import xml.etree.ElementTree as ET
+
+    cvat = ET.parse(out / "cvat.xml").getroot()
+    assert sorted(im.get("name") for im in cvat.findall("image")) == sorted(key_of(run, i) for i in ids)
+
+    r = CliRunner().invoke(cli, ["export", str(run.root), "--format", "label_studio", "--cycle", "0",
+                                 "--image-root-url", "https://h/x/"])
+    assert r.exit_code == 0, r.output
+    tasks = json.loads((out / "label_studio.json").read_text())
+    assert [t["data"]["image"] for t in tasks] == [f"https://h/x/{key_of(run, i)}" for i in ids]
+    root = Path(pool["images"]).resolve().parent
+    r = CliRunner().invoke(cli, ["export", str(run.root), "--format", "label_studio", "--cycle", "0",
+                                 "--set", f"export.local_files_root={root}"])
+    assert r.exit_code == 0, r.output
+    tasks = json.loads((out / "label_studio.json").read_text())
+    sub = Path(pool["images"]).resolve().name
+    assert [t["data"]["image"] for t in tasks] == [f"/data/local-files/?d={sub}/{key_of(run, i)}" for i in ids]
+
+    # annotators answer in Label Studio; its export comes back with the local-files references
+    for t in tasks:
+        t["annotations"] = [{"id": 1, "result": [], "was_cancelled": False}]
+        del t["data"]["image_id"]
+    ans = tmp_path / "project-1-at-2026.json"
+    ans.write_text(json.dumps(tasks))
+    r = _cli_import(run, ans)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["cycle"] == 0 and json.loads(r.stdout)["imported"] == 4

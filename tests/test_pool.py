@@ -620,6 +620,55 @@ def test_init_run_labeled_file_and_conflict(tmp_path):
     assert sorted(c for c, st in zip(led["cycle"], led["state"]) if st == "labeled") == [0, 0]
 
 
+def test_init_run_refuses_a_labeled_list_covering_the_whole_pool(tmp_path):
+    root, ann = _pool_with_problems(tmp_path)
+    tst, lab = tmp_path / "split_test.txt", tmp_path / "split_pool.txt"
+    tst.write_text("img_0\n")
+    # every non-test image (img_2 is rejected for its bad box, it stays rejected)
+    lab.write_text("".join(f"img_{i}\n" for i in range(1, 10)))
+    with pytest.raises(ValueError) as e:
+        init_run(RunDir(tmp_path / "run"), images=root, annotations=ann, labeled=lab, test=tst, cfg=Config())
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"--labeled {lab} lists the whole pool (all 8 non-test images)")
+    assert "nothing would be left to select" in msg
+    assert not RunDir(tmp_path / "run").exists()
+    # one image left over is a pool
+    lab.write_text("".join(f"img_{i}\n" for i in range(1, 9)))
+    s = init_run(RunDir(tmp_path / "run"), images=root, annotations=ann, labeled=lab, test=tst, cfg=Config())
+    assert (s["labeled"], s["pool"], s["test"]) == (7, 1, 1)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.95])
+def test_init_run_refuses_a_seed_fraction_leaving_no_pool(tmp_path, fraction):
+    root, ann = _pool_with_problems(tmp_path)
+    tst = tmp_path / "test.txt"
+    tst.write_text("img_0\n")
+    with pytest.raises(ValueError, match=rf"^--seed-fraction {fraction} labels the whole pool \(all 8 non-test "
+                                         r"images\): nothing would be left to select"):
+        init_run(RunDir(tmp_path / "run"), images=root, annotations=ann, seed_fraction=fraction, test=tst,
+                 cfg=Config())
+    assert not RunDir(tmp_path / "run").exists()
+
+
+def test_cli_init_whole_pool_labeled_is_one_line_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from poolscout.jobs.cli import cli
+
+    root, ann = _pool_with_problems(tmp_path)
+    lab = tmp_path / "split_pool.txt"
+    lab.write_text("".join(f"img_{i}\n" for i in range(10)))
+    res = CliRunner().invoke(cli, ["init", str(tmp_path / "run"), "--images", str(root), "--annotations", str(ann),
+                                   "--labeled", str(lab)])
+    assert res.exit_code == 2
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]  # (the scan's progress bar aside)
+    assert len(errors) == 1 and res.output.rstrip().endswith(errors[0]), res.output
+    assert errors[0].startswith(f"error: --labeled {lab} lists the whole pool (all 9 non-test images)")
+    assert "nothing would be left to select" in errors[0]
+    assert not (tmp_path / "run" / "run.yaml").exists()
+
+
 # --------------------------------------------------------------------------- NEU-DET
 def _neu() -> Path:
     env = os.environ.get("POOLSCOUT_SHARED")

@@ -1,17 +1,19 @@
 """Typed configuration: YAML -> frozen dataclasses, with `key=value` overrides.
 
 Precedence (later wins): dataclass defaults < run.yaml < --config FILE < --set key=value.
-Unknown keys and values of the wrong type fail at load time with a message naming the
-key and the file it came from. YAML is read with `yaml.safe_load` only (no code runs).
+Unknown keys, values of the wrong type and values out of range (the checks declared next
+to each field, see `spec`) fail at load time with one line naming the key and the file
+it came from. YAML is read with `yaml.safe_load` only (no code runs).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -20,46 +22,110 @@ class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names the key and its source."""
 
 
+# --------------------------------------------------------------------------- range checks
+# Each setting's valid range sits next to its field: `lr: float = spec(0.01, gt(0))`.
+# `check_config` runs them after every load (build_config / load_config); a failure is one
+# line "<key>: must be ..., got <value>" (+ " (in FILE)" when a YAML file set the value).
+@dataclass(frozen=True)
+class Check:
+    """One constraint: `ok(value)` holds, else the message is `<key>: <text>, got <value>`."""
+
+    ok: Callable[[Any], bool]
+    text: str
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def ge(lo: float) -> Check:
+    return Check(lambda v: _num(v) and v >= lo, f"must be >= {lo}")
+
+
+def gt(lo: float) -> Check:
+    return Check(lambda v: _num(v) and v > lo, f"must be > {lo}")
+
+
+def within(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Check:
+    def ok(v: Any) -> bool:
+        return _num(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+
+    return Check(ok, f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+
+def one_of(*choices: str) -> Check:
+    return Check(lambda v: v in choices, "must be one of " + ", ".join(map(repr, choices)))
+
+
+def each(check: Check) -> Check:
+    """`check` on every item of a list setting."""
+    return Check(lambda v: all(check.ok(x) for x in v), "every item " + check.text)
+
+
+def _empty_rule(v: Any) -> bool:
+    if v in ("pool_max", "pool_min"):
+        return True
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+PROB = within(0, 1)
+NONEMPTY = Check(lambda v: len(v.strip() if isinstance(v, str) else v) > 0, "must not be empty")
+DISTINCT = Check(lambda v: len(set(v)) == len(v), "must not repeat an item")
+EMPTY_RULE = Check(_empty_rule, "must be 'pool_max', 'pool_min' or a number")
+# engine.models.predictions.VIEWS (not imported here: config stays free of numpy/torch; a
+# test keeps the two equal), and jobs.export.FORMATS plus "all".
+VIEWS = ("orig", "hflip", "cutout", "resize", "rotate")
+EXPORT_FORMATS = ("coco", "label_studio", "cvat", "csv", "all")
+
+
+def spec(default: Any, *checks: Check) -> Any:
+    """A dataclass field: its default and the checks its value must pass at load."""
+    return field(default=default, metadata={"checks": checks})
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
-    name: str = "custom"
+    name: str = spec("custom", NONEMPTY)
     # Optional class list (order = category ids 1..C). When given, annotation class names
     # outside it are rejected; when empty, classes are taken from the annotations.
-    classes: tuple[str, ...] = ()
-    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+    classes: tuple[str, ...] = spec((), each(NONEMPTY), DISTINCT)
+    extensions: tuple[str, ...] = spec((".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"), NONEMPTY, each(NONEMPTY))
     # Images whose header announces more pixels than this are rejected undecoded
     # (decompression-bomb guard).
-    max_pixels: int = 64_000_000
+    max_pixels: int = spec(64_000_000, ge(1))
     # Boxes that leave the image by at most this many pixels are clipped; further out
     # the image is rejected with the reason.
-    box_tolerance_px: float = 2.0
-    min_box_size: float = 1.0
+    box_tolerance_px: float = spec(2.0, ge(0))
+    min_box_size: float = spec(1.0, ge(0))
 
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    name: str = "fasterrcnn_effnet_lite0_fpn"
+    name: str = spec("fasterrcnn_effnet_lite0_fpn", NONEMPTY)  # a DETECTORS name, checked at build
     # Images are resized (aspect kept) and padded to input_size x input_size, so every
     # tensor has the same shape and results do not depend on batch composition.
-    input_size: int = 160
+    input_size: int = spec(160, ge(32))
     # None: random init; "DEFAULT": torchvision hub weights; else a local .pt/.pth path.
-    weights: str | None = None
+    weights: str | None = spec(None, NONEMPTY)
     # "auto": the packaged ImageNet weights where the preset has them; None: random;
     # "DEFAULT" or a path, as for weights.
-    backbone_weights: str | None = "auto"
-    max_boxes: int = 100
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    fpn_channels: int = 64
-    trainable_backbone_layers: int = 3
-    rpn_pre_nms_top_n_train: int = 600
-    rpn_post_nms_top_n_train: int = 300
-    rpn_pre_nms_top_n_test: int = 300
-    rpn_post_nms_top_n_test: int = 150
-    rpn_batch_size_per_image: int = 128
-    box_batch_size_per_image: int = 128
-    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
-    dropout: float = 0.0
+    backbone_weights: str | None = spec("auto", NONEMPTY)
+    max_boxes: int = spec(100, ge(1))
+    score_thresh: float = spec(0.05, PROB)
+    nms_thresh: float = spec(0.5, PROB)
+    fpn_channels: int = spec(64, ge(1))
+    trainable_backbone_layers: int = spec(3, within(0, 5))
+    rpn_pre_nms_top_n_train: int = spec(600, ge(1))
+    rpn_post_nms_top_n_train: int = spec(300, ge(1))
+    rpn_pre_nms_top_n_test: int = spec(300, ge(1))
+    rpn_post_nms_top_n_test: int = spec(150, ge(1))
+    rpn_batch_size_per_image: int = spec(128, ge(1))
+    box_batch_size_per_image: int = spec(128, ge(1))
+    anchor_sizes: tuple[int, ...] = spec((16, 32, 64, 128), NONEMPTY, each(ge(1)))
+    dropout: float = spec(0.0, within(0, 1, hi_open=True))
     # timm backbones (the EfficientNet-Lite0 preset): keep the stem conv + BN frozen.
     freeze_stem: bool = True
     # Faster R-CNN only: an extra Linear head predicting the log-variance of each class's 4
@@ -70,24 +136,29 @@ class DetectorConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 8
-    batch_size: int = 4
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 50
-    hflip_prob: float = 0.5
+    epochs: int = spec(8, ge(1))
+    batch_size: int = spec(4, ge(1))
+    lr: float = spec(0.01, gt(0))
+    momentum: float = spec(0.9, within(0, 1, hi_open=True))
+    weight_decay: float = spec(1e-4, ge(0))
+    # Linear warmup iterations; more than a cycle's iterations is warned about at train start.
+    warmup_iters: int = spec(50, ge(0))
+    hflip_prob: float = spec(0.5, PROB)
     # Start each cycle from the previous cycle's model when there is one.
     warm_start: bool = True
-    num_workers: int = 1
+    num_workers: int = spec(1, ge(1))
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = spec(1.0, ge(0))
+    # How the "ray" executor trains: "ray_train" (a Ray Train TorchTrainer job), "in_process"
+    # (in the driver), or "auto": in-process when one worker is all there is on an embedded
+    # local Ray (a Ray Train job would spend ~a minute starting up, every cycle).
+    backend: str = spec("auto", one_of("auto", "ray_train", "in_process"))
     # 0 = as many threads as the node has cores (Ray would otherwise give 1 per CPU slot).
-    torch_threads: int = 0
-    max_images: int = 0  # 0 = all labeled images; >0 caps them (smoke tests)
+    torch_threads: int = spec(0, ge(0))
+    max_images: int = spec(0, ge(0))  # 0 = all labeled images; >0 caps them (smoke tests)
     # Epochs of a warm-started cycle (one that starts from the previous cycle's model);
     # 0 = `epochs`. Fine-tuning needs fewer passes than the first training.
-    warm_epochs: int = 0
+    warm_epochs: int = spec(0, ge(0))
     # HUALE training-side losses (docs/methods.md section 3; Faster R-CNN family only, see
     # engine/roi_heads.py). All off = torchvision's Faster R-CNN losses.
     # Emphasis loss: per-ROI factors (1 + b_cls) on the classification and (1 + b_loc) on the
@@ -95,98 +166,107 @@ class TrainConfig:
     emphasis_loss: bool = False
     # EIoU loss (1 + GIoU)^gamma (1 - GIoU) on decoded boxes instead of smooth L1 on deltas.
     eiou_loss: bool = False
-    eiou_gamma: float = 0.8
+    eiou_gamma: float = spec(0.8, ge(0))
     # Weight on the EIoU term. An IoU loss in [0, 2] per box is an order of magnitude weaker
     # than smooth L1 on torchvision's encoded deltas (weights 10, 10, 5, 5); IoU-loss Faster
     # R-CNN configurations commonly weight it 10 [ours]. 1 = the paper's formula as written.
-    eiou_weight: float = 1.0
+    eiou_weight: float = spec(1.0, gt(0))
     # Uncertainty-aware regression smoothL1 / (2 sigma^2) + 0.5 log sigma^2 as an extra term
     # "loss_aware"; requires detector.box_var_head.
     aware_loss: bool = False
     # lambda in [0, 1]: total = L_cls + lambda L_box_reg + (1 - lambda)(L_rpn + L_aware);
     # None = every term at weight 1.
-    loss_lambda: float | None = None
+    loss_lambda: float | None = spec(None, PROB)
     # EMA momentum of the per-class quality Q_c (PPAL's q = p_gt^0.6 IoU^0.4) tracked by the
     # Faster R-CNN ROI heads during training (buffer roi_heads.class_quality).
-    quality_momentum: float = 0.9
+    quality_momentum: float = spec(0.9, PROB)
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    batch_size: int = 8
+    batch_size: int = spec(8, ge(1))
     # Detector actors; each reserves num_cpus / num_gpus.
-    concurrency: int = 1
-    num_gpus: float = 0.0
-    num_cpus: float = 1.0
-    torch_threads: int = 0
-    decode_batch_size: int = 32
-    views: tuple[str, ...] = ("orig", "hflip")
+    concurrency: int = spec(1, ge(1))
+    num_gpus: float = spec(0.0, ge(0))
+    num_cpus: float = spec(1.0, ge(0))
+    torch_threads: int = spec(0, ge(0))
+    decode_batch_size: int = spec(32, ge(1))
+    views: tuple[str, ...] = spec(("orig", "hflip"), each(one_of(*VIEWS)))
     # Signal specs "name[:reduce[:k]]"; a column "name_reduce[_k]" each in scores.parquet.
-    signals: tuple[str, ...] = (
+    # (Parsed against the signal registry when scoring starts.)
+    signals: tuple[str, ...] = spec((
         "random",
         "entropy:max",
         "entropy:mean",
         "margin:max",
         "least_confidence:max",
-    )
+    ), each(NONEMPTY))
     # Value of a box-reduced signal for an image with no boxes: "pool_max" (the most
     # informative value seen in the pool), "pool_min", or a number.
-    empty_value: str = "pool_max"
+    empty_value: str = spec("pool_max", EMPTY_RULE)
     store_roi_embeddings: bool = True
     embed_labeled: bool = True  # image embeddings of labeled images (core-set centers)
     # T, the MC-dropout passes of the box head, run only when a signal needs them (bald);
     # the detector must be trained with detector.dropout > 0.
-    mc_passes: int = 10
+    mc_passes: int = spec(10, ge(0))
     # Augmented views (CALD, HUALE): resize factor, rotation in degrees (counter-clockwise),
     # cutout holes and their side as a fraction of the shorter image side.
-    view_resize: float = 0.8
-    view_rotate: float = 5.0
-    cutout_holes: int = 2
-    cutout_size: float = 0.2
+    view_resize: float = spec(0.8, within(0, 1, lo_open=True))
+    view_rotate: float = spec(5.0, within(-180, 180))
+    cutout_holes: int = spec(2, ge(0))
+    cutout_size: float = spec(0.2, within(0, 1, hi_open=True))
 
 
 @dataclass(frozen=True)
 class SelectConfig:
-    strategy: str = "entropy"
-    budget: int = 100
+    strategy: str = spec("entropy", NONEMPTY)  # a configs/strategies name or YAML path
+    budget: int = spec(100, ge(1))
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    format: str = "coco"
-    min_score: float = 0.3
+    format: str = spec("coco", one_of(*EXPORT_FORMATS))
+    min_score: float = spec(0.3, PROB)
+    # Label Studio image references (engine.data.export.image_ref): "" = the local-files
+    # form /data/local-files/?d=<path under local_files_root>; else a URL prefix joined
+    # with the URL-quoted source_key (e.g. https://host/images/).
+    image_root_url: str = ""
+    # Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; "" = the run's images folder.
+    local_files_root: str = ""
 
 
 @dataclass(frozen=True)
 class LoopConfig:
     """The active-learning loop (`poolscout run`)."""
 
-    cycles: int = 4
+    cycles: int = spec(4, ge(0))
     # "simulated": a GT oracle reveals annotations.parquet (benchmarks); "human": the loop
     # pauses after each selection until `poolscout import` brings the answers.
-    oracle: str = "simulated"
+    oracle: str = spec("simulated", one_of("simulated", "human"))
     # Seed set when the run has no labeled images yet: this many images, picked by
     # "random" or "kcenter" (k-center greedy on image embeddings of the untrained detector,
     # a cold-start diversity pick).
-    seed_size: int = 0
-    seed_strategy: str = "random"
+    seed_size: int = spec(0, ge(0))
+    seed_strategy: str = spec("random", one_of("random", "kcenter"))
     # "ray": Ray Train + Ray Data per stage (the product path); "local": every stage in this
     # process (benchmarks run many loops as Ray tasks, one per CPU).
-    executor: str = "ray"
-    eval_batch_size: int = 8
+    executor: str = spec("ray", one_of("ray", "local"))
+    eval_batch_size: int = spec(8, ge(1))
+    # torch threads of evaluation (0 = score.torch_threads, else torch's default)
+    eval_threads: int = spec(0, ge(0))
     # Score the pool even when the strategy needs no model signal (e.g. random).
     always_score: bool = False
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str | None = None
-    num_cpus: int = 0  # 0 = all cores, embedded local Ray only
+    address: str | None = spec(None, NONEMPTY)
+    num_cpus: int = spec(0, ge(0))  # 0 = all cores, embedded local Ray only
 
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = 0
+    seed: int = spec(0, ge(0))
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -203,6 +283,14 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
+# Constraints between settings, known at load: (keys involved, ok(cfg), message after the
+# first key).
+CROSS_CHECKS: tuple[tuple[tuple[str, ...], Callable[[Config], bool], str], ...] = (
+    (("train.aware_loss", "detector.box_var_head"), lambda c: not c.train.aware_loss or c.detector.box_var_head,
+     "true needs detector.box_var_head: true (the uncertainty-aware loss reads the box variance head)"),
+)
+
+
 def to_plain(obj: Any) -> Any:
     """Dataclass -> nested dict of YAML-safe values (tuples become lists)."""
     if dataclasses.is_dataclass(obj):
@@ -212,6 +300,51 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_plain(v) for k, v in obj.items()}
     return obj
+
+
+def settings(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, tuple[Check, ...]]]:
+    """(dotted key, value, checks) of every leaf setting of a config dataclass."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from settings(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, f.metadata.get("checks", ())
+
+
+def check_config(cfg: Config, sources: dict[str, str] | None = None) -> Config:
+    """Range-check every setting (the checks next to the fields, then CROSS_CHECKS).
+
+    Args:
+        cfg: the configuration.
+        sources: dotted key -> where its value came from (a file, or "--set ..."); a
+            value from a file is reported with it.
+
+    Returns:
+        `cfg`, unchanged.
+
+    Raises:
+        ConfigError: "<key>: must be ..., got <value>" for the first bad setting.
+    """
+    sources = sources or {}
+
+    def fail(key: str, text: str) -> None:
+        src = sources.get(key)
+        where = f" (in {src})" if src and not src.startswith("--set") else ""
+        raise ConfigError(f"{key}: {text}{where}")
+
+    for key, value, checks in settings(cfg):
+        if value is None:  # an optional setting left unset
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(key, f"must be a finite number, got {value!r}")
+        for c in checks:
+            if not c.ok(value):
+                fail(key, f"{c.text}, got {to_plain(value)!r}")
+    for keys, ok, text in CROSS_CHECKS:
+        if not ok(cfg):
+            fail(keys[0], text)
+    return cfg
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -259,7 +392,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: unsupported type {tp} for {key!r}")
 
 
-def _merge_into(cls: type, current: Any, data: dict[str, Any], prefix: str, source: str) -> Any:
+def _merge_into(cls: type, current: Any, data: dict[str, Any], prefix: str, source: str,
+                seen: dict[str, str] | None = None) -> Any:
+    """`current` (a `cls`) with `data`'s values; `seen` (when given) maps each key set to `source`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: section {prefix.rstrip('.') or '(top)'!r} must be a mapping")
     hints = typing.get_type_hints(cls)
@@ -272,9 +407,11 @@ def _merge_into(cls: type, current: Any, data: dict[str, Any], prefix: str, sour
             raise ConfigError(f"{source}: unknown key {full!r} (known keys here: {known})")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            changes[key] = _merge_into(tp, getattr(current, key), value or {}, full + ".", source)
+            changes[key] = _merge_into(tp, getattr(current, key), value or {}, full + ".", source, seen)
         else:
             changes[key] = _coerce(value, tp, full, source)
+            if seen is not None:
+                seen[full] = source
     return dataclasses.replace(current, **changes)
 
 
@@ -311,19 +448,21 @@ def build_config(
     overrides: list[str] = (),
     base: Config | None = None,
 ) -> Config:
-    """Apply YAML layers (source name, mapping) then `key=value` overrides."""
+    """Apply YAML layers (source name, mapping) then `key=value` overrides, then range-check
+    the result (`check_config`; a bad value is reported with the layer that set it)."""
     cfg = base or Config()
+    seen: dict[str, str] = {}
     for source, data in layers:
         data = dict(data)
         data.pop("fingerprint", None)  # run.yaml carries it; it is not a setting
-        cfg = _merge_into(Config, cfg, data, "", source)
+        cfg = _merge_into(Config, cfg, data, "", source, seen)
     for text in overrides:
         keys, value = parse_override(text)
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
-        cfg = _merge_into(Config, cfg, nested, "", f"--set {text}")
-    return cfg
+        cfg = _merge_into(Config, cfg, nested, "", f"--set {text}", seen)
+    return check_config(cfg, seen)
 
 
 def load_config(paths: list[str | Path] = (), overrides: list[str] = (), base: Config | None = None) -> Config:

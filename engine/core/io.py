@@ -61,10 +61,32 @@ SELECTION_SCHEMA = pa.schema(
 STATES = ("pool", "labeled", "test", "rejected")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # elsewhere: read it by setting it, then put it back
+    os.umask(old)
+    return old
+
+
 def _tmp_in(path: Path) -> Path:
+    """An empty temp file beside `path` with the mode a plain open() would give it.
+
+    mkstemp creates 0600 files; the final file gets 0666 & ~umask instead (0644 under the
+    usual umask 022), so exports and tables are readable by others as ordinary files are.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 

@@ -1,4 +1,4 @@
-"""Exports of a selection for annotators: COCO JSON, Label Studio tasks, CSV.
+"""Exports of a selection for annotators: COCO JSON, Label Studio tasks, CVAT XML, CSV.
 
 Inputs are the run-directory tables: `selection` (engine.io.SELECTION_SCHEMA: image_id,
 rank, score, rationale), `manifest` (engine.io.MANIFEST_SCHEMA: image_id, uri, width,
@@ -6,15 +6,24 @@ height, source_key) and optionally a canonical prediction batch (engine.predicti
 covers the selected ids; its original-view boxes with score >= `min_score` become
 pre-annotations. Detector labels are category ids (1..C, as in categories.json).
 
-Images come out in rank order. Every file is written atomically (temp file + os.replace);
-each function returns a summary {"format", "path", "images", "annotations"}.
+Images come out in rank order (CVAT: in frame order, see :func:`export_cvat`). Every file
+is written atomically (temp file + os.replace) with mode 0666 & ~umask (0644 under the
+usual umask), so an annotation tool running as another user can read it; each function
+returns a summary {"format", "path", "images", "annotations"}. Everything put into XML goes
+through xml.etree (escaped); text that XML 1.0 cannot hold at all is an error.
 """
 from __future__ import annotations
 
 import csv
 import io as _io
+import json
 import math
+import os
+import posixpath
+import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
+from urllib.parse import quote, unquote, urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -37,12 +46,17 @@ def _selected(selection: pa.Table, manifest: pa.Table) -> dict[str, np.ndarray]:
     score = selection.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
     order = np.lexsort((ids, rank))
     ids, rank, score = ids[order], rank[order], score[order]
+    if "rationale" in selection.column_names:
+        rationale = np.asarray(selection.column("rationale").to_pylist(), dtype=object)[order]
+    else:
+        rationale = np.full(len(ids), None, dtype=object)
     mids = manifest.column("image_id").to_numpy().astype(np.int64)
     rows = _lookup(mids, ids, "manifest")
     return {
         "image_id": ids,
         "rank": rank,
         "score": score,
+        "rationale": rationale,
         "uri": np.asarray(manifest.column("uri").to_pylist(), dtype=object)[rows],
         "source_key": np.asarray(manifest.column("source_key").to_pylist(), dtype=object)[rows],
         "width": manifest.column("width").to_numpy().astype(np.int64)[rows],
@@ -105,6 +119,131 @@ def _num(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _rationale(text) -> object:
+    """The selection's JSON rationale as an object (the raw string when it is not JSON)."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return str(text)
+
+
+def _picked_boxes(selection: pa.Table, manifest: pa.Table, preds, categories: list[dict], min_score: float):
+    """Selected rows, their pre-annotation boxes (with names), and the boxes clipped to each
+    box's image: (sel, bx, names, w, h, clipped boxes), w and h per box."""
+    sel = _selected(selection, manifest)
+    bx = _boxes_for(preds, sel["image_id"], min_score)
+    names = _cat_names(categories, bx["labels"])
+    w = sel["width"].astype(np.float64)[bx["img"]]
+    h = sel["height"].astype(np.float64)[bx["img"]]
+    return sel, bx, names, w, h, _clip_boxes(bx["boxes"], w, h)
+
+
+def _clip_boxes(boxes: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """xyxy pixel boxes clipped into their W x H images (tools reject boxes outside)."""
+    if not len(boxes):
+        return np.zeros((0, 4))
+    x = np.clip(boxes[:, [0, 2]], 0.0, w[:, None])
+    y = np.clip(boxes[:, [1, 3]], 0.0, h[:, None])
+    return np.column_stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]])
+
+
+def _confidence(scores: np.ndarray) -> np.ndarray:
+    """Detector box scores as confidences in [0, 1] (what Label Studio accepts)."""
+    return np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+
+
+# XML 1.0 forbids these code points in text and attribute values, escaped or not.
+_XML_BAD = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_text(v: object, what: str) -> str:
+    """`v` as XML-safe text (ElementTree escapes &, <, >, quotes; this rejects the rest)."""
+    t = str(v)
+    bad = _XML_BAD.search(t)
+    if bad:
+        raise ValueError(f"{what} {t!r} holds the character {bad.group()!r}, which XML cannot represent")
+    return t
+
+
+def _xml_bytes(root: ET.Element, declaration: bool = True) -> bytes:
+    ET.indent(root, space="  ")
+    return ET.tostring(root, encoding="utf-8", xml_declaration=declaration) + b"\n"
+
+
+# a fixed, distinguishable palette for label colors (Label Studio and CVAT)
+_COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
+           "#fabed4", "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075")
+
+
+def _label_names(categories: list[dict]) -> list[str]:
+    """Category names in id order; duplicates are an error (the tools key labels by name)."""
+    names = [str(c.get("name", c["id"])) for c in sorted(categories, key=lambda c: int(c["id"]))]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"category names {dup} occur more than once in categories.json; annotation tools "
+                         f"identify labels by name")
+    for n in names:
+        _xml_text(n, "category name")
+    return names
+
+
+# --------------------------------------------------------------------------- image references
+LOCAL_FILES_PREFIX = "/data/local-files/?d="
+
+
+def _local_path(uri: str) -> str | None:
+    """The local filesystem path of a manifest uri (plain path or file://); None for a URL."""
+    u = str(uri)
+    if u.startswith("file://"):
+        return unquote(urlparse(u).path)
+    scheme = urlparse(u).scheme
+    if scheme and len(scheme) > 1:  # s3://, gs://, http(s)://, ... (a drive letter is no scheme)
+        return None
+    return u
+
+
+def image_ref(uri: str, source_key: str, *, image_root_url: str = "", local_files_root: str = "") -> str:
+    """How a Label Studio task names its image (``data.image``).
+
+    * ``image_root_url`` given (``export.image_root_url`` / ``--image-root-url``, e.g.
+      ``https://host/images/``): that URL joined with the URL-quoted source_key
+      (``https://host/images/sub/a%20b.jpg``); a missing trailing "/" is added.
+    * else, a manifest uri that is a URL (``s3://``, ``gs://``, ``http(s)://``) is kept as it
+      is (Label Studio resolves it through a connected cloud storage, or loads it).
+    * else, a local file: Label Studio's local-files form ``/data/local-files/?d=<path>``,
+      where <path> (URL-quoted) is relative to Label Studio's document root
+      (``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``). That root is ``local_files_root``
+      (``export.local_files_root``) when given - the image must then lie under it - and by
+      default the run's pool root, i.e. the images folder given to ``poolscout init`` (the
+      manifest uri minus its source_key), so <path> is the source_key itself. Label Studio
+      also needs LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true and a "Local files" storage
+      of the project whose path is (under) that root.
+
+    Raises:
+        ValueError: the image is not under ``local_files_root``.
+    """
+    key = str(source_key).replace("\\", "/").lstrip("/")
+    if image_root_url:
+        base = image_root_url if image_root_url.endswith("/") else image_root_url + "/"
+        return base + quote(key, safe="/")
+    path = _local_path(uri)
+    if path is None:
+        return str(uri)
+    if local_files_root:
+        root = os.path.abspath(os.path.expanduser(local_files_root))
+        full = os.path.abspath(path)
+        rel = os.path.relpath(full, root) if os.path.splitdrive(full)[0] == os.path.splitdrive(root)[0] else ".."
+        rel = rel.replace(os.sep, "/")
+        if rel == ".." or rel.startswith("../") or rel == ".":
+            raise ValueError(f"image {source_key!r} ({path}) is not under export.local_files_root {root}; "
+                             f"set it to Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, which must "
+                             f"contain the images")
+        key = posixpath.normpath(rel)
+    return LOCAL_FILES_PREFIX + quote(key, safe="/")
+
+
 def export_coco(path: str | Path, selection: pa.Table, manifest: pa.Table, preds: dict[str, np.ndarray] | None,
                 categories: list[dict], min_score: float = 0.3) -> dict:
     """Write a COCO detection JSON of the selected images with model pre-annotations.
@@ -154,38 +293,74 @@ def export_coco(path: str | Path, selection: pa.Table, manifest: pa.Table, preds
     return {"format": "coco", "path": str(path), "images": len(images), "annotations": len(anns)}
 
 
+LS_CONFIG_NAME = "label_studio_config.xml"
+LS_IMAGE, LS_LABEL = "image", "label"  # the Image and RectangleLabels names tasks refer to
+
+
+def label_studio_config(categories: list[dict]) -> str:
+    """The Label Studio labeling config (XML) matching :func:`export_label_studio`'s tasks.
+
+    ``<View><Image name="image" value="$image"/><RectangleLabels name="label"
+    toName="image"><Label value=NAME background=COLOR/>...</RectangleLabels></View>``, one
+    Label per category in id order. Paste it into the project's Settings -> Labeling
+    Interface -> Code before importing the tasks.
+    """
+    names = _label_names(categories)
+    view = ET.Element("View")
+    ET.SubElement(view, "Image", {"name": LS_IMAGE, "value": "$" + LS_IMAGE, "zoom": "true"})
+    rl = ET.SubElement(view, "RectangleLabels", {"name": LS_LABEL, "toName": LS_IMAGE})
+    for j, n in enumerate(names):
+        ET.SubElement(rl, "Label", {"value": n, "background": _COLORS[j % len(_COLORS)]})
+    # no <?xml ... encoding=...?> declaration: Label Studio parses the pasted config as a string,
+    # which lxml refuses when it declares an encoding
+    return _xml_bytes(view, declaration=False).decode("utf-8")
+
+
 def export_label_studio(path: str | Path, selection: pa.Table, manifest: pa.Table,
                         preds: dict[str, np.ndarray] | None, categories: list[dict], min_score: float = 0.3,
-                        model_version: str = "poolscout") -> dict:
-    """Write a Label Studio task list (JSON import format) with rectangle pre-annotations.
+                        model_version: str = "poolscout", *, image_root_url: str = "",
+                        local_files_root: str = "", config_path: str | Path | None = None) -> dict:
+    """Write a Label Studio task list (JSON import format) with rectangle pre-annotations,
+    and its labeling config beside it.
 
-    One task per selected image: {"id": image_id, "data": {"image": uri, "image_id",
-    "poolscout_rank"}, "predictions": [{"model_version", "score": selection score,
-    "result": [...]}]}. Each result is a "rectanglelabels" region for a labeling config with
-    `<Image name="image">` and `<RectangleLabels name="label" toName="image">`; its value
-    is in percent of the original size: x = 100 x1 / W, y = 100 y1 / H,
-    width = 100 (x2 - x1) / W, height = 100 (y2 - y1) / H.
+    One task per selected image::
+
+        {"id": image_id,
+         "data": {"image": image_ref(...), "image_id", "poolscout_rank", "poolscout_selection_score"},
+         "meta": {"poolscout": {"rank", "selection_score", "rationale"}},
+         "predictions": [{"model_version", "score": mean box confidence, "result": [...]}]}
+
+    ``data.image`` follows :func:`image_ref` (``image_root_url``, else Label Studio's
+    ``/data/local-files/?d=`` form relative to ``local_files_root`` or, by default, to the
+    run's images folder). The selection's score, rank and rationale are not model scores:
+    they sit in ``meta`` (and, to sort tasks by them in the data manager, in the
+    ``poolscout_``-prefixed data fields). Each result is a "rectanglelabels" region of the
+    config's ``RectangleLabels name="label" toName="image"``; its ``score`` is that box's
+    detector confidence (clipped to [0, 1]) and its value is in percent of the original
+    size, the box first clipped to the image: x = 100 x1 / W, y = 100 y1 / H,
+    width = 100 (x2 - x1) / W, height = 100 (y2 - y1) / H. The prediction's ``score`` is
+    the mean confidence of its boxes (no ``score`` when the model found none).
+
+    The labeling config (:func:`label_studio_config`) is written to ``config_path``
+    (default: ``label_studio_config.xml`` beside ``path``).
 
     Returns:
-        {"format": "label_studio", "path", "images", "annotations"}.
+        {"format": "label_studio", "path", "images", "annotations", "config": config path}.
     """
-    sel = _selected(selection, manifest)
-    bx = _boxes_for(preds, sel["image_id"], min_score)
-    names = _cat_names(categories, bx["labels"])
-    w = sel["width"].astype(np.float64)[bx["img"]]
-    h = sel["height"].astype(np.float64)[bx["img"]]
-    b = bx["boxes"]
+    sel, bx, names, w, h, b = _picked_boxes(selection, manifest, preds, categories, min_score)
+    config = label_studio_config(categories)
     pct = (np.column_stack([b[:, 0] / w, b[:, 1] / h, (b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h]) * 100.0
            if len(b) else np.zeros((0, 4)))
+    conf = _confidence(bx["scores"])
     results: list[list[dict]] = [[] for _ in range(len(sel["image_id"]))]
     ids = sel["image_id"]
     for j, (i, p, lab, s) in enumerate(zip(bx["img"].tolist(), pct.tolist(), bx["labels"].tolist(),
-                                           bx["scores"].tolist())):
+                                           conf.tolist())):
         results[i].append({
             "id": f"{int(ids[i])}_{j}",
             "type": "rectanglelabels",
-            "from_name": "label",
-            "to_name": "image",
+            "from_name": LS_LABEL,
+            "to_name": LS_IMAGE,
             "original_width": int(sel["width"][i]),
             "original_height": int(sel["height"][i]),
             "image_rotation": 0,
@@ -193,14 +368,79 @@ def export_label_studio(path: str | Path, selection: pa.Table, manifest: pa.Tabl
                       "rectanglelabels": [names[lab]]},
             "score": s,
         })
-    tasks = [
-        {"id": i, "data": {"image": u, "image_id": i, "poolscout_rank": r},
-         "predictions": [{"model_version": model_version, "score": _num(s), "result": res}]}
-        for i, u, r, s, res in zip(ids.tolist(), sel["uri"].tolist(), sel["rank"].tolist(), sel["score"].tolist(),
-                                   results)
-    ]
+    tasks = []
+    for i, u, k, r, s, why, res in zip(ids.tolist(), sel["uri"].tolist(), sel["source_key"].tolist(),
+                                       sel["rank"].tolist(), sel["score"].tolist(), sel["rationale"].tolist(),
+                                       results):
+        pred: dict = {"model_version": model_version}
+        if res:
+            pred["score"] = float(np.mean([x["score"] for x in res]))
+        pred["result"] = res
+        tasks.append({
+            "id": i,
+            "data": {LS_IMAGE: image_ref(u, k, image_root_url=image_root_url, local_files_root=local_files_root),
+                     "image_id": i, "poolscout_rank": r, "poolscout_selection_score": _num(s)},
+            "meta": {"poolscout": {"rank": r, "selection_score": _num(s), "rationale": _rationale(why),
+                                   "source_key": k}},
+            "predictions": [pred],
+        })
+    cfg_path = Path(config_path) if config_path is not None else Path(path).parent / LS_CONFIG_NAME
     io.atomic_write_json(path, tasks)
-    return {"format": "label_studio", "path": str(path), "images": len(tasks), "annotations": int(len(b))}
+    io.atomic_write_text(cfg_path, config)
+    return {"format": "label_studio", "path": str(path), "images": len(tasks), "annotations": int(len(b)),
+            "config": str(cfg_path)}
+
+
+def export_cvat(path: str | Path, selection: pa.Table, manifest: pa.Table, preds: dict[str, np.ndarray] | None,
+                categories: list[dict], min_score: float = 0.3, task_name: str = "poolscout") -> dict:
+    """Write the pre-annotations as "CVAT for images 1.1" XML.
+
+    ``<annotations><version>1.1</version><meta><task>... <labels><label><name>NAME</name>
+    <color/><type>rectangle</type><attributes/></label>...</labels></task></meta>`` then one
+    ``<image id name width height>`` per selected image holding ``<box label xtl ytl xbr ybr
+    occluded="0" source="auto" z_order="0"/>`` per box (score >= min_score, pixels, clipped
+    to the image, 2 decimals). ``name`` is the source_key (the path under the images folder);
+    the images come in name order with ``id`` = 0, 1, ... - the frame numbers of a CVAT task
+    created from exactly these files with CVAT's default (lexicographical) sorting; CVAT
+    matches the images by name where it can. Load it into such a task with Actions ->
+    Upload annotations -> "CVAT 1.1". Names and labels are XML-escaped.
+
+    Returns:
+        {"format": "cvat", "path", "images", "annotations"}.
+    """
+    sel, bx, names, w, h, b = _picked_boxes(selection, manifest, preds, categories, min_score)
+    label_names = _label_names(categories)
+    keys = [str(k) for k in sel["source_key"].tolist()]
+    order = sorted(range(len(keys)), key=lambda j: keys[j])
+
+    root = ET.Element("annotations")
+    ET.SubElement(root, "version").text = "1.1"
+    task = ET.SubElement(ET.SubElement(root, "meta"), "task")
+    ET.SubElement(task, "name").text = _xml_text(task_name, "task name")
+    ET.SubElement(task, "size").text = str(len(keys))
+    ET.SubElement(task, "mode").text = "annotation"
+    ET.SubElement(task, "overlap").text = "0"
+    labels = ET.SubElement(task, "labels")
+    for j, n in enumerate(label_names):
+        lab = ET.SubElement(labels, "label")
+        ET.SubElement(lab, "name").text = n
+        ET.SubElement(lab, "color").text = _COLORS[j % len(_COLORS)]
+        ET.SubElement(lab, "type").text = "rectangle"
+        ET.SubElement(lab, "attributes")
+    per_img: list[list[int]] = [[] for _ in keys]
+    for r, i in enumerate(bx["img"].tolist()):
+        per_img[i].append(r)
+    for frame, i in enumerate(order):
+        img = ET.SubElement(root, "image", {"id": str(frame), "name": _xml_text(keys[i], "source_key"),
+                                            "width": str(int(sel["width"][i])),
+                                            "height": str(int(sel["height"][i]))})
+        for r in per_img[i]:
+            x1, y1, x2, y2 = b[r].tolist()
+            ET.SubElement(img, "box", {"label": names[int(bx["labels"][r])], "source": "auto", "occluded": "0",
+                                       "xtl": f"{x1:.2f}", "ytl": f"{y1:.2f}", "xbr": f"{x2:.2f}",
+                                       "ybr": f"{y2:.2f}", "z_order": "0"})
+    io.atomic_write_bytes(path, _xml_bytes(root))
+    return {"format": "cvat", "path": str(path), "images": len(keys), "annotations": int(len(b))}
 
 
 def export_csv(path: str | Path, selection: pa.Table, manifest: pa.Table) -> dict:
@@ -219,6 +459,7 @@ def export_csv(path: str | Path, selection: pa.Table, manifest: pa.Table) -> dic
     return {"format": "csv", "path": str(path), "images": len(sel["image_id"]), "annotations": 0}
 
 
-EXPORTERS = {"coco": export_coco, "label_studio": export_label_studio, "csv": export_csv}
+EXPORTERS = {"coco": export_coco, "label_studio": export_label_studio, "cvat": export_cvat, "csv": export_csv}
 
-__all__ = ["export_coco", "export_label_studio", "export_csv", "EXPORTERS"]
+__all__ = ["export_coco", "export_label_studio", "export_cvat", "export_csv", "image_ref", "label_studio_config",
+           "EXPORTERS"]

@@ -16,7 +16,10 @@ Two oracles:
 Rules of a human import (they are tested):
 
 * Every answered image must be in cycle k's selection; an image of another cycle's
-  selection, of the test split, of the unselected pool, ... is an error naming it.
+  selection, of the test split, of the unselected pool, ... is an error naming it. Without
+  an explicit k (``poolscout import`` without --cycle), :func:`answers_cycle` finds it: the
+  cycle whose selection holds the answered images, so a file imported again after the loop
+  moved on is a no-op; answers in no selection or spanning several are an error.
 * Partial batches are fine; :func:`batch_status` says what is still missing.
 * The answer *replaces* the image's rows of ``annotations.parquet`` - also rows that were
   there before (ground truth known at init, or revealed by :func:`simulated_label`):
@@ -46,7 +49,8 @@ Answer files (:func:`read_answers`):
   ``predictions`` are model pre-annotations, never answers, and a task without an
   annotation is skipped (unanswered). The image is ``data.image_id`` (what
   ``export_label_studio`` writes), else ``data.image`` (a manifest uri, a
-  ``/data/local-files/?d=`` path, or a path ending in a source_key). ``rectanglelabels``
+  ``/data/local-files/?d=`` path, a URL or path ending in a - possibly URL-quoted -
+  source_key). ``rectanglelabels``
   results are boxes, in percent of the image size, with rotation 0 and exactly one label
   that names a category; non-geometric results (choices, text, ...) are ignored; other
   region types (polygons, brushes, ...) are errors.
@@ -307,14 +311,17 @@ class _ImageIndex:
 
 
 def _uri_path(u: str) -> str:
-    """A local path from a file:// URI or a Label Studio local-files URL; else `u`."""
+    """A local path from a file:// URI or a Label Studio local-files URL (its ``d=`` path,
+    already unquoted by parse_qs), the unquoted path of an http(s) URL; else `u`."""
     s = u.strip()
     if s.startswith("file://"):
         return unquote(urlparse(s).path) or s
     if "local-files" in s and "d=" in s:
         d = parse_qs(urlparse(s).query).get("d")
         if d:
-            return unquote(d[0])
+            return d[0]
+    if s.startswith(("http://", "https://")):
+        return unquote(urlparse(s).path) or s
     return s
 
 
@@ -958,20 +965,94 @@ def import_answers(run: RunDir, answers: Mapping, k: int, source: str) -> dict:
             "labeled_in_batch": st["labeled"], "missing": st["selected"] - st["labeled"]}
 
 
-def _selected_elsewhere(run: RunDir, ids: np.ndarray, k: int) -> dict[int, int]:
-    """image_id -> the cycle whose selection holds it (other than k)."""
+def _selection_cycles(run: RunDir, ids: np.ndarray) -> dict[int, list[int]]:
+    """image_id -> the cycles (ascending) whose selection.parquet holds it; ids in none are absent."""
     root = run.root / "cycles"
-    out: dict[int, int] = {}
+    out: dict[int, list[int]] = {}
     if not root.is_dir():
         return out
     for d in sorted((p for p in root.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
         j = int(d.name)
-        if j == k or not run.selection_path(j).is_file():
+        if not run.selection_path(j).is_file():
             continue
         got = io.read_table(run.selection_path(j), columns=["image_id"])["image_id"].to_numpy()
         for i in np.intersect1d(ids, got).tolist():
-            out.setdefault(int(i), j)
+            out.setdefault(int(i), []).append(j)
     return out
+
+
+def _selected_elsewhere(run: RunDir, ids: np.ndarray, k: int) -> dict[int, int]:
+    """image_id -> the cycle whose selection holds it (other than k)."""
+    out: dict[int, int] = {}
+    for i, cs in _selection_cycles(run, ids).items():
+        other = [j for j in cs if j != k]
+        if other:
+            out[i] = other[0]
+    return out
+
+
+def answers_cycle(run: RunDir, answers: Mapping, source: str | None = None) -> int | None:
+    """The cycle whose selection the answers belong to (``poolscout import`` without --cycle).
+
+    It is the one cycle whose ``selection.parquet`` holds every answered image; when the
+    images sit in several cycles' selections alike, the one whose ledger states still allow
+    labeling them (pool, or labeled at that cycle + 1 by an earlier import). So importing a
+    file again after the loop moved on finds its cycle and changes nothing.
+
+    Args:
+        run: the run directory.
+        answers: from :func:`read_answers`, or any mapping keyed by image_id.
+        source: the file, for messages (default: ``answers.source``).
+
+    Returns:
+        The cycle k, or None when nothing is answered.
+
+    Raises:
+        OracleError: (one line, naming the file and the images) answered images in no cycle's
+            selection, answers that span the selections of several cycles, or a choice that
+            stays ambiguous.
+    """
+    ids = np.array(sorted({int(i) for i in answers}), dtype=np.int64)
+    if not len(ids):
+        return None
+    where = getattr(answers, "source", None) or source or "<answers>"
+    names = _manifest_names(run)
+    refs = getattr(answers, "refs", {}) or {}
+
+    def name(i: int) -> str:
+        r = refs.get(int(i))
+        return f"{names(i)}, {r}" if r else names(i)
+
+    def more(n: int) -> str:
+        return f" ... and {n - _MAX_SHOWN} more" if n > _MAX_SHOWN else ""
+
+    cyc = _selection_cycles(run, ids)
+    none = [i for i in ids.tolist() if i not in cyc]
+    if none:
+        led = _ledger_arrays(run)
+        lrow = {int(i): r for r, i in enumerate(led["image_id"].tolist())}
+        msgs = [f"{name(i)} ({_describe(led, lrow[i]) if i in lrow else 'not in the run'})"
+                for i in none[:_MAX_SHOWN]]
+        raise OracleError(f"{where}: {len(none)} answered image(s) are in no cycle's selection: "
+                          + "; ".join(msgs) + more(len(none)))
+    common = sorted(set.intersection(*(set(cyc[i]) for i in ids.tolist())))
+    if len(common) == 1:
+        return common[0]
+    if not common:
+        spans = sorted({j for cs in cyc.values() for j in cs})
+        msgs = [f"{name(i)} in cycle {', '.join(map(str, cyc[i]))}" for i in ids.tolist()[:_MAX_SHOWN]]
+        raise OracleError(f"{where}: the answered images span the selections of cycles "
+                          f"{', '.join(map(str, spans))}: " + "; ".join(msgs) + more(len(ids))
+                          + " (import one file per cycle, or name it with --cycle)")
+    led = _ledger_arrays(run)
+    rows = _rows_of(led["image_id"], ids, f"{run.ledger} (answered images)")
+    st, lc = led["state"][rows], led["cycle"][rows]
+    ok = [k for k in common if bool(np.all((st == "pool") | ((st == "labeled") & (lc == k + 1))))]
+    if len(ok) == 1:
+        return ok[0]
+    shown = "; ".join(name(i) for i in ids.tolist()[:_MAX_SHOWN]) + more(len(ids))
+    raise OracleError(f"{where}: the answered images are in the selections of cycles "
+                      f"{', '.join(map(str, ok or common))} alike ({shown}); name the cycle with --cycle")
 
 
 def batch_status(run: RunDir, k: int) -> dict:
@@ -989,5 +1070,5 @@ def batch_status(run: RunDir, k: int) -> dict:
     return {"selected": int(len(sel)), "labeled": int(ok.sum()), "missing_ids": [int(i) for i in sel[~ok]]}
 
 
-__all__ = ["Answers", "FORMATS", "ORACLE_SCHEMA", "OracleError", "answer_digest", "batch_status", "detect_format",
-           "import_answers", "read_answers", "simulated_label"]
+__all__ = ["Answers", "FORMATS", "ORACLE_SCHEMA", "OracleError", "answer_digest", "answers_cycle", "batch_status",
+           "detect_format", "import_answers", "read_answers", "simulated_label"]

@@ -996,8 +996,21 @@ def _yaml_plain(obj: Any) -> Any:
     return yaml.safe_load(yaml.safe_dump(to_plain(obj), sort_keys=True))
 
 
+def _check_pool_left(ledger: pa.Table, labeled, seed_fraction) -> None:
+    """Refuse an initial labeled set that leaves no unlabeled image to select from."""
+    state = np.asarray(ledger.column("state").to_pylist(), dtype=object)
+    n_lab = int((state == "labeled").sum())
+    if n_lab == 0 or (state == "pool").any():
+        return
+    if labeled:
+        raise ValueError(f"--labeled {labeled} lists the whole pool (all {n_lab} non-test images): nothing would be "
+                         f"left to select; list only the images already labeled")
+    raise ValueError(f"--seed-fraction {seed_fraction} labels the whole pool (all {n_lab} non-test images): nothing "
+                     f"would be left to select; use a smaller fraction")
+
+
 def init_run(run: RunDir, *, images, annotations=None, fmt=None, labeled=None, seed_fraction=None, test=None,
-             cfg: Config, force: bool = False) -> dict:
+             cfg: Config, force: bool = False, progress: bool = True) -> dict:
     """Create (or confirm) a run directory from a pool.
 
     Writes manifest.parquet, annotations.parquet, categories.json, rejects.parquet,
@@ -1019,7 +1032,9 @@ def init_run(run: RunDir, *, images, annotations=None, fmt=None, labeled=None, s
         {"images", "rejected", "boxes", "classes", "labeled", "pool", "test", "run"}.
 
     Raises:
-        ValueError: labeled images without annotations, bad id files, bad inputs.
+        ValueError: labeled images without annotations, bad id files, bad inputs, a
+            --labeled list or seed fraction that labels every non-test image (nothing
+            would be left to select).
         RunError: the run exists with different inputs and force is False.
     """
     if (labeled or (seed_fraction is not None and seed_fraction > 0)) and annotations is None:
@@ -1046,12 +1061,13 @@ def init_run(run: RunDir, *, images, annotations=None, fmt=None, labeled=None, s
         cycles = run.root / "cycles"
         if cycles.is_dir():
             shutil.move(str(cycles), str(run.root / f"cycles.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
-    tables = build_pool(root, ann, used_fmt, cfg.dataset, progress=True)
+    tables = build_pool(root, ann, used_fmt, cfg.dataset, progress=progress)
     lab_tokens = read_id_file(labeled) if labeled else None
     test_tokens = read_id_file(test) if test else None
     ledger = assign_states(tables.manifest, tables.rejects.column("image_id").to_numpy(),
                            labeled=lab_tokens, seed_fraction=seed_fraction, test=test_tokens, seed=cfg.seed,
                            source_labeled=f"--labeled {labeled}", source_test=f"--test {test}")
+    _check_pool_left(ledger, labeled, seed_fraction)
     run.root.mkdir(parents=True, exist_ok=True)
     io.write_table(tables.manifest, run.manifest, io.MANIFEST_SCHEMA)
     io.write_table(tables.annotations, run.annotations, io.ANNOTATIONS_SCHEMA)

@@ -55,8 +55,9 @@ def _smooth1d(x: np.ndarray, sigma: float) -> np.ndarray:
     return np.convolve(np.pad(x, r, mode="reflect"), k / k.sum(), mode="valid")
 
 
-def _background(rng: np.random.Generator, s: int) -> np.ndarray:
-    """(s, s) float64 steel-like texture around a random grey level."""
+def _background(rng: np.random.Generator, s: int, texture: float = 1.0) -> np.ndarray:
+    """(s, s) float64 steel-like texture around a random grey level; `texture` scales the
+    shading, streaks and grain around the base level."""
     base = rng.uniform(95, 150)
     g = int(rng.integers(4, 8))
     low = _upsample(rng.normal(0, 1, (g, g)), s, s) * rng.uniform(5, 14)
@@ -64,6 +65,8 @@ def _background(rng: np.random.Generator, s: int) -> np.ndarray:
     xmod = 1.0 + 0.4 * _upsample(rng.normal(0, 1, (1, 5)), 1, s)[0]
     streaks = rng.uniform(3, 9) * rows[:, None] * xmod[None, :]
     grain = rng.normal(0, rng.uniform(2, 5), (s, s))
+    if texture != 1.0:
+        return base + texture * low + texture * streaks + texture * grain
     return base + low + streaks + grain
 
 
@@ -78,10 +81,10 @@ def _grid(cx: float, cy: float, rx: float, ry: float, s: int):
     return y0, x0, yy, xx
 
 
-def _scratch(rng, s):
+def _scratch(rng, s, k=1.0):
     L = rng.uniform(0.25, 0.8) * s
     th = rng.uniform(0, math.pi)
-    w = rng.uniform(0.8, 2.4)
+    w = rng.uniform(0.8, 2.4) * k
     cx, cy = rng.uniform(0, s), rng.uniform(0, s)
     dx, dy = math.cos(th) * L, math.sin(th) * L
     g = _grid(cx, cy, abs(dx) / 2 + w + 1, abs(dy) / 2 + w + 1, s)
@@ -97,8 +100,8 @@ def _scratch(rng, s):
     return y0, x0, wgt, sign * rng.uniform(25, 70)
 
 
-def _inclusion(rng, s):
-    a = max(2.0, rng.uniform(0.03, 0.09) * s)
+def _inclusion(rng, s, k=1.0):
+    a = max(2.0, rng.uniform(0.03, 0.09) * s * k)
     b = max(1.0, a * rng.uniform(0.2, 0.45))
     th = rng.uniform(-0.5, 0.5)
     cx, cy = rng.uniform(0, s), rng.uniform(0, s)
@@ -114,7 +117,7 @@ def _inclusion(rng, s):
     return y0, x0, wgt, -rng.uniform(35, 85)
 
 
-def _patch(rng, s):
+def _patch(rng, s, k=1.0):  # already large: `k` does not apply
     R = rng.uniform(0.1, 0.28) * s
     cx, cy = rng.uniform(0, s), rng.uniform(0, s)
     amps = rng.uniform(0, 0.15, 3)
@@ -133,13 +136,13 @@ def _patch(rng, s):
     return y0, x0, wgt, sign * rng.uniform(15, 45)
 
 
-def _pit(rng, s):
-    Rc = max(2.0, rng.uniform(0.04, 0.12) * s)
+def _pit(rng, s, k=1.0):
+    Rc = max(2.0, rng.uniform(0.04, 0.12) * s * k)
     n = int(rng.integers(4, 16))
     cx, cy = rng.uniform(0, s), rng.uniform(0, s)
     off = np.clip(rng.normal(0, Rc / 2, (n, 2)), -Rc, Rc)
-    radii = rng.uniform(0.6, 1.8, n)
-    g = _grid(cx, cy, Rc + 3, Rc + 3, s)
+    radii = rng.uniform(0.6, 1.8, n) * k
+    g = _grid(cx, cy, Rc + 3 * k, Rc + 3 * k, s)
     if g is None:
         return None
     y0, x0, yy, xx = g
@@ -160,10 +163,11 @@ def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def _render(rng: np.random.Generator, s: int, probs: np.ndarray, max_defects: int):
+def _render(rng: np.random.Generator, s: int, probs: np.ndarray, max_defects: int, clean_fraction: float = 0.05,
+            contrast: float = 1.0, defect_scale: float = 1.0, texture: float = 1.0):
     """One image: (s, s) uint8 and [(class_index, x1, y1, x2, y2)] with exclusive x2, y2."""
-    img = _background(rng, s)
-    if max_defects <= 0 or rng.random() < 0.05:
+    img = _background(rng, s, texture)
+    if max_defects <= 0 or rng.random() < clean_fraction:
         k = 0
     else:
         k = int(rng.integers(1, max_defects + 1))
@@ -171,7 +175,7 @@ def _render(rng: np.random.Generator, s: int, probs: np.ndarray, max_defects: in
     for _ in range(k):
         c = int(rng.choice(len(CLASSES), p=probs))
         for _try in range(_PLACEMENT_TRIES):
-            d = _DRAW[CLASSES[c]](rng, s)
+            d = _DRAW[CLASSES[c]](rng, s, defect_scale)
             if d is None:
                 continue
             y0, x0, wgt, delta = d
@@ -184,7 +188,7 @@ def _render(rng: np.random.Generator, s: int, probs: np.ndarray, max_defects: in
             if any(_iou(box, b[1:]) > _MAX_IOU for b in boxes):
                 continue
             wgt = np.where(wgt > 0.02, wgt, 0.0)
-            img[y0:y0 + wgt.shape[0], x0:x0 + wgt.shape[1]] += delta * wgt
+            img[y0:y0 + wgt.shape[0], x0:x0 + wgt.shape[1]] += (delta * contrast) * wgt
             boxes.append((c, *box))
             break
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), boxes
@@ -218,7 +222,8 @@ def _encode(pixels: np.ndarray, fmt: str) -> bytes:
 
 def generate(out_dir: str | Path, n_images: int = 200, size: int = 128, seed: int = 0,
              class_weights: dict[str, float] | None = None, max_defects: int = 3,
-             image_format: str = "png") -> dict:
+             image_format: str = "png", clean_fraction: float = 0.05, contrast: float = 1.0,
+             defect_scale: float = 1.0, texture: float = 1.0) -> dict:
     """Write a synthetic defect pool: images + COCO annotations.
 
     Args:
@@ -228,8 +233,16 @@ def generate(out_dir: str | Path, n_images: int = 200, size: int = 128, seed: in
         size: side S of the square grey images.
         seed: the seed; the same seed gives byte-identical files.
         class_weights: relative frequency per class name (unlisted classes weigh 1).
-        max_defects: at most this many defects per image (about 5% of images get none).
+        max_defects: at most this many defects per image.
         image_format: "png" or "jpg".
+        clean_fraction: probability that an image has no defect at all (an inspection line
+            sees mostly clean parts; the default 0.05 keeps earlier generations unchanged).
+        contrast: multiplies every defect's intensity change (1.0: the original look).
+        defect_scale: multiplies the size of the small defects: scratch width, inclusion
+            length and width, pit cluster radius and dot radii (patches are large already and
+            keep their size; 1.0: the original look).
+        texture: multiplies the background's shading, rolling streaks and grain around its
+            base grey level (1.0: the original look; smaller is a calmer surface).
 
     Returns:
         {"images": Path, "annotations": Path, "classes": list[str], "n_images": N,
@@ -245,12 +258,26 @@ def generate(out_dir: str | Path, n_images: int = 200, size: int = 128, seed: in
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     if n_images < 0 or size < 16 or max_defects < 0:
         raise ValueError(f"need n_images >= 0, size >= 16, max_defects >= 0 (got {n_images}, {size}, {max_defects})")
+    if not (0.0 <= float(clean_fraction) <= 1.0):
+        raise ValueError(f"clean_fraction must be in [0, 1], got {clean_fraction}")
+    if not (math.isfinite(float(contrast)) and float(contrast) > 0):
+        raise ValueError(f"contrast must be a finite number > 0, got {contrast}")
+    if not (math.isfinite(float(defect_scale)) and float(defect_scale) > 0):
+        raise ValueError(f"defect_scale must be a finite number > 0, got {defect_scale}")
+    if not (math.isfinite(float(texture)) and float(texture) >= 0):
+        raise ValueError(f"texture must be a finite number >= 0, got {texture}")
     probs = _probs(class_weights)
     out = Path(out_dir)
     img_dir, ann_path, gen_path = out / "images", out / "annotations.json", out / "generation.json"
     params = {"version": _VERSION, "n_images": int(n_images), "size": int(size), "seed": int(seed),
               "class_weights": {c: float(p) for c, p in zip(CLASSES, probs)}, "max_defects": int(max_defects),
-              "image_format": fmt}
+              "image_format": fmt, "clean_fraction": float(clean_fraction),
+              "contrast": float(contrast)}
+    # Only non-default values are recorded, so earlier generations still match their record.
+    if float(defect_scale) != 1.0:
+        params["defect_scale"] = float(defect_scale)
+    if float(texture) != 1.0:
+        params["texture"] = float(texture)
     names = [f"syn_{i:05d}.{fmt}" for i in range(n_images)]
     result = {"images": img_dir, "annotations": ann_path, "classes": list(CLASSES), "n_images": int(n_images)}
     if gen_path.is_file() and ann_path.is_file():
@@ -266,7 +293,8 @@ def generate(out_dir: str | Path, n_images: int = 200, size: int = 128, seed: in
     images, anns = [], []
     for i, name in enumerate(names):
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, i])
-        pixels, boxes = _render(rng, size, probs, max_defects)
+        pixels, boxes = _render(rng, size, probs, max_defects, float(clean_fraction), float(contrast),
+                                float(defect_scale), float(texture))
         io.atomic_write_bytes(img_dir / name, _encode(pixels, fmt))
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
         for c, x1, y1, x2, y2 in boxes:

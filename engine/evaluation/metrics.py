@@ -317,7 +317,7 @@ def evaluate_model(model: Any, manifest_rows: pa.Table, annotations: pa.Table, c
 
     counts, boxes, scores, labels = [], [], [], []
     bs = int(batch_size)
-    with tqdm(total=len(ids), desc="evaluate", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(ids), desc="evaluate", unit="img", leave=False, disable=not progress) as bar:
         for i in range(0, len(ids), bs):
             sl = slice(i, i + bs)
             b = load_batch(uris[sl], int(input_size), int(max_pixels))

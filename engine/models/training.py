@@ -10,6 +10,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -198,6 +199,21 @@ def lr_factor(it: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * t / span))
 
 
+class WarmupWarning(UserWarning):
+    """train.warmup_iters is longer than the training run it belongs to."""
+
+
+def warmup_warning(cfg: TrainConfig, iters_per_epoch: int) -> str | None:
+    """The one-line warning when the warmup outlasts the run's `cfg.epochs * iters_per_epoch`
+    iterations (the learning rate then never reaches cfg.lr), else None."""
+    total = cfg.epochs * iters_per_epoch
+    if cfg.warmup_iters <= total:
+        return None
+    return (f"train.warmup_iters={cfg.warmup_iters} is longer than this training run's {total} iterations "
+            f"({cfg.epochs} epochs x {iters_per_epoch} batches per epoch, train.batch_size={cfg.batch_size}): the learning "
+            f"rate never reaches train.lr={cfg.lr:g}; lower train.warmup_iters")
+
+
 def _to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device):
     images = [im.to(device, non_blocking=True) for im in images]
     targets = [{k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
@@ -208,7 +224,7 @@ def _to_device(images: list[torch.Tensor], targets: list[dict], device: torch.de
 def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: TrainConfig, device: Any = "cpu", *,
                  start_epoch: int = 0, on_epoch: Callable[[dict], Any] | None = None, progress: bool = True,
                  log: Callable[[str], Any] = print, optimizer: torch.optim.Optimizer | None = None,
-                 max_grad_norm: float | None = 10.0) -> list[dict]:
+                 max_grad_norm: float | None = 10.0, desc: str = "train") -> list[dict]:
     """Train for epochs `start_epoch .. cfg.epochs - 1`.
 
     The learning rate follows `lr_factor` per iteration over all `cfg.epochs * len(loader)`
@@ -226,7 +242,8 @@ def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: Tra
         device: where to train.
         start_epoch: first epoch to run (resume).
         on_epoch: called with each epoch's record after the epoch (checkpointing, reports).
-        progress: a tqdm bar per epoch on stderr.
+        progress: one tqdm bar on stderr over all epochs, counted in images.
+        desc: the bar's label.
         log: receives one summary line per epoch.
         optimizer: reuse an optimizer (resume); default `make_optimizer(model, cfg)`.
         max_grad_norm: clip the global gradient norm to this (None: no clipping); a guard
@@ -236,6 +253,10 @@ def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: Tra
         One record per epoch run: {"epoch", "loss", "loss_<component>" (means over the
         epoch's iterations of the weighted terms w_k L_k, so they sum to "loss"), "images",
         "seconds", "lr"}.
+
+    Warns:
+        WarmupWarning: once, at the start (not on resume), when cfg.warmup_iters exceeds
+            the run's iterations (see `warmup_warning`).
 
     Raises:
         FloatingPointError: a non-finite loss, naming the epoch, iteration and image ids.
@@ -249,8 +270,18 @@ def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: Tra
     opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
     iters_per_epoch = len(loader)
     total = cfg.epochs * iters_per_epoch
+    msg = warmup_warning(cfg, iters_per_epoch) if start_epoch == 0 else None
+    if msg:
+        warnings.warn(msg, WarmupWarning, stacklevel=2)
     dataset = getattr(loader, "dataset", None)
     history: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        per_epoch = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else iters_per_epoch
+        bar = tqdm(total=(cfg.epochs - start_epoch) * per_epoch, desc=desc, unit="img", file=sys.stderr,
+                   leave=False, dynamic_ncols=True)
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
@@ -261,12 +292,6 @@ def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: Tra
         sums: dict[str, float] = {}
         n_iter = n_img = 0
         t0 = time.perf_counter()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
-                       leave=False, dynamic_ncols=True)
         lr = opt.param_groups[0]["lr"]
         for it, (images, targets) in enumerate(loader):
             lr = cfg.lr * lr_factor(epoch * iters_per_epoch + it, total, cfg.warmup_iters)
@@ -296,10 +321,8 @@ def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: Tra
                 key = k if k.startswith("loss_") else f"loss_{k}"
                 sums[key] = sums.get(key, 0.0) + float(v.detach())
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss'] / n_iter:.3f}", lr=f"{lr:.2e}")
-        if bar is not None:
-            bar.close()
+                bar.update(len(images))
+                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{sums['loss'] / n_iter:.3f}", refresh=False)
         rec: dict[str, Any] = {"epoch": epoch}
         rec.update({k: v / max(1, n_iter) for k, v in sums.items()})
         rec.setdefault("loss", float("nan"))
@@ -308,6 +331,8 @@ def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: Tra
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f} ({n_img} images, {rec['seconds']:.1f} s)")
         if on_epoch is not None:
             on_epoch(rec)
+    if bar is not None:
+        bar.close()
     return history
 
 
@@ -359,5 +384,9 @@ def fit_detector(spec: dict, *, rank: int = 0, device: Any = "cpu",
     model.train()
     if prepare_model is not None:
         model = prepare_model(model)
-    history = train_epochs(model, loader, tcfg, device, progress=progress, log=log)
+    with warnings.catch_warnings():
+        if rank != 0:  # one warning per training, not one per Ray Train worker
+            warnings.simplefilter("ignore", WarmupWarning)
+        history = train_epochs(model, loader, tcfg, device, progress=progress, log=log,
+                               desc=spec.get("desc", "train"))
     return model, history
