@@ -9,8 +9,10 @@ folder (linked as `<log_dir>/ray-session`), and Ray Data's progress bars are off
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import ray
@@ -81,6 +83,30 @@ def _quiet_ray_data(log_dir: Path | None) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _stderr_to(path: Path | None):
+    """Point file descriptor 2 at `path` (or /dev/null) for the duration: Ray's C++ core and
+    the processes ray.init starts write there directly, past Python's sys.stderr."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (embedded interpreters)
+        yield
+        return
+    target = open(path, "ab") if path is not None else open(os.devnull, "wb")  # noqa: SIM115
+    try:
+        os.dup2(target.fileno(), 2)
+        yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 2)
+        os.close(saved)
+        target.close()
+
+
 def _link_session_logs(log_dir: Path) -> None:
     """`<log_dir>/ray-session` -> this Ray session's log folder (embedded Ray only)."""
     try:
@@ -128,10 +154,12 @@ def connect(address: str | None = None, num_cpus: int = 0, quiet: bool = False, 
         addr = address or os.environ.get("RAY_ADDRESS") or None
         kwargs: dict = {"log_to_driver": bool(verbose), "include_dashboard": False,
                         "logging_level": logging.INFO if verbose else logging.WARNING}
-        if addr:
-            ray.init(address=addr, **kwargs)
-        else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        with contextlib.nullcontext() if verbose else _stderr_to(
+                (log_dir / "ray-init.log") if log_dir is not None else None):
+            if addr:
+                ray.init(address=addr, **kwargs)
+            else:
+                ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
         _route_ray_logs(log_dir, verbose)  # ray.init may have (re)configured its loggers
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = bool(verbose)

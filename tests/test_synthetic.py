@@ -124,3 +124,23 @@ def test_default_size_is_fast(tmp_path):
     assert dt < 20, f"200 images took {dt:.1f}s"
     sizes = {Image.open(p).size for p in list(r["images"].iterdir())[:5]}
     assert sizes == {(128, 128)}
+
+
+def test_inspection_pool_knobs(tmp_path):
+    """clean_fraction, contrast, defect_scale and texture: what the demo's inspection pool uses."""
+    import json
+
+    clean = generate(tmp_path / "clean", n_images=12, size=48, seed=1, clean_fraction=1.0)
+    assert clean["n_boxes"] == 0
+    half = generate(tmp_path / "half", n_images=60, size=48, seed=1, clean_fraction=0.5)
+    coco = json.loads(half["annotations"].read_text())
+    with_boxes = {a["image_id"] for a in coco["annotations"]}
+    assert 15 <= 60 - len(with_boxes) <= 45  # about half the images carry no defect
+    base = generate(tmp_path / "base", n_images=6, size=48, seed=2)
+    strong = generate(tmp_path / "strong", n_images=6, size=48, seed=2, contrast=2.0, texture=0.5, defect_scale=2.0)
+    a = np.asarray(Image.open(base["images"] / "syn_00001.png"), np.float64)
+    b = np.asarray(Image.open(strong["images"] / "syn_00001.png"), np.float64)
+    assert not np.array_equal(a, b)
+    for bad in ({"clean_fraction": 1.5}, {"contrast": 0}, {"defect_scale": float("nan")}, {"texture": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            generate(tmp_path / "bad", n_images=2, size=32, **bad)
