@@ -51,7 +51,7 @@ def run_dir(tmp_path_factory, tiny_pool, ray_session):
     run = root / "run"
     _invoke(["init", run, "--images", images, "--annotations", tiny_pool["annotations"],
              "--seed-fraction", "0.25", "--config", Path(__file__).parents[1] / "configs" / "demo.yaml",
-             *_sets()])
+             *_sets(["score.views=[orig,hflip]"])])
     return RunDir(run)
 
 
