@@ -309,7 +309,8 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     if n_pool == 0:
         raise RunError(f"{run.ledger}: the pool is empty; nothing to score")
     cdir = run.cycle_dir(k)
-    digest = _digest(model, work["image_id"].to_numpy())
+    model_hash = _file_hash(model)
+    digest = _digest(model_hash, work["image_id"].to_numpy())
     done = _finished(run, k, digest, specs)
     if done is not None and not force:
         return {**done, "skipped": True}
@@ -338,7 +339,7 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
                    executor=executor, images_per_s=round(len(work) / seconds, 2) if seconds else None,
                    specs=list(specs))
     # the identity of what is now scored: images rejected while scoring left the work list
-    summary["digest"] = _digest(model, worklist(run, sc.embed_labeled)["image_id"].to_numpy()) \
+    summary["digest"] = _digest(model_hash, worklist(run, sc.embed_labeled)["image_id"].to_numpy()) \
         if summary.get("rejected") else digest
     io.atomic_write_json(cdir / "score.json", summary)
     return summary
@@ -358,14 +359,23 @@ def _finished(run: RunDir, k: int, digest: str, specs: tuple[str, ...]) -> dict 
     return done
 
 
-def _digest(path: Path, ids: np.ndarray) -> str:
-    """Model bytes + work list ids: the identity of a resumable partial scoring."""
+def _file_hash(path: Path) -> bytes:
+    """SHA-256 of a file's bytes (the model: read once per scoring)."""
     import hashlib
 
-    h = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    return h.digest()
+
+
+def _digest(model_hash: bytes, ids: np.ndarray) -> str:
+    """Model + work list ids: the identity of a scoring (resumable partials, finished cycles)."""
+    import hashlib
+
+    h = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    h.update(model_hash)
     return h.hexdigest()[:12]
 
 
@@ -418,14 +428,8 @@ def write_part(table: pa.Table, out_dir: str) -> pa.Table:
     """
     import hashlib
 
-    import pyarrow.parquet as pq
-
     ids = np.ascontiguousarray(table["image_id"].to_numpy(), dtype=np.int64)
-    name = f"part-{hashlib.sha256(ids.tobytes()).hexdigest()[:20]}.parquet"
-    final = Path(out_dir) / name
-    tmp = final.with_name(f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, final)
+    io.write_table(table, Path(out_dir) / f"part-{hashlib.sha256(ids.tobytes()).hexdigest()[:20]}.parquet")
     pool_rows = int(pc.sum(pc.equal(table["state"], "pool")).as_py() or 0) if "state" in table.column_names else len(table)
     return pa.table({"rows": [len(table)], "pool_rows": [pool_rows]})
 

@@ -135,7 +135,7 @@ def in_process(cfg: Config) -> bool:
     a Ray Train job would spend about a minute starting its controller and worker for the
     same single process, every cycle. "ray_train" always uses Ray Train, "in_process" never.
     """
-    backend = getattr(cfg.train, "backend", "auto")
+    backend = cfg.train.backend
     if backend == "in_process":
         return True
     if backend == "ray_train":
