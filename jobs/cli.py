@@ -335,8 +335,8 @@ def report_cmd(run_dirs, out_dir, montage_images, quiet):
               help="Where the pool, the runs and the report go.")
 @click.option("--images", "n_images", type=int, default=320, show_default=True, help="Synthetic pool size.")
 @click.option("--size", type=int, default=128, show_default=True, help="Image side in pixels.")
-@click.option("--cycles", type=int, default=3, show_default=True)
-@click.option("--budget", type=int, default=30, show_default=True)
+@click.option("--cycles", type=int, default=2, show_default=True)
+@click.option("--budget", type=int, default=45, show_default=True)
 @click.option("--seed-size", type=int, default=40, show_default=True)
 @click.option("--strategies", default="random,entropy", show_default=True,
               help="Comma-separated; random is the reference the verdict compares against.")

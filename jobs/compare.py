@@ -68,6 +68,65 @@ def loop_task(run_dir: str, config_files: Sequence[str], overrides: Sequence[str
     return {"run": str(run.root), "status": state.get("status"), "seconds": round(time.time() - t0, 1)}
 
 
+class LongestFirst:
+    """The driver's queue of loop tasks: Ray gets one task per free slot, the longest first.
+
+    Handing Ray every task at once lets it start them in submission order; with 4 loops on
+    2 slots the two long ones could end up in sequence, the last running alone on a
+    half-idle machine. Ranks (see `loop_rank`): cycle-0 jobs first (other loops wait on
+    them), then loops that score the pool, then model-free ones (random); FIFO within a rank.
+    """
+
+    def __init__(self, slots: float):
+        self.slots = slots
+        self._heap: list = []
+        self._n = 0
+
+    def add(self, item, rank: int) -> None:
+        import heapq
+
+        heapq.heappush(self._heap, (rank, self._n, item))
+        self._n += 1
+
+    def take(self, running: int) -> list:
+        """The items to start now, given how many tasks are running."""
+        import heapq
+
+        out = []
+        while self._heap and running + len(out) < self.slots:
+            out.append(heapq.heappop(self._heap)[2])
+        return out
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+def loop_rank(phase: str, strategy: str) -> int:
+    """0 for a cycle-0 job, 1 for a loop that scores the pool, 2 for a model-free loop."""
+    return 0 if phase == "cycle0" else (1 if _scores_pool(strategy) else 2)
+
+
+def _scores_pool(strategy: str) -> bool:
+    """Whether a loop of this strategy scores the pool each cycle (the longer loops)."""
+    from poolscout.engine.acquisition.strategies import load_strategy
+
+    try:
+        return load_strategy(strategy).needs.model
+    except ValueError:
+        return True  # the loop itself reports the bad strategy
+
+
+def cluster_slots(cpus_per_run: float, gpus_per_run: float) -> float:
+    """How many loop tasks the connected Ray cluster runs at once."""
+    import ray
+
+    total = ray.cluster_resources()
+    n = total.get("CPU", 1) / cpus_per_run if cpus_per_run > 0 else float("inf")
+    if gpus_per_run > 0:
+        n = min(n, total.get("GPU", 0) / gpus_per_run)
+    return max(1.0, n)  # inf: nothing limits it
+
+
 def _new_evaluations(runs: dict, seen: set) -> list[tuple[tuple[str, int], int, dict]]:
     """(key, cycle, eval.json + labeled count) of evaluations that appeared since the last call."""
     import json
@@ -113,10 +172,15 @@ def compare(runs: dict[tuple[str, int], RunDir], *, config_files: Sequence[str],
     group_of = {key: g for g, keys in groups.items() for key in keys}
     pending: dict = {}
     results: dict[tuple[str, int], dict] = {}
+    queue = LongestFirst(cluster_slots(cpus_per_run, gpus_per_run))
 
     def submit(key, n_cycles, phase):
-        ref = task.remote(str(runs[key].root), list(config_files), list(overrides[key]), n_cycles, threads)
-        pending[ref] = (key, phase)
+        queue.add((key, n_cycles, phase), loop_rank(phase, key[0]))
+
+    def pump():
+        for key, n_cycles, phase in queue.take(len(pending)):
+            ref = task.remote(str(runs[key].root), list(config_files), list(overrides[key]), n_cycles, threads)
+            pending[ref] = (key, phase)
 
     for keys in groups.values():
         if len(keys) > 1 and not all(runs[k].exists() for k in keys[1:]):
@@ -132,6 +196,7 @@ def compare(runs: dict[tuple[str, int], RunDir], *, config_files: Sequence[str],
         bar = tqdm(total=total, desc="loops: cycles evaluated", unit="cycle", leave=False, dynamic_ncols=True)
     seen: set = set()
     shared: set = set()  # (key, cycle 0) copies: reported once, for the loop that trained it
+    pump()
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
         for key, k, ev in _new_evaluations(runs, seen):
@@ -157,9 +222,10 @@ def compare(runs: dict[tuple[str, int], RunDir], *, config_files: Sequence[str],
             results[key] = res
             if res["status"] != "done":
                 log(f"[compare] {strat} seed {seed}: {res['status']} after {res['seconds']:.0f} s")
+        pump()
     if bar is not None:
         bar.close()
     return results
 
 
-__all__ = ["compare", "loop_task", "share_cycle0"]
+__all__ = ["LongestFirst", "cluster_slots", "compare", "loop_rank", "loop_task", "share_cycle0"]

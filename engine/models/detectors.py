@@ -42,6 +42,7 @@ from torch import nn
 from poolscout.engine.core.config import DetectorConfig
 from poolscout.engine.core.registry import Registry
 from poolscout.engine.models.roi_heads import QUALITY_BUFFERS, install_roi_heads
+from poolscout.engine.models.roi_pool import use_gemm_roi_align
 
 CHECKPOINT_FORMAT = "poolscout-detector-v1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -225,7 +226,8 @@ def _freeze_pretrained_backbone(model: nn.Module, cfg: DetectorConfig, stages: l
     body = model.backbone.body
     _bn_to_frozen(body)
     train: list[str] = []
-    for stage in stages[: max(0, min(cfg.trainable_backbone_layers, len(stages)))]:
+    n = 3 if cfg.trainable_backbone_layers is None else cfg.trainable_backbone_layers
+    for stage in stages[: max(0, min(n, len(stages)))]:
         train.extend([stage] if isinstance(stage, str) else stage)
     for name, prm in body.named_parameters():
         if not any(name.startswith(s) for s in train):
@@ -466,6 +468,10 @@ class BoxHead(nn.Module):
 
 
 EFFNET_OUT_INDICES = (2, 3, 4)  # strides 8, 16, 32
+# The body's stages by stride, last first (as torchvision's trainable_backbone_layers counts
+# ResNet's layer4 .. conv1): 32, 16, 8, 4, 2 (stem).
+EFFNET_STAGES = (("blocks.5.", "blocks.6."), ("blocks.3.", "blocks.4."), ("blocks.2.",), ("blocks.1.",),
+                 ("conv_stem.", "bn1.", "blocks.0."))
 EFFNET_BOX_HEAD_WIDTH = 256
 
 
@@ -499,8 +505,11 @@ def _fasterrcnn_effnet_lite0_fpn(cfg: DetectorConfig, num_classes: int, load_pre
         if missing:
             raise ValueError(f"timm features model has tensors not in the full model: {missing[:5]}")
         body.load_state_dict({k: full[k] for k in own}, strict=True)
-    backbone = TimmFPNBackbone(body, list(body.feature_info.channels()), cfg.fpn_channels,
-                               frozen=("conv_stem.", "bn1.") if cfg.freeze_stem else ())
+    frozen = ("conv_stem.", "bn1.") if cfg.freeze_stem else ()
+    if cfg.trainable_backbone_layers is not None:  # the stages beyond the last N, by stride
+        for stage in EFFNET_STAGES[cfg.trainable_backbone_layers:]:
+            frozen += stage
+    backbone = TimmFPNBackbone(body, list(body.feature_info.channels()), cfg.fpn_channels, frozen=frozen)
     anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
     roi_pool = MultiScaleRoIAlign(featmap_names=[str(i) for i in range(levels - 1)], output_size=7,
                                   sampling_ratio=2)
@@ -541,6 +550,7 @@ def build_detector(cfg: DetectorConfig, num_classes: int, load_pretrained: bool 
         raise ValueError(f"detector.box_var_head is implemented for the Faster R-CNN presets only; "
                          f"{cfg.name!r} is family {entry.meta.get('family')!r}")
     model = entry.obj(cfg, int(num_classes), bool(load_pretrained))
+    use_gemm_roi_align(model)  # exact; faster on CPU for small maps (engine.models.roi_pool)
     if model.poolscout_family not in ("rcnn", "retinanet", "fcos"):
         raise AssertionError(f"builder {cfg.name!r} gave unknown family {model.poolscout_family!r}")
     return model

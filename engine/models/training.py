@@ -375,10 +375,10 @@ def fit_detector(spec: dict, *, rank: int = 0, device: Any = "cpu",
         loader = prepare_loader(loader)
     if spec.get("warm_start"):
         model, _ = load_checkpoint(spec["warm_start"])
-        if tcfg.warm_epochs:
+        if tcfg.warm_epochs or tcfg.warm_lr:
             import dataclasses
 
-            tcfg = dataclasses.replace(tcfg, epochs=tcfg.warm_epochs)
+            tcfg = dataclasses.replace(tcfg, epochs=tcfg.warm_epochs or tcfg.epochs, lr=tcfg.warm_lr or tcfg.lr)
     else:
         model = build_detector(dcfg, int(spec["num_classes"]), load_pretrained=True)
     model.train()
