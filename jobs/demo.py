@@ -8,8 +8,8 @@ seeds on the embedded Ray (one loop per CPU, each seed's cycle 0 shared), the re
 written, and the last line is the verdict: which strategy won, mAP50 and AULC with their
 seed spread, the labels it saved (or not), and how often each picked the rare class.
 
-Settings: configs/demo.yaml plus the defaults below (40 seed images + 3 rounds of 30).
-Measured on a 2-core machine without a GPU: 636 s (benchmarks/results/demo.json).
+Settings: configs/demo.yaml plus the defaults below (40 seed images + 2 rounds of 45).
+Measured on a 2-core machine without a GPU: 289 s (benchmarks/results/demo.json).
 A rerun reuses what is there.
 """
 from __future__ import annotations

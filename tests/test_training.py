@@ -201,3 +201,43 @@ def test_overfits_two_images(tmp_path):
     assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     assert last < 0.6 * first, losses
+
+
+@pytest.mark.parametrize("warm_epochs,warm_lr,expect", [(0, 0.0, (3, 0.02)), (1, 0.0, (1, 0.02)),
+                                                         (0, 0.005, (3, 0.005)), (2, 0.004, (2, 0.004))])
+def test_warm_start_uses_warm_epochs_and_warm_lr(tmp_path, monkeypatch, warm_epochs, warm_lr, expect):
+    import dataclasses
+
+    from poolscout.engine.core import io
+    from poolscout.engine.models import training
+    from poolscout.engine.models.detectors import save_checkpoint
+
+    items, boxes, labels = write_images(tmp_path, SPECS)
+    io.write_table(pa.table({"image_id": [i["image_id"] for i in items], "uri": [i["uri"] for i in items],
+                             "width": pa.array([i["width"] for i in items], pa.int32()),
+                             "height": pa.array([i["height"] for i in items], pa.int32()),
+                             "source_key": [f"img{k}.png" for k in range(len(items))]}),
+                   tmp_path / "manifest.parquet", io.MANIFEST_SCHEMA)
+    ids = [i for i in boxes for _ in boxes[i]]
+    xyxy = np.concatenate([boxes[i] for i in boxes])
+    io.write_table(pa.table({"image_id": pa.array(ids, pa.int64()), "ann_id": pa.array(range(len(ids)), pa.int64()),
+                             "category_id": pa.array(np.concatenate([labels[i] for i in boxes]), pa.int32()),
+                             **{c: pa.array(xyxy[:, j], pa.float32()) for j, c in enumerate(("x1", "y1", "x2", "y2"))}}),
+                   tmp_path / "annotations.parquet", io.ANNOTATIONS_SCHEMA)
+    dcfg = DetectorConfig(input_size=S, backbone_weights=None)
+    save_checkpoint(tmp_path / "prev.pt", build_detector(dcfg, 2, load_pretrained=False), dcfg, 2)
+    seen = {}
+
+    def fake_train(model, loader, cfg, device, **kw):
+        seen["cfg"] = cfg
+        return []
+
+    monkeypatch.setattr(training, "train_epochs", fake_train)
+    tcfg = TrainConfig(epochs=3, lr=0.02, warm_epochs=warm_epochs, warm_lr=warm_lr)
+    spec = {"train": dataclasses.asdict(tcfg), "detector": dataclasses.asdict(dcfg), "seed": 0,
+            "manifest": str(tmp_path / "manifest.parquet"), "annotations": str(tmp_path / "annotations.parquet"),
+            "labeled_ids": [i["image_id"] for i in items], "num_classes": 2, "max_pixels": MAX_PIXELS}
+    training.fit_detector({**spec, "warm_start": str(tmp_path / "prev.pt")}, progress=False, log=lambda s: None)
+    assert (seen["cfg"].epochs, seen["cfg"].lr) == expect
+    training.fit_detector({**spec, "warm_start": None}, progress=False, log=lambda s: None)
+    assert (seen["cfg"].epochs, seen["cfg"].lr) == (3, 0.02)  # a cold start ignores both
