@@ -144,19 +144,30 @@ def train(run_dir, cycle, force, configs, overrides, address, quiet):
     run, cfg = _load(run_dir, configs, overrides)
     _ray(cfg, address, quiet, run)
     s = do_train(run, cfg, cycle=cycle, force=force, progress=not quiet)
-    _print(s, ["cycle", "model", "labeled", "warm_start", "seconds", "skipped"])
+    _print(s, ["cycle", "model", "labeled", "warm_start", "seconds", "failed_images", "skipped"])
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--cycle", type=int, default=None)
 @click.option("--force", is_flag=True, help="Rescore a cycle already scored by the same model.")
+@click.option("--retry-rejects", is_flag=True,
+              help="First re-probe the images init rejected; those that pass now rejoin the pool.")
 @common
-def score(run_dir, cycle, force, configs, overrides, address, quiet):
-    """Score the unlabeled pool with Ray Data (predictions + scores.parquet)."""
+def score(run_dir, cycle, force, retry_rejects, configs, overrides, address, quiet):
+    """Score the unlabeled pool with Ray Data (predictions + scores.parquet).
+
+    Images that fail to decode are this cycle's failures (cycles/<k>/rejects.parquet): they
+    stay in the pool and the next scoring tries them again."""
     from poolscout.jobs.score import score as do_score
 
     run, cfg = _load(run_dir, configs, overrides)
+    if retry_rejects:
+        from poolscout.engine.data.rejects import retry_rejects as do_retry
+
+        r = do_retry(run, cfg, progress=not quiet)
+        click.echo(f"retry rejects: {r['restored']} of {r['retried']} rejected images rejoin the pool", err=True)
+        force = force or r["restored"] > 0
     _ray(cfg, address, quiet, run)
     _print(do_score(run, cfg, cycle=cycle, progress=not quiet, force=force))
 

@@ -8,7 +8,7 @@ Every stage leaves an artifact in the run directory, written atomically, and a r
 skips the stages whose artifact exists:
 
     seed      ledger rows labeled at cycle 0 (seed.json records the pick)
-    train     cycles/<k>/model.pt
+    train     cycles/<k>/train.json (after model.pt; a model.pt alone is retrained)
     evaluate  cycles/<k>/eval.json
     score     cycles/<k>/score.json (after scores.parquet); local scoring also resumes per chunk
     select    cycles/<k>/select.json (after selection.parquet)
@@ -46,7 +46,7 @@ class LabelsPending(RuntimeError):
 
 
 def _marker(run: RunDir, k: int, stage: str):
-    return run.cycle_dir(k) / {"train": "model.pt", "evaluate": "eval.json", "score": "score.json",
+    return run.cycle_dir(k) / {"train": "train.json", "evaluate": "eval.json", "score": "score.json",
                                "select": "select.json", "label": "label.json"}[stage]
 
 

@@ -9,7 +9,9 @@ folder (linked as `<log_dir>/ray-session`), and Ray Data's progress bars are off
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -127,6 +129,91 @@ def _link_session_logs(log_dir: Path) -> None:
         pass
 
 
+def _loopback_only() -> None:
+    """Make the embedded local Ray listen on 127.0.0.1 only.
+
+    Ray resolves a node IP of 127.0.0.1 to the machine's address unless clusters are off
+    for the platform (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray's own switch for laptops);
+    with it, GCS, raylet, object manager, workers and the agents bind to the loopback
+    address instead of all interfaces. The variable reaches the processes ray.init starts;
+    the driver reads Ray's constant at call time, which is set here too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except Exception:  # noqa: BLE001 - private API; the env var covers the started processes
+        pass
+
+
+def _registry_dir() -> Path:
+    import tempfile
+
+    if os.environ.get("POOLSCOUT_RAY_REGISTRY"):
+        return Path(os.environ["POOLSCOUT_RAY_REGISTRY"])
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"poolscout-{uid}" / "ray-sessions"
+
+
+def _record_session() -> None:
+    """Note the processes this driver's embedded Ray started (pid + start time), so a later
+    `poolscout` can stop the ones a killed driver left behind (see `reap_orphans`)."""
+    try:
+        import psutil
+
+        me = psutil.Process()
+        procs = [{"pid": c.pid, "created": c.create_time()} for c in me.children(recursive=True)]
+        d = _registry_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{me.pid}.json").write_text(json.dumps({"driver": me.pid, "created": me.create_time(), "procs": procs}))
+    except Exception:  # noqa: BLE001 - bookkeeping only
+        pass
+
+
+def reap_orphans(registry: Path | None = None) -> int:
+    """Stop the processes left by embedded Rays whose driver died (e.g. killed with SIGKILL).
+
+    Only processes recorded by `_record_session` are touched, and only while their start
+    time still matches (a reused pid is left alone). Returns how many were stopped.
+    """
+    import psutil
+
+    d = registry or _registry_dir()
+    stopped = []
+    for rec_file in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            rec = json.loads(rec_file.read_text())
+        except (OSError, ValueError):
+            rec_file.unlink(missing_ok=True)
+            continue
+        try:
+            alive = psutil.Process(int(rec["driver"])).create_time() == rec["created"]
+        except (psutil.Error, KeyError, ValueError, TypeError):
+            alive = False
+        if alive:
+            continue
+        for p in rec.get("procs", []):
+            try:
+                proc = psutil.Process(int(p["pid"]))
+                if proc.create_time() == p["created"]:
+                    proc.terminate()
+                    stopped.append(proc)
+            except (psutil.Error, KeyError, ValueError, TypeError):
+                pass
+        rec_file.unlink(missing_ok=True)
+    _, slow = psutil.wait_procs(stopped, timeout=5)
+    for proc in slow:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return len(stopped)
+
+
+def _forget_session() -> None:
+    with contextlib.suppress(OSError):
+        (_registry_dir() / f"{os.getpid()}.json").unlink()
+
+
 def connect(address: str | None = None, num_cpus: int = 0, quiet: bool = False, *, verbose: bool | None = None,
             log_dir: str | Path | None = None) -> dict:
     """Initialise Ray once per process.
@@ -159,7 +246,13 @@ def connect(address: str | None = None, num_cpus: int = 0, quiet: bool = False, 
             if addr:
                 ray.init(address=addr, **kwargs)
             else:
+                reaped = reap_orphans()
+                _loopback_only()
                 ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+                _record_session()
+                atexit.register(_forget_session)
+                if reaped:
+                    logging.getLogger("ray").warning("stopped %d Ray processes an earlier killed run left", reaped)
         _route_ray_logs(log_dir, verbose)  # ray.init may have (re)configured its loggers
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = bool(verbose)

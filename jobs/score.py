@@ -4,8 +4,9 @@
       -> detector actor pool (canonical predictions per view; embeddings only for labeled rows)
       -> signals (CPU map_batches) -> partitioned Parquet in cycles/<k>/predictions/
 
-The driver then reads only the id and signal columns to write scores.parquet, and moves
-images that failed to decode to rejects.parquet: |pool rows| = |scored| + |rejected|.
+The driver then reads only the id and signal columns to write scores.parquet, and lists the
+images that failed to decode in cycles/<k>/rejects.parquet (this cycle only; they stay in
+the pool and are tried again by the next scoring): |pool rows| = |scored| + |failed|.
 The driver never holds images or predictions of the pool.
 """
 from __future__ import annotations
@@ -38,11 +39,17 @@ def worklist(run: RunDir, include_labeled: bool) -> pa.Table:
     return man.join(led, "image_id", join_type="inner").sort_by("image_id").select(WORK_COLUMNS)
 
 
-def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict[str, np.ndarray]:
-    """Stateless decode + letterbox of a batch of manifest rows (a Ray Data task)."""
+def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int,
+                 root: str | None = None) -> dict[str, np.ndarray]:
+    """Stateless decode + letterbox of a batch of manifest rows (a Ray Data task).
+
+    Files are checked against what init recorded: inside the images `root` (a symlink
+    swapped in later is refused) and of the manifest's size (a replaced file is refused).
+    """
     from poolscout.engine.data.images import load_batch
 
-    out = load_batch(list(batch["uri"]), size, max_pixels)
+    expect = [(int(w), int(h)) if w > 0 and h > 0 else None for w, h in zip(batch["width"], batch["height"])]
+    out = load_batch(list(batch["uri"]), size, max_pixels, root=root, expect=expect)
     err = np.asarray(out["error"], dtype=object)
     err[np.equal(err, None)] = ""
     return {**{k: batch[k] for k in WORK_COLUMNS}, "image": out["image"], "scale": out["scale"],
@@ -230,7 +237,7 @@ def _clean_stale(cdir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: int, input_size: int,
+def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: int, input_size: int, root: str | None,
                  partial: Path, progress: bool) -> None:
     """The local executor: the same stages in this process, one Parquet part per chunk.
 
@@ -272,7 +279,7 @@ def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: 
                 batch = {c: b[c].to_numpy(zero_copy_only=False) for c in WORK_COLUMNS}
                 batch["uri"] = np.asarray(b["uri"].to_pylist(), dtype=object)
                 batch["state"] = np.asarray(b["state"].to_pylist(), dtype=object)
-                dec = decode_batch(batch, input_size, cfg.dataset.max_pixels)
+                dec = decode_batch(batch, input_size, cfg.dataset.max_pixels, root)
                 parts.append(signal_batch(stage(dec), plan["specs"], cfg.seed, k, num_classes, plan["context"]))
                 if bar is not None:
                     bar.update(int((batch["state"] == "pool").sum()))
@@ -319,17 +326,18 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     wl_path = cdir / "worklist.parquet"
     io.write_table(work, wl_path)
     executor = executor or cfg.loop.executor
+    root = run.fingerprint().get("images_root")  # files must still lie inside it
     t0 = time.time()
     if executor == "local":
         partial = cdir / f".predictions.partial-{digest}"
         for p in cdir.glob(".predictions.partial-*"):
             if p != partial:  # parts of another model (retrained) are worthless
                 shutil.rmtree(p, ignore_errors=True)
-        _score_local(work, model, cfg, k, run.num_classes(), input_size, partial, progress)
+        _score_local(work, model, cfg, k, run.num_classes(), input_size, root, partial, progress)
         tmp_dir = partial
     elif executor == "ray":
         tmp_dir = cdir / f".predictions.tmp-{uuid.uuid4().hex[:8]}"
-        _score_ray(work, model, cfg, k, run.num_classes(), input_size, tmp_dir, blocks, progress, n_pool)
+        _score_ray(work, model, cfg, k, run.num_classes(), input_size, root, tmp_dir, blocks, progress, n_pool)
     else:
         raise ValueError(f"loop.executor must be 'ray' or 'local', got {executor!r}")
     seconds = time.time() - t0
@@ -338,9 +346,7 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     summary.update(cycle=k, seconds=round(seconds, 2), images=int(len(work)), pool=n_pool, input_size=input_size,
                    executor=executor, images_per_s=round(len(work) / seconds, 2) if seconds else None,
                    specs=list(specs))
-    # the identity of what is now scored: images rejected while scoring left the work list
-    summary["digest"] = _digest(model_hash, worklist(run, sc.embed_labeled)["image_id"].to_numpy()) \
-        if summary.get("rejected") else digest
+    summary["digest"] = digest
     io.atomic_write_json(cdir / "score.json", summary)
     return summary
 
@@ -379,7 +385,7 @@ def _digest(model_hash: bytes, ids: np.ndarray) -> str:
     return h.hexdigest()[:12]
 
 
-def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: int, input_size: int,
+def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: int, input_size: int, root: str | None,
                tmp_dir: Path, blocks: int | None, progress: bool = False, n_pool: int = 0) -> None:
     import ray
 
@@ -391,7 +397,7 @@ def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: in
     nblocks = blocks or max(1, min(200, -(-len(work) // max(1, sc.decode_batch_size))))
     step = -(-len(work) // nblocks)
     ds = ray.data.from_arrow([work.slice(i, step) for i in range(0, len(work), step)])
-    ds = ds.map_batches(decode_batch, fn_kwargs={"size": input_size,
+    ds = ds.map_batches(decode_batch, fn_kwargs={"size": input_size, "root": root,
                                                  "max_pixels": cfg.dataset.max_pixels},
                         batch_size=sc.decode_batch_size, batch_format="numpy", num_cpus=0.25)
     ds = ds.map_batches(DetectorStage, fn_constructor_kwargs={
@@ -449,16 +455,20 @@ def finalize_scores(run: RunDir, cfg: Config, k: int, specs: tuple[str, ...]) ->
     n_pool_expected = len(run.ids_in_state("pool"))
     if len(good) + len(bad) != n_pool_expected:
         raise RuntimeError(f"scoring lost rows: pool {n_pool_expected} != scored {len(good)} + rejected {len(bad)}")
+    # Failures at scoring time (a file unreadable now, a one-off override) are this cycle's:
+    # the images stay in the pool, out of this cycle's candidates, and the next scoring
+    # (next cycle, or `score --force`) tries them again. Only init's rejects are final.
+    rows = None
     if len(bad):
         man = io.read_table(run.manifest, columns=["image_id", "uri"])
-        rej = bad.select(["image_id", "error"]).join(man, "image_id")
-        run.append_rejects(pa.table({"image_id": rej["image_id"], "uri": rej["uri"],
-                                     "stage": pa.array(["score"] * len(rej)), "reason": rej["error"]}))
-        run.set_state(bad["image_id"].to_numpy(), "rejected", cycle=k)
+        rej = bad.select(["image_id", "error"]).join(man, "image_id").sort_by("image_id")
+        rows = pa.table({"image_id": rej["image_id"], "uri": rej["uri"], "stage": pa.array(["score"] * len(rej)),
+                         "reason": rej["error"]})
+    run.write_cycle_rejects(k, "score", rows)
     empty = good["num_boxes"].to_numpy() == 0
     out = {"image_id": good["image_id"], "num_boxes": good["num_boxes"]}
     for p, c in zip(parsed, cols):
         v = good[f"sig__{c}"].to_numpy(zero_copy_only=False).astype(np.float64)
         out[c] = S.fill_empty(v, empty & np.isnan(v), parse_empty_rule(cfg.score.empty_value), S.direction(p))
     io.write_table(pa.table(out), run.scores_path(k))
-    return {"scored": int(len(good)), "rejected": int(len(bad)), "signals": cols, "empty_images": int(empty.sum())}
+    return {"scored": int(len(good)), "failed": int(len(bad)), "signals": cols, "empty_images": int(empty.sum())}

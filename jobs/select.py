@@ -149,7 +149,11 @@ def query(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int 
     scores = scores.filter(pc.is_in(scores["image_id"], pa.array(pool_ids))).sort_by("image_id")
     ids = scores["image_id"].to_numpy()
     if len(ids) == 0:
-        raise RunError(f"{sp}: no scored images left in the pool")
+        failed = run.cycle_dir(k) / "rejects.parquet"
+        n_failed = io.read_table(failed).num_rows if failed.is_file() else 0
+        raise RunError(f"{sp}: no scored images left in the pool"
+                       + (f"; {n_failed} failed at scoring ({failed}): fix the cause and rerun "
+                          f"`poolscout score {run.root} --force`" if n_failed else ""))
     table: dict[str, np.ndarray] = {"image_id": ids}
     num_boxes = scores["num_boxes"].to_numpy() if "num_boxes" in scores.column_names else None
     for c in scores.column_names[1:]:

@@ -1,6 +1,8 @@
 """`poolscout train`: Ray Train's TorchTrainer around engine.training's plain loop.
 
-Writes cycles/<k>/model.pt (state_dict + detector config) and cycles/<k>/train.json.
+Writes cycles/<k>/model.pt (state_dict + detector config), then cycles/<k>/train.json: the
+stage's completion marker. A model.pt without train.json (a run killed between the two) is an
+unfinished stage and is trained again; the seeds make the retrained model the same.
 The workers read the run directory by path, so on a multi-node cluster the run directory
 must live on shared storage (NFS, a mounted bucket) — as it must for scoring.
 """
@@ -75,19 +77,23 @@ def _train_local(config: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     save_checkpoint(tmp, model.cpu(), dcfg, config["num_classes"], extra=_extra(config, history))
-    os.replace(tmp, out)
+    io.commit_file(tmp, out)  # 0666 & ~umask, fsynced before and after the rename
 
 
 def train(run: RunDir, cfg: Config, *, cycle: int | None = None, force: bool = False,
           progress: bool = True, executor: str | None = None) -> dict:
     """Train the detector of cycle k on the labeled images (cycle <= k); returns a summary.
 
+    Skipped when cycles/<k>/train.json exists (unless `force`); a model.pt without it is
+    the leftover of an interrupted stage and is trained again.
+
     executor: "ray" (Ray Train TorchTrainer) or "local" (this process); default cfg.loop.executor.
     """
     run.require()
     k = run.current_cycle() if cycle is None else cycle
     out = run.model_path(k)
-    if out.is_file() and not force:
+    done = run.cycle_dir(k) / "train.json"  # written after model.pt: the stage's completion marker
+    if out.is_file() and done.is_file() and not force:
         return {"cycle": k, "model": str(out), "skipped": "model exists (use --force to retrain)"}
     led = run.read_ledger()
     st = np.asarray(led["state"].to_pylist(), dtype=object)
@@ -108,6 +114,8 @@ def train(run: RunDir, cfg: Config, *, cycle: int | None = None, force: bool = F
         "manifest": str(run.manifest), "annotations": str(run.annotations),
         "labeled_ids": labeled.tolist(), "num_classes": run.num_classes(), "max_pixels": cfg.dataset.max_pixels,
         "warm_start": warm, "progress": progress, "cycle": k, "desc": f"train cycle {k}",
+        # files must lie inside the images root and keep the size init recorded
+        "images_root": run.fingerprint().get("images_root"),
     }
     executor = executor or cfg.loop.executor
     t0 = time.time()
@@ -122,9 +130,22 @@ def train(run: RunDir, cfg: Config, *, cycle: int | None = None, force: bool = F
     import torch
 
     meta = torch.load(out, map_location="cpu", weights_only=True)["extra"]
+    history = meta.get("history", [])
+    # Labeled images that failed to decode were left out of this training (a cycle's failure,
+    # listed in cycles/<k>/rejects.parquet; they stay labeled and the next training retries).
+    skipped = [r for rec in history for r in rec.get("skipped", [])]
+    rows = None
+    if skipped:
+        import pyarrow as pa
+
+        rows = pa.table({"image_id": pa.array([int(r["image_id"]) for r in skipped], pa.int64()),
+                         "uri": [str(r["uri"]) for r in skipped], "stage": ["train"] * len(skipped),
+                         "reason": [str(r["reason"]) for r in skipped]})
+    run.write_cycle_rejects(k, "train", rows)
     summary = {"cycle": k, "model": str(out), "labeled": int(len(labeled)), "warm_start": warm,
-               "executor": executor, "seconds": round(time.time() - t0, 2), "history": meta.get("history", [])}
-    io.atomic_write_json(run.cycle_dir(k) / "train.json", summary)
+               "executor": executor, "seconds": round(time.time() - t0, 2), "failed_images": len(skipped),
+               "history": history}
+    io.atomic_write_json(done, summary)
     return summary
 
 
@@ -166,5 +187,5 @@ def _train_ray(run: RunDir, cfg: Config, k: int, loop_cfg: dict, out: Path) -> N
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.copyfile(src, tmp)
-        os.replace(tmp, out)
+        io.commit_file(tmp, out)
     shutil.rmtree(storage, ignore_errors=True)

@@ -344,3 +344,20 @@ def test_warmup_within_the_run_or_a_resume_does_not_warn():
         _train(TrainConfig(epochs=2, warmup_iters=50), 2, start_epoch=1)  # a resume: warned at the start
     assert warmup_warning(TrainConfig(epochs=8, warmup_iters=50), 7) is None
     assert "train.warmup_iters=50" in warmup_warning(TrainConfig(epochs=8, warmup_iters=50), 6)
+
+
+def test_yaml_errors_are_one_line(tmp_path):
+    from poolscout.engine.core.config import ConfigError, load_config
+
+    bad = tmp_path / "evil.yaml"
+    bad.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError) as e:
+        load_config([str(bad)], [])
+    assert "evil.yaml" in str(e.value) and "\n" not in str(e.value)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("train:\n  lr: 0.01 # \xe9t\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin.yaml: not UTF-8") as e:
+        load_config([str(latin)], [])
+    with pytest.raises(ConfigError) as e:
+        load_config([], ["train.epochs=[1"])
+    assert "train.epochs" in str(e.value) and "\n" not in str(e.value)

@@ -51,7 +51,7 @@ def run_dir(tmp_path_factory, tiny_pool, ray_session):
     run = root / "run"
     _invoke(["init", run, "--images", images, "--annotations", tiny_pool["annotations"],
              "--seed-fraction", "0.25", "--config", Path(__file__).parents[1] / "configs" / "demo.yaml",
-             *_sets(["score.views=[orig,hflip]"])])
+             *_sets(["score.views=[orig,hflip]", "score.empty_value=pool_max"])])
     return RunDir(run)
 
 
@@ -68,15 +68,18 @@ def test_cycle_end_to_end(run_dir):
 
     ckpt = torch.load(run.model_path(0), map_location="cpu", weights_only=True)
     assert ckpt["num_classes"] == 4 and len(ckpt["state_dict"]) > 50
-    # accounting: every pool row ends scored or rejected
+    # accounting: every pool row ends scored or failed; a failure at scoring is this cycle's
+    # (cycles/0/rejects.parquet): the image stays in the pool for the next scoring
     led = run.read_ledger().to_pydict()
     pool_before = summary["score"]["pool"]
     scores = io.read_table(run.scores_path(0))
-    rejects = io.read_table(run.rejects).to_pydict()
-    score_rejects = [r for r, s in zip(rejects["reason"], rejects["stage"]) if s == "score"]
-    assert len(score_rejects) == 1 and len(scores) + len(score_rejects) == pool_before
-    assert "zz_corrupt" in " ".join(rejects["uri"])
-    assert led["state"].count("rejected") >= 1
+    fails = io.read_table(run.cycle_dir(0) / "rejects.parquet").to_pydict()
+    assert fails["stage"] == ["score"] and summary["score"]["failed"] == 1
+    assert len(scores) + len(fails["image_id"]) == pool_before
+    assert "zz_corrupt" in fails["uri"][0]
+    state = dict(zip(led["image_id"], led["state"]))
+    assert state[fails["image_id"][0]] == "pool" and led["state"].count("rejected") == 0
+    assert fails["image_id"][0] not in set(io.read_table(run.selection_path(0))["image_id"].to_pylist())
     # selection: budget rows, ranked, all from the pool, with a JSON rationale
     sel = io.read_table(run.selection_path(0)).to_pydict()
     assert sel["rank"] == [1, 2, 3, 4, 5]

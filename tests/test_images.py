@@ -237,7 +237,14 @@ def test_max_pixels_boundary(tmp_path):
         probe(p, 767)
 
 
-@pytest.mark.parametrize("fmt,ext", [("BMP", "bmp"), ("GIF", "gif"), ("TIFF", "tif")])
+def test_gif_is_not_an_allowed_format(tmp_path):
+    p = tmp_path / "x.gif"
+    Image.fromarray(pattern(7, 13)).save(p, "GIF")
+    with pytest.raises(ImageError, match="format GIF is not allowed"):
+        header(p, MAXP)
+
+
+@pytest.mark.parametrize("fmt,ext", [("BMP", "bmp"), ("TIFF", "tif")])
 def test_other_formats_header(tmp_path, fmt, ext):
     p = tmp_path / f"x.{ext}"
     Image.fromarray(pattern(7, 13)).save(p, fmt)

@@ -432,9 +432,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {text!r}: empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: cannot parse value ({e})") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"--set {text!r}: cannot parse value ({_yaml_one_line(e)})") from None
     return key.split("."), value
+
+
+def _yaml_one_line(e: Exception) -> str:
+    """PyYAML's multi-line message as one line: the problem and where."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -443,8 +453,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {p}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"{p}: not valid YAML ({_yaml_one_line(e)})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
     return data

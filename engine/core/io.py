@@ -1,7 +1,9 @@
 """Atomic file writes and the Parquet schemas of a run directory (docs/design.md).
 
-Every table is written to a temporary file in the destination folder and moved into place
-with `os.replace`, so a crash leaves either the old file or the new one, never half of one.
+Every table is written to a temporary file in the destination folder, fsynced, and moved
+into place with `os.replace`, then the folder is fsynced, so a crash (power loss included)
+leaves either the old file or the new one, never half of one. Files get the mode a plain
+open() would give them, 0666 & ~umask.
 """
 from __future__ import annotations
 
@@ -90,6 +92,47 @@ def _tmp_in(path: Path) -> Path:
     return Path(tmp)
 
 
+def _fsync_file(path: Path) -> None:
+    """Flush a closed file's data to disk (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable; a no-op where folders cannot be opened (Windows)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and FUSE mounts) refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """fsync the finished temp file, move it into place, fsync the folder: after a crash
+    (power loss included) `path` is the old file or the whole new one."""
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def commit_file(tmp: str | Path, path: str | Path) -> None:
+    """Move a finished temp file written by someone else (torch.save, a copy) into place as
+    the atomic writers here do: mode 0666 & ~umask, fsynced, renamed, folder fsynced."""
+    tmp, path = Path(tmp), Path(path)
+    os.chmod(tmp, 0o666 & ~_umask())
+    _replace(tmp, path)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     tmp = _tmp_in(path)
@@ -99,6 +142,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -132,7 +176,7 @@ def write_table(table: pa.Table, path: str | Path, schema: pa.Schema | None = No
     tmp = _tmp_in(path)
     try:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        _replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -138,6 +138,27 @@ class RunDir:
             rows = pa.concat_tables([keep, rows])
         io.write_table(rows, self.rejects, io.REJECTS_SCHEMA)
 
+    def cycle_rejects_path(self, k: int) -> Path:
+        return self.cycle_dir(k) / "rejects.parquet"
+
+    def write_cycle_rejects(self, k: int, stage: str, rows: pa.Table | None) -> None:
+        """Replace stage `stage`'s rows of cycles/<k>/rejects.parquet (images that failed at
+        that stage in this cycle: they keep their ledger state and are tried again); other
+        stages' rows stay. The file is removed when nothing is left."""
+        path = self.cycle_rejects_path(k)
+        keep = None
+        if path.is_file():
+            old = io.read_table(path)
+            keep = old.filter(pc.not_equal(old["stage"], stage))
+        parts = [t for t in (keep, rows.select(io.REJECTS_SCHEMA.names).cast(io.REJECTS_SCHEMA)
+                             if rows is not None else None) if t is not None and t.num_rows]
+        if not parts:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        io.write_table(pa.concat_tables(parts).sort_by([("stage", "ascending"), ("image_id", "ascending")]),
+                       path, io.REJECTS_SCHEMA)
+
     def set_state(self, image_ids: np.ndarray, state: str, cycle: int | None = None,
                   selected_by: str | None = None) -> None:
         if state not in io.STATES:

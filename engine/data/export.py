@@ -10,7 +10,8 @@ Images come out in rank order (CVAT: in frame order, see :func:`export_cvat`). E
 is written atomically (temp file + os.replace) with mode 0666 & ~umask (0644 under the
 usual umask), so an annotation tool running as another user can read it; each function
 returns a summary {"format", "path", "images", "annotations"}. Everything put into XML goes
-through xml.etree (escaped); text that XML 1.0 cannot hold at all is an error.
+through xml.etree (escaped); text that XML 1.0 cannot hold at all is an error. CSV text cells
+that a spreadsheet would evaluate as a formula get a leading single quote (:func:`csv_cell`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import os
 import posixpath
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from urllib.parse import quote, unquote, urlparse
 
@@ -443,23 +445,59 @@ def export_cvat(path: str | Path, selection: pa.Table, manifest: pa.Table, preds
     return {"format": "cvat", "path": str(path), "images": len(keys), "annotations": int(len(b))}
 
 
+# A spreadsheet reads a cell starting with one of these as a formula (or strips the
+# whitespace and then does): OWASP's CSV injection rule escapes such text cells.
+_CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(v: object) -> object:
+    """One CSV cell made safe to open in a spreadsheet.
+
+    Text starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a
+    leading single quote (``'=1+1``), so Excel / LibreOffice / Sheets show it as text
+    instead of evaluating it. Numbers (a negative score included) are left as numbers.
+    """
+    if isinstance(v, str) and v.startswith(_CSV_FORMULA_START):
+        return "'" + v
+    return v
+
+
+def csv_text(rows: Iterable[Sequence[object]]) -> str:
+    """CSV text of `rows` ("\n" line ends) with every cell through :func:`csv_cell`.
+
+    Text cells are quoted where CSV needs it; a row holding a carriage return in a text cell
+    has all its text cells quoted (the csv module would otherwise leave a bare "\r" that
+    readers take for a line break). Numbers are never quoted.
+    """
+    buf = _io.StringIO()
+    plain = csv.writer(buf, lineterminator="\n")
+    quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
+    for row in rows:
+        cells = [csv_cell(v) for v in row]
+        cr = any(isinstance(v, str) and "\r" in v for v in cells)
+        (quoted if cr else plain).writerow(cells)
+    return buf.getvalue()
+
+
 def export_csv(path: str | Path, selection: pa.Table, manifest: pa.Table) -> dict:
     """Write image_id, rank, score, uri, source_key (header + one row per pick, rank order).
+
+    Text cells that a spreadsheet would evaluate (starting with =, +, -, @, tab or CR) are
+    escaped with a leading single quote (:func:`csv_cell`).
 
     Returns:
         {"format": "csv", "path", "images", "annotations": 0}.
     """
     sel = _selected(selection, manifest)
-    buf = _io.StringIO()
-    wr = csv.writer(buf, lineterminator="\n")
-    wr.writerow(["image_id", "rank", "score", "uri", "source_key"])
-    wr.writerows(zip(sel["image_id"].tolist(), sel["rank"].tolist(), [repr(float(s)) for s in sel["score"]],
-                     sel["uri"].tolist(), sel["source_key"].tolist()))
-    io.atomic_write_text(path, buf.getvalue())
+    rows = [["image_id", "rank", "score", "uri", "source_key"]]
+    # scores as Python floats: the csv module writes them with repr (shortest round trip)
+    rows += zip(sel["image_id"].tolist(), sel["rank"].tolist(), [float(s) for s in sel["score"]],
+                [str(u) for u in sel["uri"].tolist()], [str(k) for k in sel["source_key"].tolist()])
+    io.atomic_write_text(path, csv_text(rows))
     return {"format": "csv", "path": str(path), "images": len(sel["image_id"]), "annotations": 0}
 
 
 EXPORTERS = {"coco": export_coco, "label_studio": export_label_studio, "cvat": export_cvat, "csv": export_csv}
 
-__all__ = ["export_coco", "export_label_studio", "export_cvat", "export_csv", "image_ref", "label_studio_config",
-           "EXPORTERS"]
+__all__ = ["export_coco", "export_label_studio", "export_cvat", "export_csv", "csv_cell", "csv_text", "image_ref",
+           "label_studio_config", "EXPORTERS"]

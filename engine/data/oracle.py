@@ -69,6 +69,7 @@ import json
 import math
 import posixpath
 import re
+import reprlib
 from collections import defaultdict
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -197,7 +198,31 @@ class _Problems:
 
 
 def _num(v: float) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and abs(int(v)) >= 10**18:
+        return f"<{len(str(abs(int(v))))}-digit integer>"
+    return str(v)
+
+
+def _float(v: Any) -> float | None:
+    """float(v); None when it does not fit a float (a JSON integer like 10**400)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return None
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 40, 40
+
+
+def _short(v: Any, n: int = 40) -> str:
+    """A bounded repr of v (for messages about hostile values: huge integers, deep structures)."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**18:
+        return _num(v)
+    r = _REPR.repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
 
 
 def _is_int(v: Any) -> bool:
@@ -209,16 +234,20 @@ def _is_num(v: Any) -> bool:
 
 
 def _same_size(w: Any, h: Any, W: int, H: int) -> bool:
-    return math.isfinite(float(w)) and math.isfinite(float(h)) and float(w) == W and float(h) == H
+    fw, fh = _float(w), _float(h)
+    return fw is not None and fh is not None and math.isfinite(fw) and math.isfinite(fh) and fw == W and fh == H
 
 
 def _finite_xywh(vals, where: str, probs: "_Problems") -> tuple[float, float, float, float] | None:
     """x, y, width, height as floats when all are finite and the sizes non-negative; else a problem."""
-    x, y, w, h = (float(v) for v in vals)
-    bad = [f"{n} is {v}" for n, v in zip(("x", "y", "width", "height"), (x, y, w, h)) if not math.isfinite(v)]
+    names = ("x", "y", "width", "height")
+    conv = [_float(v) for v in vals]
+    bad = [f"{n} {_num(v)} is too large" for n, v, f in zip(names, vals, conv) if f is None]
+    bad += [f"{n} is {f}" for n, f in zip(names, conv) if f is not None and not math.isfinite(f)]
     if bad:
         probs.add(f"{where}: {', '.join(bad)}")
         return None
+    x, y, w, h = conv
     if w < 0 or h < 0:
         probs.add(f"{where}: negative {'width' if w < 0 else 'height'} {_num(w if w < 0 else h)}")
         return None
@@ -354,10 +383,12 @@ def _read_coco(doc: Any, path: str, index: _ImageIndex, cat_by_name: dict[str, i
         for j, c in enumerate(cats):
             if not isinstance(c, dict) or "id" not in c or not isinstance(c.get("name"), str):
                 raise OracleError(f"{path}: categories[{j}] needs an 'id' and a string 'name'")
+            if isinstance(c["id"], bool) or not isinstance(c["id"], (int, str)):
+                raise OracleError(f"{path}: categories[{j}] id: {_short(c['id'])} is not an integer")
             if c["id"] in file_cat:
                 raise OracleError(f"{path}: categories[{j}]: duplicate category id {c['id']!r}")
             file_cat[c["id"]] = cat_by_name.get(c["name"])
-    cat_name = {c.get("id"): c.get("name") for c in cats or [] if isinstance(c, dict)}
+    cat_name = {c["id"]: c["name"] for c in cats or []}
 
     coco_to_ours: dict[Any, int] = {}
     refs: dict[int, str] = {}
@@ -407,9 +438,12 @@ def _read_coco(doc: Any, path: str, index: _ImageIndex, cat_by_name: dict[str, i
         if not isinstance(a, dict):
             raise OracleError(f"{path}: annotations[{j}] is not an object")
         aid = a.get("id", f"#{j}")
-        where = f"annotation id {aid!r}" if "id" in a else f"annotations[{j}]"
+        if "id" in a and (isinstance(aid, bool) or not isinstance(aid, (int, str))):
+            probs.add(f"annotations[{j}] id: {_short(aid)} is not an integer")
+            continue
+        where = f"annotation id {_short(aid)}" if "id" in a else f"annotations[{j}]"
         if "id" in a:
-            if isinstance(aid, (dict, list)) or aid in seen_ann:
+            if aid in seen_ann:
                 probs.add(f"{where}: duplicate annotation id")
                 continue
             seen_ann.add(aid)
@@ -446,7 +480,7 @@ def _read_coco(doc: Any, path: str, index: _ImageIndex, cat_by_name: dict[str, i
                 continue
         bbox = a.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
-            probs.add(f"{where} bbox: expected [x, y, width, height] numbers, got {str(bbox)[:60]}")
+            probs.add(f"{where} bbox: expected [x, y, width, height] numbers, got {_short(bbox, 60)}")
             continue
         xywh = _finite_xywh(bbox, f"{where} bbox", probs)
         if xywh is None:
@@ -559,8 +593,9 @@ def _read_label_studio(doc: Any, path: str, index: _ImageIndex, cat_by_name: dic
             rot = v.get("rotation", 0)
             if rot is None:
                 rot = 0
-            if not _is_num(rot) or not math.isfinite(float(rot)) or abs(float(rot)) > 1e-6:
-                probs.add(f"{where} value.rotation: {rot!r}; only unrotated boxes (rotation 0) are supported")
+            frot = _float(rot) if _is_num(rot) else None
+            if frot is None or not math.isfinite(frot) or abs(frot) > 1e-6:
+                probs.add(f"{where} value.rotation: {_short(rot)}; only unrotated boxes (rotation 0) are supported")
                 continue
             labels = v.get("rectanglelabels")
             if not isinstance(labels, list) or len(labels) != 1 or not isinstance(labels[0], str):
@@ -631,7 +666,9 @@ def read_answers(path: str | Path, fmt: str | None = None, *, manifest: pa.Table
         raise OracleError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise OracleError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of > 4300 digits
         raise OracleError(f"{path}: not valid JSON ({e})") from None
     found = detect_format(doc)
     if fmt is None:
@@ -869,8 +906,10 @@ def import_answers(run: RunDir, answers: Mapping, k: int, source: str) -> dict:
             is not in the pool, or a different answer for an image imported before (the
             message names the image and the earlier source). Nothing is written then.
     """
+    from poolscout.engine.data.pool import utf8_safe
+
     k = int(k)
-    source = str(source)
+    source = utf8_safe(str(source))  # stored in oracle.parquet: a non-UTF-8 file name is escaped
     where = getattr(answers, "source", None) or source
     names = _manifest_names(run)
     refs = getattr(answers, "refs", {}) or {}

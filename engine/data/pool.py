@@ -12,13 +12,22 @@ Rules (they are tested):
   root). Images that annotations reference but that are missing or that escape the root
   are listed too, as rejected rows with width/height 0, so that every rejects row has a
   manifest and ledger row.
+* Image references (COCO ``file_name``, VOC ``<filename>``, the path of a VOC/YOLO label
+  file) follow one rule, `resolve_ref`: relative to the images root; an absolute path only
+  when it lies inside the root; one that leaves the root (``..``, elsewhere, a drive letter)
+  is rejected with a reason naming it. A backslash is a folder separator unless the name,
+  taken literally, is an image file (POSIX names may hold one).
+* A file name that is not valid UTF-8 (undecodable bytes) is rejected with that reason; it
+  is stored with the bytes escaped as ``\\xNN`` (``utf8_safe``), so every table stays
+  writable.
 * Headers are probed, pixels are not decoded (a truncated JPEG/PNG is still caught from
   its missing end marker; other corrupt pixel data is caught at scoring by
   `engine.images.load_batch`).
 * A bad image or bad annotation never stops the run: the image is rejected with a reason
   naming the file and the field. Structural problems that make a whole annotation file
-  meaningless (duplicate COCO image ids, annotations of unknown image ids, missing YOLO
-  class names) raise ``ValueError`` naming the file.
+  meaningless (not valid JSON/YAML/UTF-8, a COCO file without a ``categories`` list,
+  duplicate or non-scalar COCO ids, annotations of unknown image ids, missing YOLO class
+  names) raise ``ValueError`` with one line naming the file and the field.
 * Boxes are pixel x1, y1, x2, y2 in the EXIF-displayed frame. VOC/COCO boxes are taken as
   given (already displayed) unless the file declares the stored (raw) size of a 90/270
   degree rotated image, then they are rotated with the image. YOLO boxes are normalised
@@ -33,7 +42,9 @@ import math
 import os
 import posixpath
 import re
+import reprlib
 import shutil
+import stat
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -42,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Container, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -58,6 +69,47 @@ _MASK63 = (1 << 63) - 1
 _MAX_REASONS = 5
 _PROBE_CHUNK = 2048
 _YOLO_NAME_FILES = ("classes.txt", "data.yaml", "data.yml")
+_ESCAPES = "path escapes images root"
+_NOT_UTF8 = "file name is not valid UTF-8 (undecodable bytes shown as \\xNN)"
+# C:\x, C:/x, \\server\share, //server/share: absolute paths of another machine
+_FOREIGN_ABS = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\|//)")
+
+
+def utf8_safe(s: str) -> str:
+    """`s`, or when it cannot be encoded as UTF-8 (a file name with undecodable bytes, which
+    Python holds as lone surrogates, or a JSON string with a lone ``\\udXXX``), an escaped
+    form: undecodable bytes as ``\\xNN``, other lone surrogates as ``\\udXXX``."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(s).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 40, 40
+
+
+def _short(v: Any, n: int = 40) -> str:
+    """A bounded repr of v (for messages about hostile values: huge integers, deep or
+    self-referencing structures)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"<{len(str(abs(v)))}-digit integer>"
+    r = _REPR.repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _read_text(path: Path, what: str | None = None) -> str:
+    """UTF-8 text of a file (BOM dropped); ValueError naming the file when it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what or utf8_safe(str(path))}: not valid UTF-8 text "
+                         f"(byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
 
 
 # --------------------------------------------------------------------------- ids
@@ -111,14 +163,16 @@ class _Record:
     """Annotations of one image, as one annotation file describes them."""
 
     source: str                     # e.g. "a.xml", "instances.json image id 7"
-    candidates: list[str]           # image references to match, best first
+    fallback: list[str]             # references tried after `ref` (the label file's own path)
     ref_field: str                  # e.g. "a.xml filename 'a.jpg'" for "file not found"
     boxes: list[_Box] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     size: tuple[int, int] | None = None  # declared (width, height)
-    escapes: bool = False
-    raw_ref: str = ""                # the reference as written (for escaping paths)
-    fuzzy: bool = True               # may match by unique file name / stem elsewhere in the tree
+    ref: str | None = None          # the image reference as written (COCO file_name, VOC filename)
+    ref_base: str = ""              # folder (under the root) a relative `ref` is also tried in
+    # may match by a unique file name / stem elsewhere in the tree; None: only when `ref` is a
+    # bare file name
+    fuzzy: bool | None = True
 
 
 @dataclass
@@ -168,6 +222,7 @@ def _scan_images(root: Path, extensions: Iterable[str]) -> list[tuple[str, str, 
     """
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     out: list[tuple[str, str, str | None]] = []
+    escaped: list[str] = []
     stack = [root]
     while stack:
         d = stack.pop()
@@ -188,6 +243,9 @@ def _scan_images(root: Path, extensions: Iterable[str]) -> list[tuple[str, str, 
                 continue
             key = Path(e.path).relative_to(root).as_posix()
             problem = None
+            if utf8_safe(key) != key:
+                escaped.append(key)
+                continue
             if e.is_symlink():
                 real = Path(os.path.realpath(e.path))
                 if not real.is_relative_to(root):
@@ -198,6 +256,13 @@ def _scan_images(root: Path, extensions: Iterable[str]) -> list[tuple[str, str, 
             except OSError:
                 stamp = "-"
             out.append((key, stamp, problem))
+    taken = {k for k, _, _ in out}
+    for key in sorted(escaped):
+        safe = utf8_safe(key)
+        while safe in taken:  # a real file may be named like the escaped form
+            safe += "~"
+        taken.add(safe)
+        out.append((safe, "-", _NOT_UTF8))
     out.sort(key=lambda t: t[0])
     return out
 
@@ -280,17 +345,95 @@ class _KeyIndex:
         return None, None
 
 
-def _normalise_ref(name: str) -> tuple[str | None, bool]:
-    """A dataset-supplied relative path -> (posix key, escapes_root)."""
-    s = name.replace("\\", "/").strip()
-    if not s:
-        return None, False
-    if s.startswith("/") or re.match(r"^[A-Za-z]:/", s):
-        return None, True
-    n = posixpath.normpath(s)
-    if n == ".." or n.startswith("../") or n.startswith("/"):
-        return None, True
-    return n, False
+def _inside(path: str, roots: Sequence[str]) -> str | None:
+    """The key of an absolute POSIX path inside one of `roots` (lexically, then with symlinks
+    resolved); None when it is outside all of them."""
+    def under(p: str) -> str | None:
+        for r in roots:
+            r = r.rstrip("/")
+            if p.startswith(r + "/"):
+                return p[len(r) + 1:]
+        return None
+
+    n = posixpath.normpath(path)
+    key = under(n)
+    if key is None:
+        try:
+            key = under(os.path.realpath(n))
+        except (OSError, ValueError):
+            key = None
+    return key
+
+
+def resolve_ref(ref: str, roots: Sequence[str], keys: Container[str] = frozenset()) -> tuple[list[str], str | None]:
+    """Where a dataset's image reference points, as source keys (the rule of every format).
+
+    * Relative references are relative to the images root.
+    * An absolute reference is accepted when it lies inside the root (any of `roots`: the
+      root as given and resolved) and taken relative to it.
+    * A reference that leaves the root - ``..`` past its top, an absolute path elsewhere, a
+      drive letter or a UNC path - is refused.
+    * A backslash separates folders (datasets made on Windows) unless the reference, taken
+      literally, is one of `keys` (a POSIX file name may contain a backslash); both readings
+      must stay inside the root.
+    * A reference that is not valid UTF-8 is escaped as `utf8_safe` escapes file names.
+
+    Args:
+        ref: the reference as written.
+        roots: absolute POSIX paths of the images root.
+        keys: the source keys found under the root.
+
+    Returns:
+        (candidate keys, best first, None), or ([], "path escapes images root"), or
+        ([], "empty").
+    """
+    raw = ref.strip()
+    s = utf8_safe(raw)
+    if s in keys:
+        return [s], None
+    # (a backslash of the escaped form is no separator: replace before escaping)
+    forms = [utf8_safe(raw.replace("\\", "/")), s] if "\\" in raw else [s]
+    out = []
+    for f in forms:
+        if _FOREIGN_ABS.match(f):
+            return [], _ESCAPES
+        if f.startswith("/"):
+            k = _inside(f, roots)
+        else:
+            k = posixpath.normpath(f) if f else "."
+            if k == ".." or k.startswith("../"):
+                k = None
+        if k is None:
+            return [], _ESCAPES
+        if k != ".":
+            out.append(k)
+    return (list(dict.fromkeys(out)), None) if out else ([], "empty")
+
+
+def _candidates(rec: "_Record", roots: Sequence[str], keys: Container[str]) -> tuple[list[str], bool, str | None]:
+    """(keys to try, best first, fuzzy, problem) of a record, by `resolve_ref`.
+
+    A relative reference of an annotation file in a subfolder is tried in that subfolder
+    first; every reference is also tried by its path suffixes ("train2017/a.jpg" when the
+    root is train2017/ itself); the record's fallbacks (its own file path) come last.
+    """
+    cands: list[str] = []
+    fuzzy = bool(rec.fuzzy)
+    if rec.ref is not None:
+        ks, problem = resolve_ref(rec.ref, roots, keys)
+        if problem == _ESCAPES:
+            return [], False, problem
+        relative = not rec.ref.strip().startswith(("/", "\\"))
+        for k in ks:
+            if rec.ref_base and relative:
+                cands.append(posixpath.normpath(posixpath.join(rec.ref_base, k)))
+            parts = k.split("/")
+            cands.extend("/".join(parts[i:]) for i in range(len(parts)))
+        if rec.fuzzy is None:
+            fuzzy = len(ks) == 1 and "/" not in ks[0]
+    for f in rec.fallback:
+        cands.extend(resolve_ref(f, roots, keys)[0])
+    return list(dict.fromkeys(cands)), fuzzy, None
 
 
 # --------------------------------------------------------------------------- parsers
@@ -313,26 +456,61 @@ def _float_field(text: str | None, where: str, fname: str, errors: list[str]) ->
         errors.append(f"{where}: {fname} missing")
         return None
     t = text.strip()
+    shown = t if len(t) <= 40 else t[:37] + "..."
     try:
         v = float(t)
     except ValueError:
-        errors.append(f"{where}: {fname} {t!r} is not a number")
+        errors.append(f"{where}: {fname} {shown!r} is not a number")
         return None
     if not math.isfinite(v):
-        errors.append(f"{where}: {fname} is {t}")
+        errors.append(f"{where}: {fname} is {shown}")
         return None
     return v
+
+
+def _label_file(folder: Path, f: Path, rec_of) -> tuple["_Record", bytes | None]:
+    """The record of one VOC/YOLO label file and its bytes (None, with the record's error,
+    when it is not a readable regular file). `rec_of(rel)` makes the record."""
+    raw_rel = f.relative_to(folder).as_posix()
+    rel = utf8_safe(raw_rel)
+    rec = rec_of(rel)
+    if rel != raw_rel:
+        rec.errors.append(f"{rel}: {_NOT_UTF8}")
+    try:
+        st = f.stat()
+        if not stat.S_ISREG(st.st_mode):
+            rec.errors.append(f"{rel}: not a regular file")
+            return rec, None
+        return rec, f.read_bytes()
+    except OSError as e:
+        rec.errors.append(f"{rel}: cannot read ({e.strerror or type(e).__name__})")
+        return rec, None
+
+
+def _voc_size(root: ET.Element, rel: str, errors: list[str]) -> tuple[int, int] | None:
+    """The declared <size> (None when absent, zero or negative); a bad value is an error."""
+    vals = []
+    for k in ("width", "height"):
+        t = (root.findtext(f"size/{k}") or "").strip()
+        if not t:
+            return None
+        v = _float_field(t, f"{rel} size", k, errors)
+        if v is None:
+            return None
+        vals.append(int(v))
+    w, h = vals
+    return (w, h) if w > 0 and h > 0 else None
 
 
 def _parse_voc(folder: Path, cfg: DatasetConfig) -> tuple[list[_Record], list[str] | None, dict[str, str]]:
     records = []
     for f in _files_with_suffix(folder, ".xml"):
-        rel = f.relative_to(folder).as_posix()
-        rel_dir = posixpath.dirname(rel)
-        xml_ref = _strip_ext(rel)
-        rec = _Record(source=rel, candidates=[xml_ref], ref_field=f"{rel} (image {xml_ref}.*)")
+        rec, data = _label_file(folder, f, lambda rel: _Record(source=rel, fallback=[_strip_ext(rel)],
+                                                               ref_field=f"{rel} (image {_strip_ext(rel)}.*)"))
         records.append(rec)
-        data = f.read_bytes()
+        if data is None:
+            continue
+        rel = rec.source
         if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
             rec.errors.append(f"{rel}: DTD / entity declarations are not allowed")
             continue
@@ -341,23 +519,18 @@ def _parse_voc(folder: Path, cfg: DatasetConfig) -> tuple[list[_Record], list[st
         except ET.ParseError as e:
             rec.errors.append(f"{rel}: XML parse error ({e})")
             continue
+        except LookupError as e:  # encoding="bogus"
+            rec.errors.append(f"{rel}: XML declares an unknown encoding ({e})")
+            continue
+        except (ValueError, RecursionError) as e:
+            rec.errors.append(f"{rel}: XML parse error ({type(e).__name__}: {e})")
+            continue
         fn = (root.findtext("filename") or "").strip()
         if fn:
-            key, escapes = _normalise_ref(fn)
-            cands = []
-            if key is not None and not escapes:
-                if rel_dir:
-                    cands.append(posixpath.normpath(posixpath.join(rel_dir, key)))
-                cands.append(key)
-            cands.append(posixpath.basename(fn.replace("\\", "/")))
-            rec.candidates = list(dict.fromkeys(cands + [xml_ref]))
+            rec.ref = fn
+            rec.ref_base = posixpath.dirname(rel)
             rec.ref_field = f"{rel} filename {fn!r}"
-        try:
-            w = int(float(root.findtext("size/width") or 0))
-            h = int(float(root.findtext("size/height") or 0))
-            rec.size = (w, h) if w > 0 and h > 0 else None
-        except ValueError:
-            rec.size = None
+        rec.size = _voc_size(root, rel, rec.errors)
         for i, obj in enumerate(root.findall("object"), 1):
             where = f"{rel} object {i}"
             name = (obj.findtext("name") or "").strip()
@@ -385,49 +558,72 @@ def _parse_voc(folder: Path, cfg: DatasetConfig) -> tuple[list[_Record], list[st
     return records, None, {}
 
 
+def _load_json(path: Path) -> Any:
+    """A JSON file; ValueError naming it when it is not valid JSON (also when nested too deep
+    for the parser or holding an integer too long to convert)."""
+    try:
+        return json.loads(path.read_bytes())
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of > 4300 digits
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _scalar_id(v: Any) -> bool:
+    """An id the file may use: an integer or a string (a float is tolerated); not a list,
+    an object, null or a boolean."""
+    return isinstance(v, (int, float, str)) and not isinstance(v, bool)
+
+
 def _parse_coco(path: Path, cfg: DatasetConfig) -> tuple[list[_Record], list[str] | None, dict[str, str]]:
     src = path.name
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{path}: not a COCO file (no 'images' list)")
-    cats = data.get("categories") or []
-    anns = data.get("annotations") or []
-    if not isinstance(cats, list) or not isinstance(anns, list):
-        raise ValueError(f"{path}: 'categories' and 'annotations' must be lists")
+    cats = data.get("categories")
+    if cats is None:
+        raise ValueError(f"{path}: no 'categories' list (a COCO file names its categories there)")
+    if not isinstance(cats, list):
+        raise ValueError(f"{path}: 'categories' must be a list, got {type(cats).__name__}")
+    anns = data.get("annotations")
+    if anns is None:
+        anns = []
+    if not isinstance(anns, list):
+        raise ValueError(f"{path}: 'annotations' must be a list, got {type(anns).__name__}")
     cat_name: dict[Any, str] = {}
     names: list[str] = []
     supers: dict[str, str] = {}
     for i, c in enumerate(cats):
         if not isinstance(c, dict) or "id" not in c or not isinstance(c.get("name"), str):
             raise ValueError(f"{path}: categories[{i}] needs an 'id' and a string 'name'")
+        if not _scalar_id(c["id"]):
+            raise ValueError(f"{path}: categories[{i}] id: {_short(c['id'])} is not an integer")
         if c["id"] in cat_name:
-            raise ValueError(f"{path}: duplicate category id {c['id']!r}")
-        if c["name"] in supers:
-            raise ValueError(f"{path}: duplicate category name {c['name']!r}")
-        cat_name[c["id"]] = c["name"]
-        names.append(c["name"])
-        supers[c["name"]] = str(c.get("supercategory") or "")
+            raise ValueError(f"{path}: duplicate category id {_short(c['id'])}")
+        name = utf8_safe(c["name"])  # categories.json and the exports must stay encodable
+        if name in supers:
+            raise ValueError(f"{path}: duplicate category name {_short(c['name'])}")
+        cat_name[c["id"]] = name
+        names.append(name)
+        supers[name] = utf8_safe(str(c.get("supercategory") or ""))
     by_id: dict[Any, _Record] = {}
     for i, im in enumerate(data["images"]):
         if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
             raise ValueError(f"{path}: images[{i}] needs an 'id' and a string 'file_name'")
         iid, fn = im["id"], im["file_name"]
         if isinstance(iid, (bool, float)) or not isinstance(iid, (int, str)):
-            raise ValueError(f"{path}: images[{i}] id {iid!r} must be an integer or a string")
+            raise ValueError(f"{path}: images[{i}] id {_short(iid)} must be an integer or a string")
         if iid in by_id:
-            raise ValueError(f"{path}: duplicate image id {iid!r}")
-        key, escapes = _normalise_ref(fn)
-        # "train2017/x.jpg" may be listed while the root is train2017/ itself: try the
-        # path's suffixes as exact keys; fuzzy name matching only for bare file names.
-        parts = key.split("/") if key else []
-        cands = ["/".join(parts[i:]) for i in range(len(parts))]
-        rec = _Record(source=f"{src} image id {iid}", candidates=cands,
-                      ref_field=f"{src} image id {iid} file_name {fn!r}", escapes=escapes, raw_ref=fn,
-                      fuzzy=len(parts) == 1)
-        if key is None and not escapes:
+            raise ValueError(f"{path}: duplicate image id {_short(iid)}")
+        # "train2017/x.jpg" may be listed while the root is train2017/ itself: the path's
+        # suffixes are tried as exact keys; fuzzy name matching only for bare file names.
+        rec = _Record(source=f"{src} image id {iid}", fallback=[], ref_field=f"{src} image id {iid} file_name {fn!r}",
+                      fuzzy=None)
+        if fn.strip():
+            rec.ref = fn
+            if utf8_safe(fn) != fn:
+                rec.errors.append(f"{rec.ref_field}: {_NOT_UTF8}")
+        else:
             rec.errors.append(f"{src} image id {iid} file_name: empty")
         w, h = im.get("width"), im.get("height")
         if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0:
@@ -439,31 +635,42 @@ def _parse_coco(path: Path, cfg: DatasetConfig) -> tuple[list[_Record], list[str
             raise ValueError(f"{path}: annotations[{i}] is not an object")
         aid = a.get("id", f"#{i}")
         if "id" in a:
+            if not _scalar_id(aid):
+                raise ValueError(f"{path}: annotations[{i}] id: {_short(aid)} is not an integer")
             if aid in seen_ann:
-                raise ValueError(f"{path}: duplicate annotation id {aid!r}")
+                raise ValueError(f"{path}: duplicate annotation id {_short(aid)}")
             seen_ann.add(aid)
         iid = a.get("image_id")
         rec = by_id.get(iid) if isinstance(iid, (int, str)) and not isinstance(iid, bool) else None
         if rec is None:
-            raise ValueError(f"{path}: annotation id {aid!r} refers to unknown image_id {iid!r}")
+            raise ValueError(f"{path}: annotation id {_short(aid)} refers to unknown image_id {_short(iid)}")
         if a.get("iscrowd"):
             continue
         where = f"{src} annotation id {aid}"
         cid = a.get("category_id")
-        name = cat_name.get(cid) if isinstance(cid, (int, str)) and not isinstance(cid, bool) else None
+        name = cat_name.get(cid) if _scalar_id(cid) else None
         if name is None:
-            rec.errors.append(f"{where} category_id: unknown category {cid!r}")
+            rec.errors.append(f"{where} category_id: unknown category {_short(cid)}")
             continue
         bbox = a.get("bbox")
         if (not isinstance(bbox, list) or len(bbox) != 4
                 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in bbox)):
-            rec.errors.append(f"{where} bbox: expected [x, y, width, height] numbers, got {str(bbox)[:60]}")
+            rec.errors.append(f"{where} bbox: expected [x, y, width, height] numbers, got {_short(bbox, 60)}")
             continue
-        bad = [f"{n} is {v}" for n, v in zip(("x", "y", "width", "height"), bbox) if not math.isfinite(v)]
+        bad, xywh = [], []
+        for n, v in zip(("x", "y", "width", "height"), bbox):
+            try:
+                f = float(v)
+            except OverflowError:  # an integer like 10**400
+                bad.append(f"{n} {_short(v)} is too large")
+                continue
+            if not math.isfinite(f):
+                bad.append(f"{n} is {v}")
+            xywh.append(f)
         if bad:
             rec.errors.append(f"{where} bbox: {', '.join(bad)}")
             continue
-        x, y, w, h = (float(v) for v in bbox)
+        x, y, w, h = xywh
         if w < 0 or h < 0:
             rec.errors.append(f"{where} bbox: {'width' if w < 0 else 'height'} {_num(w if w < 0 else h)} < 0")
             continue
@@ -471,27 +678,80 @@ def _parse_coco(path: Path, cfg: DatasetConfig) -> tuple[list[_Record], list[str
     return list(by_id.values()), names, supers
 
 
+def _yaml_problem(e: Exception) -> str:
+    """One line about a YAML error: the problem and where."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
+_YAML_MAX_DEPTH = 64
+
+
+def _yaml_depth(text: str) -> int:
+    """A cheap upper estimate of how deeply a YAML text nests (flow brackets, indentation,
+    leading '- ' items). PyYAML's pure-Python parser recurses per level and slows down
+    quadratically, so data.yaml files nested deeper than any real one are refused unparsed."""
+    depth = worst = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            worst = max(worst, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+    for line in text.splitlines():
+        body = line.lstrip(" ")
+        items = re.match(r"(?:-[ \t]+)*", body).group(0).count("-")  # "- - - x": nested lists
+        worst = max(worst, (len(line) - len(body)) // 2 + items)
+    return worst
+
+
 def _yolo_names(folder: Path) -> list[str] | None:
     ct = folder / "classes.txt"
     if ct.is_file():
-        names = [ln.strip() for ln in ct.read_text(encoding="utf-8").splitlines()]
-        return [n for n in names if n]
+        names = [ln.strip() for ln in _read_text(ct).splitlines()]
+        names = [n for n in names if n]
+        seen: set[str] = set()
+        for n in names:
+            if n in seen:
+                raise ValueError(f"{ct}: duplicate class name {_short(n)}")
+            seen.add(n)
+        return names
     for fn in ("data.yaml", "data.yml"):
         p = folder / fn
         if p.is_file():
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            text = _read_text(p)
+            if _yaml_depth(text) > _YAML_MAX_DEPTH:
+                raise ValueError(f"{p}: not valid YAML (nested deeper than {_YAML_MAX_DEPTH} levels)")
+            try:  # safe_load: tags such as !!python/object are refused, never run
+                data = yaml.safe_load(text) or {}
+            except (yaml.YAMLError, RecursionError) as e:
+                raise ValueError(f"{p}: not valid YAML ({_yaml_problem(e)})") from None
             names = data.get("names") if isinstance(data, dict) else None
             if isinstance(names, list):
-                return [str(n) for n in names]
-            if isinstance(names, dict):
+                items = list(enumerate(names))
+            elif isinstance(names, dict):
                 try:
                     idx = sorted(int(k) for k in names)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
                     raise ValueError(f"{p}: 'names' keys must be class indices") from None
                 if idx != list(range(len(idx))):
-                    raise ValueError(f"{p}: 'names' indices must be 0..{len(idx) - 1}, got {idx}")
-                return [str(names[k] if k in names else names[str(k)]) for k in idx]
-            raise ValueError(f"{p}: no 'names' list")
+                    shown = ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
+                    raise ValueError(f"{p}: 'names' indices must be 0..{len(idx) - 1}, got {shown}")
+                items = [(k, names[k] if k in names else names[str(k)]) for k in idx]
+            else:
+                raise ValueError(f"{p}: no 'names' list")
+            out: list[str] = []
+            for k, n in items:
+                if not isinstance(n, (str, int, float)) or isinstance(n, bool) or not str(n).strip():
+                    raise ValueError(f"{p}: names[{k}]: {_short(n)} is not a class name")
+                if utf8_safe(str(n)) in out:
+                    raise ValueError(f"{p}: names[{k}]: duplicate class name {_short(str(n))}")
+                out.append(utf8_safe(str(n)))
+            return out
     return None
 
 
@@ -504,14 +764,16 @@ def _parse_yolo(folder: Path, cfg: DatasetConfig) -> tuple[list[_Record], list[s
         names = list(cfg.classes)
     records = []
     for f in _files_with_suffix(folder, ".txt"):
-        rel = f.relative_to(folder).as_posix()
-        if rel.lower() in _YOLO_NAME_FILES:
+        if f.relative_to(folder).as_posix().lower() in _YOLO_NAME_FILES:
             continue
-        ref = _strip_ext(rel)
-        rec = _Record(source=rel, candidates=[ref], ref_field=f"{rel} (image {ref}.*)")
+        rec, data = _label_file(folder, f, lambda rel: _Record(source=rel, fallback=[_strip_ext(rel)],
+                                                               ref_field=f"{rel} (image {_strip_ext(rel)}.*)"))
         records.append(rec)
+        if data is None:
+            continue
+        rel = rec.source
         try:
-            text = f.read_text(encoding="utf-8")
+            text = data.decode("utf-8-sig")
         except UnicodeDecodeError:
             rec.errors.append(f"{rel}: not UTF-8 text")
             continue
@@ -530,7 +792,7 @@ def _parse_yolo(folder: Path, cfg: DatasetConfig) -> tuple[list[_Record], list[s
                     raise ValueError
                 c = int(c)
             except ValueError:
-                rec.errors.append(f"{where} class: {toks[0]!r} is not an integer")
+                rec.errors.append(f"{where} class: {_short(toks[0])} is not an integer")
                 continue
             if not 0 <= c < len(names):
                 rec.errors.append(f"{where} class: index {c} out of range 0..{len(names) - 1}")
@@ -589,7 +851,8 @@ def _check_format(ann: Path, fmt: str | None) -> str:
     if not ann.exists():
         raise FileNotFoundError(f"annotations {ann} not found")
     if fmt == "coco" and not ann.is_file():
-        raise ValueError(f"--format coco needs a JSON file, {ann} is a folder")
+        raise ValueError(f"--format coco needs a JSON file, {ann} is "
+                         + ("a folder" if ann.is_dir() else "not a regular file"))
     if fmt in ("voc", "yolo") and not ann.is_dir():
         raise ValueError(f"--format {fmt} needs a folder of annotation files, {ann} is a file")
     return fmt
@@ -657,6 +920,8 @@ def build_pool(images: str | Path, annotations: str | Path | None = None, fmt: s
     root = Path(images).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"images folder {images} not found")
+    _check_utf8_path(root, "images folder")
+    roots = list(dict.fromkeys([str(root), str(Path(images).expanduser().absolute())]))
     found = _scan_images(root, cfg.extensions)
     imgs: dict[str, _Image] = {}
     probe_keys = []
@@ -689,28 +954,38 @@ def build_pool(images: str | Path, annotations: str | Path | None = None, fmt: s
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate class names in {names}")
         cat_id = {n: i + 1 for i, n in enumerate(names)}
-        _attach(records, imgs, root, cfg, cat_id)
+        _attach(records, imgs, root, roots, cfg, cat_id)
     categories = [{"id": i + 1, "name": n, "supercategory": supers.get(n, "")} for i, n in enumerate(names)]
     return _tables(imgs, categories, used_fmt)
 
 
-def _attach(records: list[_Record], imgs: dict[str, _Image], root: Path, cfg: DatasetConfig,
+def _check_utf8_path(p: Path, what: str) -> None:
+    """Refuse an input path that is not valid UTF-8 (it would end up in run.yaml and the tables)."""
+    if utf8_safe(str(p)) != str(p):
+        raise ValueError(f"{what} {utf8_safe(str(p))}: the path is not valid UTF-8; rename it")
+
+
+def _attach(records: list[_Record], imgs: dict[str, _Image], root: Path, roots: Sequence[str], cfg: DatasetConfig,
             cat_id: dict[str, int]) -> None:
     index = _KeyIndex([k for k in imgs])
     claims: dict[str, list[_Record]] = defaultdict(list)
     for rec in records:
-        if rec.escapes:
-            _missing(imgs, rec.raw_ref, rec.raw_ref, "init", f"{rec.ref_field}: path escapes images root")
+        cands, fuzzy, problem = _candidates(rec, roots, index.keys)
+        if problem is not None:  # the reference leaves the root: a rejected row of its own
+            ref = utf8_safe(rec.ref or rec.source)
+            _missing(imgs, ref, ref, "init", f"{rec.ref_field}: {problem}")
             continue
-        key, why = index.match(rec.candidates, rec.fuzzy) if rec.candidates else (None, None)
+        key, why = index.match(cands, fuzzy) if cands else (None, None)
         if key is not None:
             claims[key].append(rec)
             continue
-        guess = rec.candidates[0] if rec.candidates else rec.source
+        guess = cands[0] if cands else rec.source
         if why is None:
-            p = root / guess
-            why = ("file exists but its extension is not in dataset.extensions" if p.is_file()
-                   else "file not found")
+            try:
+                exists = (root / guess).is_file()
+            except (OSError, ValueError):
+                exists = False
+            why = "file exists but its extension is not in dataset.extensions" if exists else "file not found"
         reasons = [f"{rec.ref_field}: {why}"] + rec.errors
         _missing(imgs, guess, str(root / guess), "init", *reasons)
     for key, recs in claims.items():
@@ -724,6 +999,7 @@ def _attach(records: list[_Record], imgs: dict[str, _Image], root: Path, cfg: Da
 
 
 def _missing(imgs: dict[str, _Image], key: str, uri: str, stage: str, *reasons: str) -> None:
+    key, uri = utf8_safe(key), utf8_safe(uri)
     img = imgs.get(key)
     if img is None:
         img = imgs[key] = _Image(key, uri)
@@ -746,7 +1022,8 @@ def _tables(imgs: dict[str, _Image], categories: list[dict], fmt: str | None) ->
         w, h = info.oriented_size if info is not None else (0, 0)
         width.append(w)
         height.append(h)
-    manifest = pa.table({"image_id": pa.array(ids, pa.int64()), "uri": pa.array([imgs[k].uri for k in keys], pa.string()),
+    uris = [utf8_safe(imgs[k].uri) for k in keys]
+    manifest = pa.table({"image_id": pa.array(ids, pa.int64()), "uri": pa.array(uris, pa.string()),
                          "width": pa.array(width, pa.int32()), "height": pa.array(height, pa.int32()),
                          "source_key": pa.array(keys, pa.string())}, schema=io.MANIFEST_SCHEMA)
     a_img, a_cat, coords = [], [], []
@@ -757,9 +1034,9 @@ def _tables(imgs: dict[str, _Image], categories: list[dict], fmt: str | None) ->
             extra = len(img.reasons) - _MAX_REASONS
             reason = "; ".join(img.reasons[:_MAX_REASONS]) + (f"; ... and {extra} more" if extra > 0 else "")
             r_id.append(iid)
-            r_uri.append(img.uri)
+            r_uri.append(utf8_safe(img.uri))
             r_stage.append(img.stage)
-            r_reason.append(reason)
+            r_reason.append(utf8_safe(reason))
             continue
         for cid, x1, y1, x2, y2 in img.boxes:
             a_img.append(iid)
@@ -789,7 +1066,7 @@ class IdToken(str):
         return obj
 
 
-def read_id_file(path: str | Path) -> list[str]:
+def read_id_file(path: str | Path, source: str | None = None) -> list[str]:
     """Image references, one per line.
 
     Blank lines are skipped; '#' starts a comment (at the start of a line or after
@@ -797,12 +1074,16 @@ def read_id_file(path: str | Path) -> list[str]:
 
     Args:
         path: text file.
+        source: how to name it in messages (default: the path), e.g. "--labeled ids.txt".
 
     Returns:
         [token] in file order.
+
+    Raises:
+        ValueError: naming the file, when it is not UTF-8 text.
     """
     out: list[str] = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
+    for n, line in enumerate(_read_text(Path(path), source).splitlines(), 1):
         s = re.split(r"(?:^|\s)#", line, maxsplit=1)[0].strip()
         if s:
             out.append(IdToken(s, n))
@@ -964,7 +1245,8 @@ def _annotations_hash(ann: Path | None) -> str | None:
                 st = p.stat()
             except OSError:
                 continue
-            h.update(f"{p.relative_to(ann).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8"))
+            h.update(f"{p.relative_to(ann).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                     .encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 
@@ -1043,6 +1325,10 @@ def init_run(run: RunDir, *, images, annotations=None, fmt=None, labeled=None, s
     if not root.is_dir():
         raise FileNotFoundError(f"images folder {images} not found")
     ann = Path(annotations).expanduser().resolve() if annotations is not None else None
+    for what, path in (("images folder", Path(images)), ("images folder", root), ("annotations", ann),
+                       ("--labeled", labeled), ("--test", test)):
+        if path is not None:
+            _check_utf8_path(Path(path), what)
     used_fmt = _check_format(ann, fmt) if ann is not None else None
     inputs = _inputs(root, ann, used_fmt, labeled, seed_fraction, test, cfg)
     if run.exists():
@@ -1062,8 +1348,8 @@ def init_run(run: RunDir, *, images, annotations=None, fmt=None, labeled=None, s
         if cycles.is_dir():
             shutil.move(str(cycles), str(run.root / f"cycles.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
     tables = build_pool(root, ann, used_fmt, cfg.dataset, progress=progress)
-    lab_tokens = read_id_file(labeled) if labeled else None
-    test_tokens = read_id_file(test) if test else None
+    lab_tokens = read_id_file(labeled, f"--labeled {labeled}") if labeled else None
+    test_tokens = read_id_file(test, f"--test {test}") if test else None
     ledger = assign_states(tables.manifest, tables.rejects.column("image_id").to_numpy(),
                            labeled=lab_tokens, seed_fraction=seed_fraction, test=test_tokens, seed=cfg.seed,
                            source_labeled=f"--labeled {labeled}", source_test=f"--test {test}")
@@ -1092,4 +1378,4 @@ def init_run(run: RunDir, *, images, annotations=None, fmt=None, labeled=None, s
 
 
 __all__ = ["FORMATS", "IdToken", "PoolTables", "assign_states", "build_pool", "image_id_for", "infer_format",
-           "init_run", "read_id_file", "resolve_ids"]
+           "init_run", "read_id_file", "resolve_ids", "resolve_ref", "utf8_safe"]

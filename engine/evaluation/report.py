@@ -37,7 +37,6 @@ import base64
 import html
 import json
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -233,6 +232,18 @@ def curve_series(runs: Sequence[dict], metric: str = "map50", x_key: str = "labe
     return series
 
 
+def _literal(t: Any) -> Any:
+    """Draw a text object as the characters it holds.
+
+    Run and strategy names are user text: matplotlib would parse ``$...$`` in them as
+    mathtext (``a$\\foo$b`` is an error, ``$a_b$`` a subscript) or hand them to LaTeX with
+    ``text.usetex``; neither happens to a literal text.
+    """
+    t.set_parse_math(False)
+    t.set_usetex(False)
+    return t
+
+
 def learning_curves(runs: Sequence[dict], out_png: str | Path, *,
                     metric_keys: Sequence[str] = ("map50", "map")) -> Path:
     """Plot the learning curves of some runs into one PNG.
@@ -268,14 +279,17 @@ def learning_curves(runs: Sequence[dict], out_png: str | Path, *,
                         ax.fill_between(s["x"], s["lo"], s["hi"], color=c, alpha=0.18, lw=0)
                     drawn += 1
                 name = METRIC_LABELS.get(metric, metric)
-                ax.set_xlabel(x_label)
-                ax.set_ylabel(name)
-                ax.set_title(f"{name} vs {x_label}")
+                _literal(ax.set_xlabel(x_label))
+                _literal(ax.set_ylabel(name))
+                _literal(ax.set_title(f"{name} vs {x_label}"))
                 ax.grid(True, alpha=0.35)
                 if drawn:
-                    ax.legend(fontsize=8, loc="best")
+                    leg = ax.legend(fontsize=8, loc="best")
+                    for t in leg.get_texts():
+                        _literal(t)
                 else:
-                    ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
+                    _literal(ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes,
+                                     color="0.5"))
         fig.tight_layout()
         fig.savefig(out_png, dpi=110)
     finally:
@@ -1400,9 +1414,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, montage
             parts.append("</div>")
     parts.append("</body></html>")
     index = out / "index.html"
-    io.atomic_write_text(index, "\n".join(parts) + "\n")
-    for p in (index, out / "summary.json"):
-        os.chmod(p, 0o644)  # atomic writes create 0600 temp files; a report is meant to be shared
+    io.atomic_write_text(index, "\n".join(parts) + "\n")  # 0666 & ~umask, like the PNGs beside it
     return index
 
 

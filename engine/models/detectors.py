@@ -67,11 +67,28 @@ def _load_file_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Returns:
         Name -> tensor mapping.
+
+    Raises:
+        ValueError: one line naming the file when it is not a plain tensor file (pickled
+            objects that weights_only loading refuses, no torch file, no tensors).
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"weights file not found: {p}")
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        # weights_only=True only: a file it refuses is never loaded any other way
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False, i.e. running the file's code: not repeated
+        raise ValueError(f"{p} is not a plain tensor file: it holds pickled objects other than tensors "
+                         f"(or is no torch file at all); refused without running any of it") from None
+    except Exception as e:  # a zip that is no torch archive, a truncated or empty file, ...
+        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        why = f": {why[:200]}" if why and "weights_only" not in why else ""
+        raise ValueError(f"{p} is not a plain tensor file: it cannot be read as torch tensors "
+                         f"({type(e).__name__}{why})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -619,16 +636,27 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[nn.Mod
         (model in eval mode, the checkpoint dict without "state_dict").
 
     Raises:
-        ValueError: the file is not a poolscout detector checkpoint.
+        ValueError: the file is not a poolscout detector checkpoint (one line naming it; a
+            pickle that weights_only loading refuses is never loaded another way).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    import pickle
+
     try:
+        # weights_only=True only: a file it refuses is never loaded any other way
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a poolscout detector checkpoint (cannot be read with "
-                         f"weights_only=True: {type(e).__name__}: {e})") from None
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False, i.e. running the file's code: not repeated
+        raise ValueError(f"{path} is not a poolscout checkpoint: it holds pickled objects other than tensors "
+                         f"and plain data (or is no torch file at all); refused without running any of it"
+                         ) from None
+    except Exception as e:  # a zip that is no torch archive, a truncated or empty file, ...
+        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        why = f": {why[:200]}" if why and "weights_only" not in why else ""
+        raise ValueError(f"{path} is not a poolscout checkpoint: it cannot be read as a torch file "
+                         f"({type(e).__name__}{why})") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path} is not a poolscout detector checkpoint "

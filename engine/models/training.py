@@ -43,6 +43,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         max_pixels: decompression-bomb limit passed to `engine.images.decode`.
         hflip_prob: probability of mirroring the image region (and its boxes).
         seed: the flip of item i in epoch e is drawn from RNG(seed, e, i), so runs repeat.
+        root: the images root recorded at init; a file outside it (a symlink swapped in) or
+            of another size than the item's is skipped like one that does not decode.
 
     Items:
         (image (3, S, S) float32 in [0, 1], {"boxes": (n, 4) float32 canvas pixels,
@@ -50,7 +52,8 @@ class DetectionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: list[dict], boxes: dict[int, np.ndarray], labels: dict[int, np.ndarray],
-                 input_size: int, max_pixels: int, hflip_prob: float = 0.0, seed: int = 0):
+                 input_size: int, max_pixels: int, hflip_prob: float = 0.0, seed: int = 0,
+                 root: str | None = None):
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
         self.items = list(items)
@@ -61,6 +64,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.hflip_prob = float(hflip_prob)
         self.seed = int(seed)
         self.epoch = 0
+        self.root = root  # images root: files must lie inside it and keep the manifest's size
+        # image_id -> (uri, reason) of images that failed to decode: skipped from then on
+        self.failed: dict[int, tuple[str, str]] = {}
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draws of `epoch` (call before iterating the loader)."""
@@ -76,12 +82,21 @@ class DetectionDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         return bool(rng.random() < self.hflip_prob)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        from poolscout.engine.data.images import decode, letterbox
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]] | None:
+        """The item, or None for an image that does not decode (recorded in `failed`; the
+        collate function drops it, so training goes on without it)."""
+        from poolscout.engine.data.images import ImageError, decode, letterbox
 
         item = self.items[index]
         iid = int(item["image_id"])
-        img = decode(item["uri"], self.max_pixels)
+        if iid in self.failed:
+            return None
+        try:
+            w, h = int(item.get("width") or 0), int(item.get("height") or 0)
+            img = decode(item["uri"], self.max_pixels, root=self.root, expect=(w, h) if w > 0 and h > 0 else None)
+        except ImageError as e:
+            self.failed[iid] = (str(item["uri"]), str(e))
+            return None
         h, w = img.shape[:2]
         canvas, scale = letterbox(img, self.input_size)
         s = self.input_size
@@ -107,8 +122,10 @@ class DetectionDataset(torch.utils.data.Dataset):
         return image, target
 
 
-def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
-    """List of (image, target) -> (images, targets) lists, as torchvision detectors take them."""
+def collate(batch: list[tuple[torch.Tensor, dict] | None]) -> tuple[list[torch.Tensor], list[dict]]:
+    """List of (image, target) -> (images, targets) lists, as torchvision detectors take them;
+    None items (images that failed to decode) are dropped."""
+    batch = [b for b in batch if b is not None]
     images, targets = zip(*batch) if batch else ((), ())
     return list(images), list(targets)
 
@@ -294,6 +311,8 @@ def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: Tra
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
         for it, (images, targets) in enumerate(loader):
+            if not images:  # every image of the batch failed to decode
+                continue
             lr = cfg.lr * lr_factor(epoch * iters_per_epoch + it, total, cfg.warmup_iters)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -368,7 +387,7 @@ def fit_detector(spec: dict, *, rank: int = 0, device: Any = "cpu",
     ids = np.asarray(spec["labeled_ids"], dtype=np.int64)
     items, boxes, labels = labeled_items(manifest, annotations, ids)
     ds = DetectionDataset(items, boxes, labels, dcfg.input_size, spec["max_pixels"],
-                          hflip_prob=tcfg.hflip_prob, seed=int(spec["seed"]))
+                          hflip_prob=tcfg.hflip_prob, seed=int(spec["seed"]), root=spec.get("images_root"))
     loader = torch.utils.data.DataLoader(ds, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=0, generator=torch.Generator().manual_seed(int(spec["seed"])))
     if prepare_loader is not None:
@@ -389,4 +408,12 @@ def fit_detector(spec: dict, *, rank: int = 0, device: Any = "cpu",
             warnings.simplefilter("ignore", WarmupWarning)
         history = train_epochs(model, loader, tcfg, device, progress=progress, log=log,
                                desc=spec.get("desc", "train"))
+    if ds.failed:
+        if len(ds.failed) == len(ds):
+            raise RuntimeError(f"none of the {len(ds)} labeled images decodes; the first: "
+                               f"{next(iter(ds.failed.values()))[0]}: {next(iter(ds.failed.values()))[1]}")
+        for rec in history[-1:]:
+            rec["skipped"] = [{"image_id": i, "uri": u, "reason": r} for i, (u, r) in sorted(ds.failed.items())]
+        for i, (u, r) in sorted(ds.failed.items()):
+            log(f"skipped {u}: {r}")
     return model, history

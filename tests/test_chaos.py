@@ -1,0 +1,82 @@
+"""Chaos: detector actors killed while the pool is scored on local Ray; every pool image is
+scored exactly once and the scores equal an undisturbed run's."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from poolscout.engine.core import io
+from poolscout.engine.core.config import load_config
+from poolscout.engine.core.run import RunDir
+from tests.conftest import TINY_SETTINGS
+
+psutil = pytest.importorskip("psutil")
+
+
+def _detector_actors() -> list:
+    me = psutil.Process()
+    out = []
+    for p in me.children(recursive=True):
+        try:
+            if "DetectorStage" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_scoring_survives_killed_detector_actors(tmp_path, ray_session):
+    from poolscout.engine.data.pool import init_run
+    from poolscout.engine.data.synthetic import generate
+    from poolscout.jobs.score import score
+    from poolscout.jobs.train import train
+
+    pool = generate(tmp_path / "pool", n_images=300, size=64, seed=11)
+    cfg = load_config([], [*TINY_SETTINGS, "train.torch_threads=1", "score.torch_threads=1", "score.views=[orig]",
+                           "score.concurrency=2", "score.num_cpus=0.5", "score.batch_size=4"])
+    run = RunDir(tmp_path / "run")
+    init_run(run, images=pool["images"], annotations=pool["annotations"], seed_fraction=0.1, cfg=cfg, progress=False)
+    train(run, cfg, progress=False)
+    n_pool = len(run.ids_in_state("pool"))
+    calm = score(run, cfg, progress=False, executor="ray")
+    reference = io.read_table(run.scores_path(0)).sort_by("image_id").to_pydict()
+    assert calm["scored"] == n_pool
+
+    kills: list[int] = []
+    stop = threading.Event()
+
+    def killer():
+        rng = np.random.default_rng(0)
+        while not stop.wait(3.0):
+            actors = _detector_actors()
+            if actors:
+                victim = actors[int(rng.integers(len(actors)))]
+                try:
+                    victim.send_signal(signal.SIGKILL)
+                    kills.append(victim.pid)
+                except psutil.Error:
+                    pass
+
+    t = threading.Thread(target=killer, daemon=True)
+    t0 = time.time()
+    t.start()
+    try:
+        rough = score(run, cfg, progress=False, executor="ray", force=True)
+    finally:
+        stop.set()
+        t.join()
+    assert kills, f"no detector actor was killed in {time.time() - t0:.0f} s: the test checked nothing"
+    assert rough["scored"] == n_pool and rough.get("failed", 0) == 0
+    got = io.read_table(run.scores_path(0)).sort_by("image_id").to_pydict()
+    assert got["image_id"] == reference["image_id"]  # each pool image exactly once
+    assert len(set(got["image_id"])) == n_pool
+    for col, ref in reference.items():
+        if col != "image_id":
+            np.testing.assert_allclose(np.asarray(got[col], float), np.asarray(ref, float), rtol=1e-5, atol=1e-6,
+                                       equal_nan=True)
