@@ -120,3 +120,12 @@ def write_empty(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"")
     return path
+
+
+def corrupt_png_pixels(src: Path, dst: Path) -> None:
+    """A PNG whose header probes fine but whose pixel data cannot be decoded."""
+    data = bytearray(src.read_bytes())
+    start = data.index(b"IDAT") + 4
+    for i in range(start + 2, min(len(data) - 12, start + 400)):
+        data[i] ^= 0x5A
+    dst.write_bytes(bytes(data))

@@ -227,8 +227,33 @@ DEEP = "[" * 100_000 + "]" * 100_000
 HUGE = 10 ** 400
 WIN = "\\"
 
+def eps_as_png(path: Path) -> None:
+    path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 40 30\nnewpath 0 0 moveto showpage\n")
+
+
+def gif_as_png(path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (W, H), (120, 120, 120)).save(path, "GIF")
+
+
+def sparse_jpeg(path: Path) -> None:
+    """A 2 GB sparse file behind a JPEG header (costs nothing on disk)."""
+    with open(path, "wb") as f:
+        f.write(b"\xff\xd8\xff\xc0\x00\x11\x08\x00\x1e\x00\x28\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+                b"\xff\xda\x00\x0c\x03\x01\x00\x02\x11\x03\x11\x00\x3f\x00")
+        f.truncate(2 * 1024 ** 3)
+
+
 # --------------------------------------------------------------------------- init: folder only
 FOLDER = [
+    R("folder_fifo_named_png", folder(lambda t, r: fifo(r / "x.png")), "x.png", "not a regular file", defects=(1,)),
+    R("folder_eps_named_png", folder(lambda t, r: eps_as_png(r / "evil.png")), "evil.png", "not allowed",
+      defects=(9,)),
+    R("folder_gif_named_png", folder(lambda t, r: gif_as_png(r / "g.png")), "g.png", "format GIF is not allowed",
+      defects=(9,)),
+    R("folder_sparse_2gb_jpeg", folder(lambda t, r: sparse_jpeg(r / "big.jpg")), "big.jpg", "truncated",
+      defects=(16,)),
     R("folder_zero_byte_png", folder(lambda t, r: write_empty(r / "z.png")), "z.png", "z.png", "0-byte"),
     R("folder_text_named_png", folder(lambda t, r: write_text_as_image(r / "t.png")), "t.png", "t.png"),
     R("folder_decompression_bomb", folder(lambda t, r: write_bomb_png(r / "bomb.png")), "bomb.png", "bomb.png",

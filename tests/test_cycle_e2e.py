@@ -15,6 +15,7 @@ from poolscout.engine.core import io
 from poolscout.engine.core.run import RunDir
 from poolscout.jobs.cli import cli
 from tests.conftest import TINY_SETTINGS
+from tests.conftest_data import corrupt_png_pixels as _corrupt_png
 
 pytestmark = pytest.mark.ray
 
@@ -30,15 +31,6 @@ def _sets(extra=()):
     for s in [*TINY_SETTINGS, *extra]:
         out += ["--set", s]
     return out
-
-
-def _corrupt_png(src: Path, dst: Path) -> None:
-    """A PNG whose header probes fine but whose pixel data cannot be decoded."""
-    data = bytearray(src.read_bytes())
-    start = data.index(b"IDAT") + 4
-    for i in range(start + 2, min(len(data) - 12, start + 400)):
-        data[i] ^= 0x5A
-    dst.write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,12 @@ from poolscout.engine.core.config import load_config
 from poolscout.engine.core.run import RunDir
 from poolscout.engine.data.pool import init_run
 from tests.conftest import TINY_SETTINGS
+from tests.conftest_data import corrupt_png_pixels
 
 SETTINGS = [*TINY_SETTINGS, "train.torch_threads=1", "score.torch_threads=1", "score.views=[orig]",
             "loop.executor=local", "score.embed_labeled=false"]
 
 
-def _corrupt_pixels(src: Path, dst: Path) -> None:
-    """A PNG whose header is intact and whose compressed pixel data is not."""
-    data = bytearray(src.read_bytes())
-    i = data.index(b"IDAT") + 4
-    for j in range(i + 8, min(len(data) - 12, i + 60)):
-        data[j] ^= 0x5A
-    dst.write_bytes(bytes(data))
 
 
 @pytest.fixture()
@@ -78,7 +72,7 @@ def test_a_labeled_image_with_corrupt_pixels_is_skipped_and_training_goes_on(tmp
     lab = set(run.ids_in_state("labeled").tolist())
     victim = next(u for i, u in zip(man["image_id"], man["uri"]) if i in lab)
     good = Path(victim).read_bytes()
-    _corrupt_pixels(Path(victim), Path(victim))
+    corrupt_png_pixels(Path(victim), Path(victim))
     s = train(run, cfg, progress=False)
     assert run.model_path(0).is_file()
     fails = io.read_table(run.cycle_dir(0) / "rejects.parquet").to_pydict()

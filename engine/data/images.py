@@ -7,7 +7,7 @@ Every function here treats image files as hostile input:
   cannot hang a worker) and its type is checked again on the open descriptor; each call
   opens the file exactly once;
 * only JPEG (and its multi-picture variant MPO), PNG, BMP, TIFF and WebP are accepted,
-  whatever the extension says (GIF only under a ``.gif`` name); Pillow is never offered
+  whatever the extension says (GIF is refused too); Pillow is never offered
   another plugin, and its Ghostscript hook (EPS) is switched off for the whole process, so
   no external program can be started by an image;
 * with ``root=`` the real path of the opened file (after symlinks) must lie inside the
