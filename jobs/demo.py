@@ -9,7 +9,7 @@ written, and the last line is the verdict: which strategy won, mAP50 and AULC wi
 seed spread, the labels it saved (or not), and how often each picked the rare class.
 
 Settings: configs/demo.yaml plus the defaults below (40 seed images + 2 rounds of 45).
-Measured on a 2-core machine without a GPU: 289 s (benchmarks/results/demo.json).
+Measured on a 2-core machine without a GPU: 269 s (benchmarks/results/demo.json).
 A rerun reuses what is there.
 """
 from __future__ import annotations
