@@ -75,3 +75,21 @@ def test_class_quality_reaches_dcus(trained):
     q = model_class_quality(run.model_path(0))
     assert q is not None and q.shape == (run.num_classes(),)
     assert (q >= 0).all() and (q <= 1).all() and q.max() > 0
+
+
+@pytest.mark.parametrize("strategy", ["maxherding", "uncertainty_herding"])
+def test_herding_through_the_jobs(trained, strategy):
+    from poolscout.jobs.score import score
+    from poolscout.jobs.select import select
+
+    run, files, overrides = trained
+    cfg = run.config(files, [*overrides, f"select.strategy={strategy}"])
+    score(run, cfg, progress=False, executor="local")
+    res = select(run, cfg, budget=3)
+    assert res["selected"] == 3
+    sel = io.read_table(run.selection_path(0)).to_pydict()
+    assert set(sel["image_id"]) <= set(run.ids_in_state("pool").tolist()) and len(set(sel["image_id"])) == 3
+    rat = [json.loads(r)["maxherding"] for r in sel["rationale"]]
+    assert [r["rank"] for r in rat] == [1, 2, 3] and rat[0]["path"] == "dense"
+    assert rat[0]["gain"] >= rat[1]["gain"] >= rat[2]["gain"] > 0  # submodular: gains shrink
+    assert ("weighted_by" in rat[0]) == (strategy == "uncertainty_herding")

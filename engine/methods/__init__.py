@@ -8,10 +8,11 @@ their first lookup).
 | `uncertainty` | entropy, margin, least confidence | signals `entropy`, `margin`, `least_confidence` |
 | `bald` | BALD (MC dropout) | signal `bald` |
 | `coreset` | core-set (k-center greedy) | selector `coreset` |
+| `herding` | MaxHerding / uncertainty herding (dense, or sparse on a kNN graph) | selector `maxherding` |
 | `cald` | CALD | signal `cald`, selector `cald_rerank` |
 | `huale` | HUALE | signals `huale_*`, selector `weighted_l2` |
 | `ppal` | PPAL | signal `dcus`, selector `ccms` |
 
 A new method is a new module here plus a line below.
 """
-from poolscout.engine.methods import baseline, uncertainty, bald, coreset, cald, huale, ppal  # noqa: F401
+from poolscout.engine.methods import baseline, uncertainty, bald, coreset, cald, huale, ppal, herding  # noqa: F401

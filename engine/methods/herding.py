@@ -1,0 +1,325 @@
+"""MaxHerding (generalized coverage) and uncertainty herding, dense and on a kNN graph.
+
+Objective (docs/methods.md section 6): C(S) = (1/N) sum_i w_i max_{s in S} k(x_i, s), a
+weighted facility location (monotone submodular, so greedy is within 1 - 1/e of the best
+and lazy greedy picks what plain greedy picks). With coverage c_i = max over chosen and
+labeled points of k(x_i, .), a candidate x gains
+
+    gain(x) = (1/N) sum_i w_i max(0, k(x_i, x) - c_i).
+
+w = 1 is MaxHerding (Bae, Noh, Sutherland, ECCV 2024); w_i = u(x_i), an uncertainty that
+is 0 on labeled points, is uncertainty herding. Labeled points are part of the N points
+but never candidates; they only initialise c.
+
+Kernels on squared distances d2 with bandwidth h: "rbf" exp(-d2 / (2 h^2)) and "tophat"
+1[d2 <= h^2] (ProbCover's ball of radius h). h = None: the median-distance rule (the
+median nearest-neighbour distance over a sample of the points).
+
+Two paths with one greedy:
+* dense (`herding_dense`): the N x N kernel, exact; the reference for small pools;
+* sparse (`knn_graph` + `herding_sparse`): k(x_i, x) kept only when x is among the k
+  nearest neighbours of x_i (itself included), as a reverse-neighbour CSR graph, memory
+  O(N k); with k = N it equals the dense greedy. Lazy greedy keeps a max-heap of stale
+  gains and recomputes only the top.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+from poolscout.engine.acquisition.selectors import (SELECTORS, SelectContext, Selection, check_budget, json_float,
+                                                    resolve_by)
+
+KERNELS = ("rbf", "tophat")
+
+
+def kernel_values(d2: np.ndarray, kernel: str, h: float) -> np.ndarray:
+    """k on squared distances: "rbf" exp(-d2 / (2 h^2)), "tophat" 1[d2 <= h^2]."""
+    if kernel not in KERNELS:
+        raise ValueError(f"herding kernel must be one of {KERNELS}, got {kernel!r}")
+    if not h > 0:
+        raise ValueError(f"herding bandwidth h must be > 0, got {h!r}")
+    d2 = np.maximum(np.asarray(d2, dtype=np.float64), 0.0)
+    if kernel == "rbf":
+        return np.exp(-d2 / (2.0 * h * h))
+    return (d2 <= h * h).astype(np.float64)
+
+
+def median_bandwidth(x: np.ndarray, sample: int = 4096, seed: int = 0) -> float:
+    """The median distance of a point to its nearest other point, over a seeded sample."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    if n < 2:
+        return 1.0
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(n, size=min(n, sample), replace=False))
+    import faiss
+
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    d2, nn = index.search(x[idx], 2)
+    other = np.where(nn[:, 0] == idx, d2[:, 1], d2[:, 0])
+    med = float(np.sqrt(np.median(np.maximum(other, 0.0))))
+    return med if med > 0 else 1.0
+
+
+@dataclass
+class Graph:
+    """Reverse kNN graph in CSR form: for column j, the points i that have j among their
+    k nearest neighbours, with k(x_i, x_j).
+
+    Attributes:
+        indptr: (N + 1,) int64.
+        rows: (nnz,) int64, the i of each entry.
+        values: (nnz,) float64, k(x_i, x_j).
+        k: neighbours kept per point.
+    """
+
+    indptr: np.ndarray
+    rows: np.ndarray
+    values: np.ndarray
+    k: int
+
+    @property
+    def n(self) -> int:
+        return len(self.indptr) - 1
+
+
+def graph_from_neighbours(nbr: np.ndarray, kval: np.ndarray) -> Graph:
+    """Reverse graph from per-point neighbour lists (N, k) and their kernel values (N, k)
+    (entries < 0 in `nbr` are missing neighbours and dropped)."""
+    nbr = np.asarray(nbr, dtype=np.int64)
+    n, k = nbr.shape
+    i = np.repeat(np.arange(n, dtype=np.int64), k)
+    j = nbr.reshape(-1)
+    v = np.asarray(kval, dtype=np.float64).reshape(-1)
+    ok = j >= 0
+    i, j, v = i[ok], j[ok], v[ok]
+    order = np.lexsort((i, j))
+    i, j, v = i[order], j[order], v[order]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(indptr, j + 1, 1)
+    return Graph(np.cumsum(indptr), i, v, int(k))
+
+
+def knn_graph(x: np.ndarray, k: int, kernel: str = "rbf", h: float | None = None, *,
+              chunk: int = 65536) -> tuple[Graph, float]:
+    """Exact kNN graph (FAISS flat search in chunks, each point its own first neighbour).
+
+    Returns:
+        (the reverse graph, the bandwidth used).
+    """
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    k = int(min(max(1, k), n))
+    h = float(h) if h is not None else median_bandwidth(x)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    nbr = np.empty((n, k), dtype=np.int64)
+    d2 = np.empty((n, k), dtype=np.float32)
+    for a in range(0, n, chunk):
+        d2[a:a + chunk], nbr[a:a + chunk] = index.search(x[a:a + chunk], k)
+    # a point is its own nearest neighbour (exact duplicates may come first: put it in front)
+    rows = np.arange(n)
+    has_self = (nbr == rows[:, None]).any(axis=1)
+    nbr[~has_self, -1] = rows[~has_self]
+    d2[~has_self, -1] = 0.0
+    return graph_from_neighbours(nbr, kernel_values(d2, kernel, h)), h
+
+
+@dataclass
+class HerdingResult:
+    rows: np.ndarray  # (B,) picked rows (candidates), in pick order
+    gains: np.ndarray  # (B,) the gain of each pick when it was made
+    objective: float  # C(S) after the picks, labeled points included
+
+
+def _check(n: int, budget: int, candidates: np.ndarray | None, weights: np.ndarray | None):
+    cand = np.ones(n, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool)
+    if cand.shape != (n,):
+        raise ValueError(f"candidates must be a boolean mask of {n} points, got shape {cand.shape}")
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"weights must be {n} finite values >= 0")
+    if int(budget) < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    return cand, w
+
+
+def herding_dense(kmat: np.ndarray, budget: int, *, candidates: np.ndarray | None = None,
+                  covered: np.ndarray | None = None, weights: np.ndarray | None = None) -> HerdingResult:
+    """Plain greedy on a dense kernel matrix K (N, N), K[i, j] = k(x_i, x_j).
+
+    Args:
+        candidates: (N,) bool, the points that may be picked (default all).
+        covered: (N,) bool, labeled points: they initialise c (c_i = max_l K[i, l]).
+        weights: (N,) w_i >= 0 (uncertainty herding); default 1.
+
+    Ties go to the lowest row.
+    """
+    kmat = np.asarray(kmat, dtype=np.float64)
+    n = len(kmat)
+    cand, w = _check(n, budget, candidates, weights)
+    c = np.zeros(n)
+    if covered is not None and np.any(covered):
+        c = kmat[:, np.asarray(covered, dtype=bool)].max(axis=1)
+    avail = cand.copy()
+    rows, gains = [], []
+    for _ in range(min(int(budget), int(avail.sum()))):
+        g = (w[:, None] * np.maximum(0.0, kmat - c[:, None])).sum(axis=0) / n
+        g[~avail] = -np.inf
+        j = int(np.argmax(g))
+        rows.append(j)
+        gains.append(float(g[j]))
+        c = np.maximum(c, kmat[:, j])
+        avail[j] = False
+    return HerdingResult(np.asarray(rows, dtype=np.int64), np.asarray(gains), float((w * c).sum() / n))
+
+
+def _gain(graph: Graph, j: int, c: np.ndarray, w: np.ndarray) -> float:
+    a, b = graph.indptr[j], graph.indptr[j + 1]
+    i = graph.rows[a:b]
+    return float((w[i] * np.maximum(0.0, graph.values[a:b] - c[i])).sum())
+
+
+def herding_sparse(graph: Graph, budget: int, *, candidates: np.ndarray | None = None,
+                   covered: np.ndarray | None = None, weights: np.ndarray | None = None,
+                   lazy: bool = True) -> HerdingResult:
+    """Greedy on the kNN graph; `lazy` uses a max-heap of stale gains (same picks, since
+    gains only shrink as coverage grows). Memory O(nnz + N). Ties go to the lowest row."""
+    n = graph.n
+    cand, w = _check(n, budget, candidates, weights)
+    c = np.zeros(n)
+    if covered is not None:
+        for j in np.flatnonzero(np.asarray(covered, dtype=bool)):
+            a, b = graph.indptr[j], graph.indptr[j + 1]
+            np.maximum.at(c, graph.rows[a:b], graph.values[a:b])
+    b_eff = min(int(budget), int(cand.sum()))
+    rows, gains = [], []
+    if lazy:
+        heap = [(-_gain(graph, int(j), c, w), int(j)) for j in np.flatnonzero(cand)]
+        heapq.heapify(heap)
+        while len(rows) < b_eff:
+            neg, j = heapq.heappop(heap)
+            g = _gain(graph, j, c, w)
+            # fresh and still the best (stale gains are upper bounds): pick; ties -> lower row
+            if not heap or (-g, j) <= heap[0]:
+                rows.append(j)
+                gains.append(g / n)
+                a, b = graph.indptr[j], graph.indptr[j + 1]
+                np.maximum.at(c, graph.rows[a:b], graph.values[a:b])
+            else:
+                heapq.heappush(heap, (-g, j))
+    else:
+        avail = cand.copy()
+        for _ in range(b_eff):
+            best, bj = -np.inf, -1
+            for j in np.flatnonzero(avail):
+                g = _gain(graph, int(j), c, w)
+                if g > best:
+                    best, bj = g, int(j)
+            rows.append(bj)
+            gains.append(best / n)
+            a, b = graph.indptr[bj], graph.indptr[bj + 1]
+            np.maximum.at(c, graph.rows[a:b], graph.values[a:b])
+            avail[bj] = False
+    return HerdingResult(np.asarray(rows, dtype=np.int64), np.asarray(gains), float((w * c).sum() / n))
+
+
+__all__ = ["Graph", "HerdingResult", "KERNELS", "graph_from_neighbours", "herding_dense", "herding_sparse",
+           "kernel_values", "knn_graph", "median_bandwidth"]
+
+
+# --------------------------------------------------------------------------- the selector
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+def uncertainty_weights(values: np.ndarray, direction: str) -> np.ndarray:
+    """u in [0, 1] from a signal column: min-max scaled so that the most uncertain is 1
+    (for a "low" signal the lowest value); NaN (no boxes) -> 0."""
+    v = np.asarray(values, dtype=np.float64)
+    if direction == "low":
+        v = -v
+    ok = np.isfinite(v)
+    if not ok.any():
+        return np.zeros(len(v))
+    lo, hi = v[ok].min(), v[ok].max()
+    u = np.zeros(len(v))
+    u[ok] = (v[ok] - lo) / (hi - lo) if hi > lo else 1.0
+    return u
+
+
+@SELECTORS.register("maxherding", final=True, needs_embedding=True)
+def maxherding(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, by: str | None = None,
+               kernel: str = "rbf", h: float | str = "median", neighbours: int = 20,
+               dense_below: int = 2000) -> Selection:
+    """MaxHerding (generalized coverage) over L2-normalised image embeddings; with `by`,
+    uncertainty herding (each point's term weighted by its uncertainty, 0 on labeled points).
+
+    Labeled images (`ctx.labeled_embedding`) only initialise the coverage. Pools of at most
+    `dense_below` points (candidates + labeled) use the exact dense kernel; larger ones the
+    kNN graph with `neighbours` per point (memory O(N k)) and lazy greedy.
+
+    Args:
+        by: a signal spec (e.g. margin:max) whose values, min-max scaled to [0, 1] toward
+            the uncertain end, weight the coverage terms; None = MaxHerding.
+        kernel: "rbf" or "tophat".
+        h: bandwidth (on unit vectors), or "median" for the median nearest-neighbour distance.
+
+    Returns:
+        Selection with score = the gain at pick time; rationale {"maxherding": {gain, rank,
+        path, h, weighted_by}}.
+
+    References:
+        Bae, Noh, Sutherland, "Generalized Coverage for More Robust Low-Budget Active
+        Learning", ECCV 2024; uncertainty herding: Bae et al. 2024 (arXiv 2412.20644).
+    """
+    budget = check_budget(budget)
+    if "embedding" not in table or table["embedding"] is None:
+        raise ValueError("maxherding needs an 'embedding' column (N, d) in the table")
+    ids = np.asarray(table["image_id"], dtype=np.int64)
+    x = _unit_rows(table["embedding"])
+    n = len(ids)
+    if x.ndim != 2 or len(x) != n:
+        raise ValueError(f"maxherding: embedding must be (N={n}, d), got {x.shape}")
+    if int(neighbours) < 1 or int(dense_below) < 0:
+        raise ValueError("maxherding: neighbours must be >= 1 and dense_below >= 0")
+    lab = ctx.labeled_embedding
+    lab = _unit_rows(lab) if lab is not None and len(lab) else np.zeros((0, x.shape[1]), np.float32)
+    if lab.shape[1] != x.shape[1]:
+        raise ValueError(f"maxherding: labeled_embedding must be (L, {x.shape[1]}), got {lab.shape}")
+    pts = np.concatenate([x, lab])
+    total = len(pts)
+    cand = np.arange(total) < n
+    covered = ~cand
+    w = None
+    if by is not None:
+        col, direction = resolve_by(by, table)
+        w = np.concatenate([uncertainty_weights(table[col], direction), np.zeros(len(lab))])
+    bw = median_bandwidth(pts) if h == "median" else float(h)
+    if total <= int(dense_below):
+        import faiss
+
+        kmat = kernel_values(faiss.pairwise_distances(pts, pts), kernel, bw)
+        res = herding_dense(kmat, budget, candidates=cand, covered=covered, weights=w)
+        path = "dense"
+    else:
+        graph, _ = knn_graph(pts, int(neighbours), kernel, bw)
+        res = herding_sparse(graph, budget, candidates=cand, covered=covered, weights=w)
+        path = f"knn k={graph.k}"
+    rat = [{"maxherding": {"gain": json_float(g), "rank": t + 1, "path": path, "h": json_float(bw),
+                           **({"weighted_by": by} if by is not None else {})}}
+           for t, g in enumerate(res.gains)]
+    return Selection(ids[res.rows], np.asarray(res.gains, dtype=np.float64), rat)
+
+
+__all__ += ["maxherding", "uncertainty_weights"]
