@@ -93,3 +93,16 @@ def test_herding_through_the_jobs(trained, strategy):
     assert [r["rank"] for r in rat] == [1, 2, 3] and rat[0]["path"] == "dense"
     assert rat[0]["gain"] >= rat[1]["gain"] >= rat[2]["gain"] > 0  # submodular: gains shrink
     assert ("weighted_by" in rat[0]) == (strategy == "uncertainty_herding")
+
+
+def test_typiclust_through_the_jobs(trained):
+    from poolscout.jobs.score import score
+    from poolscout.jobs.select import select
+
+    run, files, overrides = trained
+    cfg = run.config(files, [*overrides, "select.strategy=typiclust"])
+    score(run, cfg, progress=False, executor="local")
+    assert select(run, cfg, budget=3)["selected"] == 3
+    sel = io.read_table(run.selection_path(0)).to_pydict()
+    assert len(set(sel["image_id"])) == 3 and set(sel["image_id"]) <= set(run.ids_in_state("pool").tolist())
+    assert [json.loads(r)["typiclust"]["rank"] for r in sel["rationale"]] == [1, 2, 3]

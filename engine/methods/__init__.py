@@ -9,10 +9,11 @@ their first lookup).
 | `bald` | BALD (MC dropout) | signal `bald` |
 | `coreset` | core-set (k-center greedy) | selector `coreset` |
 | `herding` | MaxHerding / uncertainty herding (dense, or sparse on a kNN graph) | selector `maxherding` |
+| `typiclust` | TypiClust (typical points of the largest uncovered k-means clusters) | selector `typiclust` |
 | `cald` | CALD | signal `cald`, selector `cald_rerank` |
 | `huale` | HUALE | signals `huale_*`, selector `weighted_l2` |
 | `ppal` | PPAL | signal `dcus`, selector `ccms` |
 
 A new method is a new module here plus a line below.
 """
-from poolscout.engine.methods import baseline, uncertainty, bald, coreset, cald, huale, ppal, herding  # noqa: F401
+from poolscout.engine.methods import baseline, uncertainty, bald, coreset, cald, huale, ppal, herding, typiclust  # noqa: F401
