@@ -166,8 +166,8 @@ def score(run_dir, cycle, force, retry_rejects, configs, overrides, address, qui
         from poolscout.engine.data.rejects import retry_rejects as do_retry
 
         r = do_retry(run, cfg, progress=not quiet)
+        # images that rejoin the pool change the work list, so a scored cycle is scored again
         click.echo(f"retry rejects: {r['restored']} of {r['retried']} rejected images rejoin the pool", err=True)
-        force = force or r["restored"] > 0
     _ray(cfg, address, quiet, run)
     _print(do_score(run, cfg, cycle=cycle, progress=not quiet, force=force))
 

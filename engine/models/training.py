@@ -410,8 +410,8 @@ def fit_detector(spec: dict, *, rank: int = 0, device: Any = "cpu",
                                desc=spec.get("desc", "train"))
     if ds.failed:
         if len(ds.failed) == len(ds):
-            raise RuntimeError(f"none of the {len(ds)} labeled images decodes; the first: "
-                               f"{next(iter(ds.failed.values()))[0]}: {next(iter(ds.failed.values()))[1]}")
+            uri, why = next(iter(ds.failed.values()))
+            raise RuntimeError(f"none of the {len(ds)} labeled images decodes; the first: {uri}: {why}")
         for rec in history[-1:]:
             rec["skipped"] = [{"image_id": i, "uri": u, "reason": r} for i, (u, r) in sorted(ds.failed.items())]
         for i, (u, r) in sorted(ds.failed.items()):
