@@ -13,7 +13,10 @@ curves beside it; the run directories stay in --workdir for `poolscout report`.
 Per strategy: the mean curve, `aulc` (area under the mAP50-vs-labeled-images curve over
 its x range, so 1.0 is perfect), `labels_to_reach_random_final` (labeled images at which
 the strategy's mean curve first reaches random's final mean mAP50, by linear
-interpolation; null if never) and the rarest class's recall at IoU 0.5 at the end.
+interpolation; null if never), the same counted in labeled boxes
+(`labels_to_reach_random_final_boxes`: boxes are what annotators pay for, and a strategy
+that picks crowded images can save images and no boxes) and the rarest class's recall at
+IoU 0.5 at the end.
 
 Variants: a name in VARIANTS runs a strategy with extra settings (bald trains the
 detector with box-head dropout; huale_losses trains with the HUALE losses and the
@@ -21,11 +24,15 @@ variance head). `--rare CLASS:FRACTION` keeps only that fraction of the pool ima
 file name starts with CLASS (the others are marked rejected, reason "benchmark
 subsample"; the test split is untouched) and reports, per strategy, the class's share
 among the instances labeled after the seed set divided by its share in the pool
-(`rare_share_ratio`; 1 = no better than random expectation).
+(`rare_share_ratio`; 1 = no better than random expectation). `--longtail [RATIO]` keeps
+1, RATIO, RATIO^2, ... (default 0.5: 1, 1/2, ..., 1/32 for six classes) of the pool images
+of the classes in the dataset config's order and reports the last class as the rare one.
 
     python benchmarks/label_efficiency.py --preset cpu-small \
         --strategies random,entropy,bald,cald,huale,huale_losses,ppal
     python benchmarks/label_efficiency.py --preset cpu-small --rare pitted_surface:0.1 --tag rare_pitted
+    python benchmarks/label_efficiency.py --preset cpu-small --longtail --tag longtail \
+        --strategies random,entropy,coreset,maxherding,uncertainty_herding,typiclust
 
 Any pool: `--pool` takes a dataset name below (read from --data-root), a YAML file
 describing the pool (`images`, `annotations`, optional `format`, `test` split file and
@@ -96,10 +103,10 @@ def variant(name: str) -> tuple[str, list[str]]:
     return VARIANTS.get(name, (name, []))
 
 
-def subsample_class(run_root: str, prefix: str, fraction: float, seed: int = 0) -> dict:
-    """Keep `fraction` of the pool images whose file name starts with `prefix`; mark the
-    rest rejected (reason "benchmark subsample"). Idempotent; the same images for every
-    run (`seed` fixed), test images untouched."""
+def subsample_classes(run_root: str, fractions: dict[str, float], seed: int = 0) -> dict:
+    """For each class prefix, keep that fraction of the pool images whose file name starts
+    with it; mark the rest rejected (reason "benchmark subsample"). Idempotent; the same
+    images for every run (`seed` fixed), test images untouched."""
     import pyarrow as pa
 
     from poolscout.engine.core import io
@@ -112,23 +119,41 @@ def subsample_class(run_root: str, prefix: str, fraction: float, seed: int = 0) 
     pool = set(run.ids_in_state("pool").tolist())
     ids = man["image_id"].to_numpy()
     names = [Path(u).name for u in man["uri"].to_pylist()]
-    cand = np.array(sorted(int(i) for i, n in zip(ids, names) if n.startswith(prefix) and int(i) in pool), np.int64)
-    if len(cand) == 0:
-        raise ValueError(f"no pool image name starts with {prefix!r}")
-    keep_n = max(1, int(round(fraction * len(cand))))
-    keep = np.random.default_rng(seed).choice(cand, keep_n, replace=False)
-    drop = np.setdiff1d(cand, keep)
     uris = dict(zip(ids.tolist(), man["uri"].to_pylist()))
-    run.append_rejects(pa.table({"image_id": pa.array(drop, pa.int64()),
-                                 "uri": pa.array([uris[int(i)] for i in drop], pa.string()),
-                                 "stage": pa.array(["benchmark"] * len(drop), pa.string()),
-                                 "reason": pa.array([f"benchmark subsample: keep {fraction:g} of {prefix}"] * len(drop),
-                                                    pa.string())}))
-    run.set_state(drop, "rejected")
-    out = {"class_prefix": prefix, "fraction": fraction, "pool_images_of_class": int(len(cand)),
-           "kept": int(keep_n), "dropped": int(len(drop))}
+    out: dict = {"classes": {}}
+    drops = []
+    for c, (prefix, fraction) in enumerate(fractions.items()):
+        cand = np.array(sorted(int(i) for i, n in zip(ids, names) if n.startswith(prefix) and int(i) in pool), np.int64)
+        if len(cand) == 0:
+            raise ValueError(f"no pool image name starts with {prefix!r}")
+        keep_n = max(1, int(round(fraction * len(cand))))
+        keep = np.random.default_rng([seed, c]).choice(cand, keep_n, replace=False)
+        drop = np.setdiff1d(cand, keep)
+        drops.append((prefix, fraction, drop))
+        out["classes"][prefix] = {"fraction": fraction, "pool_images_of_class": int(len(cand)), "kept": int(keep_n),
+                                  "dropped": int(len(drop))}
+    for prefix, fraction, drop in drops:
+        if len(drop) == 0:
+            continue
+        run.append_rejects(pa.table({"image_id": pa.array(drop, pa.int64()),
+                                     "uri": pa.array([uris[int(i)] for i in drop], pa.string()),
+                                     "stage": pa.array(["benchmark"] * len(drop), pa.string()),
+                                     "reason": pa.array([f"benchmark subsample: keep {fraction:g} of {prefix}"]
+                                                        * len(drop), pa.string())}))
+        run.set_state(drop, "rejected")
+    out["pool_images_kept"] = int(sum(v["kept"] for v in out["classes"].values()))
     io.atomic_write_json(run.root / "subsample.json", out)
     return out
+
+
+def subsample_class(run_root: str, prefix: str, fraction: float, seed: int = 0) -> dict:
+    """One class's version of `subsample_classes` (--rare)."""
+    return subsample_classes(run_root, {prefix: fraction}, seed)
+
+
+def longtail_fractions(classes: list[str], ratio: float = 0.5) -> dict[str, float]:
+    """Class order -> kept fraction 1, ratio, ratio^2, ... (the long-tail pool)."""
+    return {c: float(ratio ** i) for i, c in enumerate(classes)}
 
 
 def pool_spec(arg: str, data_root: Path) -> dict:
@@ -242,6 +267,7 @@ def summarise(results: dict, rarest: str | None, rare_class: str | None = None) 
         rand_final = float(np.mean([r["map50"][-1] for r in results["random"].values()]))
     for strat, per_seed in results.items():
         x = np.mean([r["labeled"] for r in per_seed.values()], 0)
+        xb = np.mean([r["labeled_boxes"] for r in per_seed.values()], 0)
         y50 = np.mean([r["map50"] for r in per_seed.values()], 0)
         y = np.mean([r["map"] for r in per_seed.values()], 0)
         rec = []
@@ -255,6 +281,9 @@ def summarise(results: dict, rarest: str | None, rare_class: str | None = None) 
             "final_map50": float(y50[-1]), "final_map": float(y[-1]),
             "aulc": aulc(x, y50),
             "labels_to_reach_random_final": labels_to_reach(x, y50, rand_final) if rand_final is not None else None,
+            "labeled_boxes": xb.tolist(),
+            "labels_to_reach_random_final_boxes": (labels_to_reach(xb, y50, rand_final)
+                                                   if rand_final is not None else None),
             "rarest_class": rarest,
             "rarest_class_recall50": float(np.mean(rec)) if rec else None,
         }
@@ -316,9 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="Results JSON (default benchmarks/results/label_efficiency_...).")
     ap.add_argument("--tag", default="", help="Suffix for the results file name (variants).")
     ap.add_argument("--address", default=None, help="Ray cluster (default: embedded local Ray).")
+    ap.add_argument("--longtail", nargs="?", type=float, const=0.5, default=None, metavar="RATIO",
+                    help="Long-tail pool: keep 1, RATIO, RATIO^2, ... (default 0.5) of the pool images of the "
+                         "dataset's classes in its config's class order; the last class is the rare one.")
     ap.add_argument("--rare", default=None, metavar="CLASS:FRACTION",
                     help="Keep only FRACTION of the pool images of CLASS (file-name prefix), e.g. pitted_surface:0.1.")
     args = ap.parse_args(argv)
+    from poolscout.engine.core.config import configs_dir
+    from poolscout.engine.core.run import RunDir
+    from poolscout.jobs.compare import compare
+
     rare = None
     if args.rare:
         cls, _, frac = args.rare.partition(":")
@@ -328,13 +364,22 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--rare must be CLASS:FRACTION, got {args.rare!r}")
         if not cls or not 0 < rare[1] <= 1:
             ap.error(f"--rare must be CLASS:FRACTION with 0 < FRACTION <= 1, got {args.rare!r}")
-
-    from poolscout.engine.core.config import configs_dir
-    from poolscout.engine.core.run import RunDir
-    from poolscout.jobs.compare import compare
+    if args.longtail is not None and (rare is not None or not 0 < args.longtail <= 1):
+        ap.error("--longtail takes a ratio in (0, 1] and excludes --rare")
 
     preset = PRESETS[args.preset]
     spec = pool_spec(args.pool, Path(args.data_root))
+    fractions = None
+    if rare is not None:
+        fractions = {rare[0]: rare[1]}
+    elif args.longtail is not None:
+        import yaml
+
+        if not spec.get("config"):
+            ap.error("--longtail needs a dataset config with dataset.classes")
+        classes = yaml.safe_load((configs_dir() / spec["config"]).read_text())["dataset"]["classes"]
+        fractions = longtail_fractions(classes, args.longtail)
+        rare = (classes[-1], fractions[classes[-1]])
     strategies = args.strategies.split(",") if args.strategies else preset["strategies"]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else preset["seeds"]
     cycles = args.cycles if args.cycles is not None else preset["cycles"]
@@ -362,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         firsts.setdefault((key[1], tuple(sorted(o for o in ov if not o.startswith("select.strategy=")))), key)
     for key in firsts.values():
         init_loop_run(runs[key].root, spec, files, ovs[key])  # no-op for an existing run
-        if rare is not None:
-            subsample_class(str(runs[key].root), rare[0], rare[1])  # before cycle 0, so shared too
+        if fractions is not None:
+            subsample_classes(str(runs[key].root), fractions)  # before cycle 0, so shared too
     print(f"{len(runs)} loops on {info['cpus']:.0f} CPUs / {info['gpus']:.0f} GPUs; logs in {workdir}/*/loop.log",
           flush=True)
     t0 = time.time()
@@ -383,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"seed_size": seed_size, "budget": budget, "cycles": cycles, "strategies": strategies,
                      "seeds": seeds, "configs": [Path(f).name for f in files], "overrides": base,
                      "variants": {s: variant(s) for s in strategies}, "rare": list(rare) if rare else None,
+                     "subsample": fractions,
                      "cpus_per_run": preset["cpus_per_run"], "gpus_per_run": preset["gpus_per_run"]},
         "machine": {"cpus": info["cpus"], "gpus": info["gpus"], "platform": platform.platform()},
         "wall_seconds": round(wall, 1),
@@ -398,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall {wall / 60:.1f} min -> {out}")
     for strat, s in summary.items():
         print(f"  {strat:16s} final mAP50 {s['final_map50']:.3f}  mAP {s['final_map']:.3f}  AULC {s['aulc']:.3f}  "
-              f"to-reach-random {s['labels_to_reach_random_final']}  {rarest} recall50 {s['rarest_class_recall50']}"
+              f"to-reach-random {s['labels_to_reach_random_final']} images / {s['labels_to_reach_random_final_boxes']} boxes  {rarest} recall50 {s['rarest_class_recall50']}"
               + (f"  {rare[0]} share ratio {s['rare_share_ratio']}" if rare else ""))
     return 0
 

@@ -23,12 +23,12 @@ def test_labels_to_reach_interpolates(bench):
 
 
 def test_summarise_hand_case(bench):
-    def run(m50, rec):
-        return {"labeled": [10, 20, 30], "map50": m50, "map": [v / 2 for v in m50],
+    def run(m50, rec, boxes=(40, 80, 120)):
+        return {"labeled": [10, 20, 30], "labeled_boxes": list(boxes), "map50": m50, "map": [v / 2 for v in m50],
                 "per_class_final": [{"name": "rare", "recall50": rec}, {"name": "common", "recall50": 1.0}]}
 
     results = {"random": {"0": run([0.2, 0.4, 0.6], 0.5), "1": run([0.2, 0.4, 0.4], 0.7)},
-               "smart": {"0": run([0.3, 0.5, 0.7], 0.9)}}
+               "smart": {"0": run([0.3, 0.5, 0.7], 0.9, boxes=(40, 100, 160))}}
     s = bench.summarise(results, "rare")
     assert s["random"]["final_map50"] == pytest.approx(0.5)
     assert s["random"]["map50_mean"] == pytest.approx([0.2, 0.4, 0.5])
@@ -38,6 +38,15 @@ def test_summarise_hand_case(bench):
     # smart reaches random's final 0.5 at 20 labeled images (its second point)
     assert s["smart"]["labels_to_reach_random_final"] == pytest.approx(20.0)
     assert s["random"]["labels_to_reach_random_final"] == pytest.approx(30.0)
+    # in boxes: smart's 20 images held 100 boxes, random's 30 images 120
+    assert s["smart"]["labels_to_reach_random_final_boxes"] == pytest.approx(100.0)
+    assert s["random"]["labels_to_reach_random_final_boxes"] == pytest.approx(120.0)
+
+
+def test_longtail_fractions_halve_in_class_order(bench):
+    f = bench.longtail_fractions(["a", "b", "c", "d", "e", "f"])
+    assert list(f) == ["a", "b", "c", "d", "e", "f"]
+    assert list(f.values()) == pytest.approx([1, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32])
 
 
 @pytest.mark.ray
