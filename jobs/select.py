@@ -113,8 +113,9 @@ def needs_model(strategy) -> bool:
 
 
 def query(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int | None = None,
-          cycle: int | None = None) -> tuple[pa.Table, dict]:
-    """Pick `budget` pool images with a named strategy from a scored cycle, writing nothing.
+          cycle: int | None = None, log=None) -> tuple[pa.Table, dict]:
+    """Pick `budget` pool images with a named strategy from a scored cycle, writing nothing
+    but the cycle's cache (the kNN graph of its embeddings, cycles/<k>/cache).
 
     Returns:
         The selection table (image_id, rank, score, rationale JSON; selection.parquet's
@@ -173,7 +174,8 @@ def query(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int 
         labeled_emb = emb[state == "labeled"]
     ctx = SelectContext(rng=np.random.default_rng([cfg.seed, k]), labeled_embedding=labeled_emb,
                         labeled_class_counts=labeled_class_counts(run),
-                        boxes_loader=boxes_loader(run, k) if strat.needs.boxes else None)
+                        boxes_loader=boxes_loader(run, k) if strat.needs.boxes else None,
+                        cache_dir=str(run.cycle_dir(k) / "cache"), log=log)
     sel = St.select(strat, table, budget, ctx=ctx)
     rationale, empty = sel.rationale, None
     if num_boxes is not None and any(S.SIGNALS.entry(s.name).meta["per_box"] for s in specs):

@@ -71,9 +71,10 @@ def test_sparse_with_k_equal_n_is_the_dense_greedy(kernel):
     x = rng.standard_normal((70, 5)).astype(np.float32)
     h = median_bandwidth(x) * (1.0 if kernel == "rbf" else 1.5)
     graph, h_used = knn_graph(x, k=len(x), kernel=kernel, h=h)
-    assert h_used == h and len(graph.rows) == len(x) ** 2
     d2 = ((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1)
     k = kernel_values(d2, kernel, h)
+    # every nonzero kernel value is an edge (zeros add no coverage and are dropped)
+    assert h_used == h and len(graph.rows) == int((k > 0).sum())
     covered = np.zeros(len(x), bool)
     covered[[3, 40]] = True
     w = rng.random(len(x))
@@ -171,3 +172,73 @@ def test_uncertainty_herding_follows_the_uncertain_cluster():
     assert uncertainty_weights(np.array([1.0, 3.0, np.nan]), "high").tolist() == [0.0, 1.0, 0.0]
     assert uncertainty_weights(np.array([1.0, 3.0]), "low").tolist() == [1.0, 0.0]  # low = uncertain
     assert load_strategy("uncertainty_herding").needs.embedding
+
+
+def _blobs(n=3000, d=16, seed=5):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((30, d)).astype(np.float32)
+    return (c[rng.integers(0, 30, n)] + 0.2 * rng.standard_normal((n, d))).astype(np.float32)
+
+
+def test_knn_graph_does_not_depend_on_the_chunk_size():
+    from poolscout.engine.methods.herding import knn_search
+
+    x = _blobs(1500)
+    a = knn_search(x, 8, chunk=1500)
+    b = knn_search(x, 8, chunk=97)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[2]["index"] == "flat" and a[2]["recall"] == 1.0
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_index_reports_its_recall_and_every_point_covers_itself(index):
+    from poolscout.engine.methods.herding import knn_search
+
+    x = _blobs()
+    nbr, d2, info = knn_search(x, 10, index=index, nprobe=1, ef_search=10, recall_sample=300)
+    exact, _, _ = knn_search(x, 10, index="flat")
+    hits = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(nbr[:300], exact[:300])])
+    assert info["index"] == index and 0.3 < info["recall"] <= 1.0
+    assert abs(info["recall"] - hits) < 0.1  # the sampled estimate tracks the true recall
+    assert (nbr == np.arange(len(x))[:, None]).any(axis=1).all()
+    # auto picks IVF above the threshold, flat below
+    assert knn_search(x, 5, flat_below=len(x) + 1)[2]["index"] == "flat"
+    assert knn_search(x, 5, flat_below=10)[2]["index"] == "ivf"
+
+
+def test_knn_graph_is_cached_per_content_and_parameters(tmp_path):
+    from poolscout.engine.methods.herding import cached_knn
+
+    x = _blobs(800)
+    a = cached_knn(x, 6, cache_dir=tmp_path, index="ivf", nprobe=2)
+    b = cached_knn(x, 6, cache_dir=tmp_path, index="ivf", nprobe=2)
+    assert a[2]["cached"] is False and b[2]["cached"] is True
+    np.testing.assert_array_equal(a[0], b[0])
+    assert len(list(tmp_path.glob("knn-*.npz"))) == 1
+    # other parameters or other points: another entry, not a stale hit
+    assert cached_knn(x, 6, cache_dir=tmp_path, index="ivf", nprobe=4)[2]["cached"] is False
+    y = x.copy()
+    y[0, 0] += 1
+    assert cached_knn(y, 6, cache_dir=tmp_path, index="ivf", nprobe=2)[2]["cached"] is False
+    assert len(list(tmp_path.glob("knn-*.npz"))) == 3
+    # a damaged file is rebuilt
+    f = sorted(tmp_path.glob("knn-*.npz"))[0]
+    f.write_bytes(b"garbage")
+    assert cached_knn(x, 6, cache_dir=tmp_path, index="ivf", nprobe=2)[0].shape == (800, 6)
+
+
+def test_maxherding_selector_on_an_ivf_graph_reports_recall(tmp_path):
+    from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext
+
+    x = _blobs(2500)
+    fn = SELECTORS.get("maxherding")
+    ctx = SelectContext(cache_dir=str(tmp_path))
+    sel = fn(_table(x), 20, ctx=ctx, dense_below=100, flat_below=1000, nprobe=4)
+    path = sel.rationale[0]["maxherding"]["path"]
+    assert path.startswith("knn k=20 ivf recall@20 ")
+    exact = fn(_table(x), 20, ctx=SelectContext(), dense_below=100)
+    # a near-exact graph keeps most picks
+    assert len(np.intersect1d(sel.image_id, exact.image_id)) >= 14
+    again = fn(_table(x), 20, ctx=ctx, dense_below=100, flat_below=1000, nprobe=4)
+    assert again.image_id.tolist() == sel.image_id.tolist()

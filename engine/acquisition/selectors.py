@@ -72,6 +72,10 @@ class SelectContext:
         boxes_loader: image ids -> canonical prediction batch of those images in that
             order; `engine.strategies.select` calls it to fill `boxes` for each stage that
             needs them (only the candidates left at that stage are loaded).
+        cache_dir: a folder where selectors may memoise what depends only on their input
+            (the kNN graph of an embedding); the select job passes cycles/<k>/cache, so
+            it is built once per cycle. None = no cache.
+        log: progress messages of long steps (index builds), or None.
     """
 
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
@@ -80,7 +84,8 @@ class SelectContext:
     boxes: dict[str, np.ndarray] | None = None
     labeled_class_counts: np.ndarray | None = None
     boxes_loader: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
-
+    cache_dir: str | None = None
+    log: Callable[[str], None] | None = None
 
 
 def json_float(v: float) -> float | None:

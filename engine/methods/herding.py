@@ -81,6 +81,7 @@ class Graph:
     rows: np.ndarray
     values: np.ndarray
     k: int
+    info: dict | None = None
 
     @property
     def n(self) -> int:
@@ -95,40 +96,170 @@ def graph_from_neighbours(nbr: np.ndarray, kval: np.ndarray) -> Graph:
     i = np.repeat(np.arange(n, dtype=np.int64), k)
     j = nbr.reshape(-1)
     v = np.asarray(kval, dtype=np.float64).reshape(-1)
-    ok = j >= 0
+    ok = (j >= 0) & (v > 0)  # a zero kernel value (top-hat outside the ball) never adds coverage
     i, j, v = i[ok], j[ok], v[ok]
-    order = np.lexsort((i, j))
+    order = np.argsort(j, kind="stable")  # i ascending within each column (i was sorted)
     i, j, v = i[order], j[order], v[order]
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.add.at(indptr, j + 1, 1)
     return Graph(np.cumsum(indptr), i, v, int(k))
 
 
-def knn_graph(x: np.ndarray, k: int, kernel: str = "rbf", h: float | None = None, *,
-              chunk: int = 65536) -> tuple[Graph, float]:
-    """Exact kNN graph (FAISS flat search in chunks, each point its own first neighbour).
+INDEXES = ("auto", "flat", "ivf", "hnsw")
+FLAT_BELOW = 50_000
 
-    Returns:
-        (the reverse graph, the bandwidth used).
-    """
+
+def _seconds_since(t0: float) -> float:
+    import time
+
+    return round(time.perf_counter() - t0, 3)
+
+
+def _build_index(x: np.ndarray, index: str, *, nlist: int | None, nprobe: int, hnsw_m: int, ef_search: int,
+                 seed: int):
+    """A FAISS index over x of the given kind (index = "flat" | "ivf" | "hnsw") and a description."""
     import faiss
 
+    n, d = x.shape
+    if index == "flat":
+        ix = faiss.IndexFlatL2(d)
+        ix.add(x)
+        return ix, {"index": "flat"}
+    if index == "ivf":
+        nl = int(nlist) if nlist else int(min(max(1, round(4 * np.sqrt(n))), max(1, n // 39)))
+        quant = faiss.IndexFlatL2(d)
+        ix = faiss.IndexIVFFlat(quant, d, nl, faiss.METRIC_L2)
+        rng = np.random.default_rng(seed)
+        train = x if n <= 64 * nl else x[np.sort(rng.choice(n, 64 * nl, replace=False))]
+        ix.cp.seed = int(seed)
+        ix.cp.min_points_per_centroid = 1
+        ix.train(train)
+        ix.add(x)
+        ix.nprobe = int(min(nprobe, nl))
+        return ix, {"index": "ivf", "nlist": nl, "nprobe": int(ix.nprobe)}
+    if index == "hnsw":
+        ix = faiss.IndexHNSWFlat(d, int(hnsw_m))
+        ix.hnsw.efConstruction = max(40, 2 * int(hnsw_m))
+        ix.add(x)
+        ix.hnsw.efSearch = int(ef_search)
+        return ix, {"index": "hnsw", "M": int(hnsw_m), "efSearch": int(ef_search)}
+    raise ValueError(f"knn index must be one of {INDEXES}, got {index!r}")
+
+
+def knn_search(x: np.ndarray, k: int, *, index: str = "auto", flat_below: int = FLAT_BELOW, nlist: int | None = None,
+               nprobe: int = 16, hnsw_m: int = 32, ef_search: int = 64, recall_sample: int = 500, seed: int = 0,
+               chunk: int = 65536) -> tuple[np.ndarray, np.ndarray, dict]:
+    """k nearest neighbours of every row of x among the rows of x (itself included).
+
+    The index is chosen by size: `index="auto"` is an exact flat search below `flat_below`
+    points and an IVF index above (nlist = 4 sqrt(N) unless given, `nprobe` lists probed);
+    "hnsw" is the graph index (`hnsw_m` links, `ef_search`). Approximate searches report
+    their recall@k, measured against an exact search for `recall_sample` seeded rows.
+    A point missing from its own list (approximate search, or exact duplicates ahead of
+    it) is put in its last slot, so every point covers itself.
+
+    Returns:
+        (neighbours (N, k) int64, squared distances (N, k) float32, info dict with the
+        index, its parameters, recall@k (1.0 for flat) and seconds).
+    """
+    import time
+
+    t0 = time.perf_counter()
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     k = int(min(max(1, k), n))
-    h = float(h) if h is not None else median_bandwidth(x)
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
+    if index not in INDEXES:
+        raise ValueError(f"knn index must be one of {INDEXES}, got {index!r}")
+    kind = ("flat" if n < int(flat_below) else "ivf") if index == "auto" else index
+    ix, info = _build_index(x, kind, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search, seed=seed)
+    info["build_seconds"] = _seconds_since(t0)
     nbr = np.empty((n, k), dtype=np.int64)
     d2 = np.empty((n, k), dtype=np.float32)
     for a in range(0, n, chunk):
-        d2[a:a + chunk], nbr[a:a + chunk] = index.search(x[a:a + chunk], k)
-    # a point is its own nearest neighbour (exact duplicates may come first: put it in front)
+        d2[a:a + chunk], nbr[a:a + chunk] = ix.search(x[a:a + chunk], k)
+    if kind == "flat":
+        info["recall"] = 1.0
+    else:
+        import faiss
+
+        rng = np.random.default_rng(seed)
+        q = np.sort(rng.choice(n, size=min(n, int(recall_sample)), replace=False))
+        exact = faiss.IndexFlatL2(x.shape[1])
+        exact.add(x)
+        _, truth = exact.search(x[q], k)
+        hits = sum(len(np.intersect1d(a[a >= 0], b)) for a, b in zip(nbr[q], truth))
+        info["recall"] = round(hits / float(truth.size), 4)
+        info["recall_sample"] = int(len(q))
+    missing = nbr < 0  # approximate searches may return fewer than k
+    d2[missing] = np.inf
     rows = np.arange(n)
     has_self = (nbr == rows[:, None]).any(axis=1)
     nbr[~has_self, -1] = rows[~has_self]
     d2[~has_self, -1] = 0.0
-    return graph_from_neighbours(nbr, kernel_values(d2, kernel, h)), h
+    info.update(k=k, n=n, seconds=_seconds_since(t0))
+    return nbr, d2, info
+
+
+def _cache_key(x: np.ndarray, params: dict) -> str:
+    import hashlib
+    import json
+
+    hsh = hashlib.blake2b(digest_size=16)
+    hsh.update(json.dumps({**params, "shape": list(x.shape)}, sort_keys=True).encode())
+    hsh.update(np.ascontiguousarray(x, dtype=np.float32).data)
+    return hsh.hexdigest()
+
+
+def cached_knn(x: np.ndarray, k: int, *, cache_dir=None, **search) -> tuple[np.ndarray, np.ndarray, dict]:
+    """`knn_search`, memoised in `cache_dir` (a cycle's cache folder) by the content of x and
+    the search parameters: the kNN graph is built once per cycle and every later query on
+    the same points reuses it. Files are written atomically; a damaged one is rebuilt."""
+    from pathlib import Path
+
+    if cache_dir is None:
+        return knn_search(x, k, **search)
+    import json
+    import os
+
+    key = _cache_key(x, {"k": int(k), **{a: (b if not isinstance(b, np.generic) else b.item())
+                                          for a, b in search.items()}})
+    d = Path(cache_dir)
+    path = d / f"knn-{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                nbr, d2 = z["nbr"].astype(np.int64), z["d2"]
+                info = json.loads(str(z["info"]))
+            if nbr.shape == (len(x), min(max(1, int(k)), len(x))):
+                info["cached"] = True
+                return nbr, d2, info
+        except (OSError, ValueError, KeyError):
+            pass  # rebuilt below
+    nbr, d2, info = knn_search(x, k, **search)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{path.name}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        small = nbr.astype(np.int32) if len(x) < 2**31 else nbr
+        np.savez(f, nbr=small, d2=d2, info=np.array(json.dumps(info)))
+    os.replace(tmp, path)
+    info = {**info, "cached": False}
+    return nbr, d2, info
+
+
+def knn_graph(x: np.ndarray, k: int, kernel: str = "rbf", h: float | None = None, *,
+              chunk: int = 65536, cache_dir=None, **search) -> tuple[Graph, float]:
+    """The reverse kNN graph with kernel values (see `knn_search` for the index choice;
+    `cache_dir` memoises the neighbour lists per cycle).
+
+    Returns:
+        (the reverse graph, the bandwidth used); the search info is `graph.info`.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    h = float(h) if h is not None else median_bandwidth(x)
+    nbr, d2, info = cached_knn(x, k, cache_dir=cache_dir, chunk=chunk, **search)
+    g = graph_from_neighbours(nbr, kernel_values(d2, kernel, h))
+    g.info = info
+    return g, h
 
 
 @dataclass
@@ -201,7 +332,14 @@ def herding_sparse(graph: Graph, budget: int, *, candidates: np.ndarray | None =
     b_eff = min(int(budget), int(cand.sum()))
     rows, gains = [], []
     if lazy:
-        heap = [(-_gain(graph, int(j), c, w), int(j)) for j in np.flatnonzero(cand)]
+        # initial gains in one vectorised pass, inflated a hair so that they are upper
+        # bounds of the exactly recomputed ones (lazy greedy then picks what plain does)
+        contrib = w[graph.rows] * np.maximum(0.0, graph.values - c[graph.rows])
+        cs = np.concatenate([[0.0], np.cumsum(contrib)])
+        g0 = cs[graph.indptr[1:]] - cs[graph.indptr[:-1]]
+        g0 = g0 * (1 + 1e-9) + 1e-12 * (1 + np.abs(cs[-1]))
+        cj = np.flatnonzero(cand)
+        heap = list(zip((-g0[cj]).tolist(), cj.tolist()))
         heapq.heapify(heap)
         while len(rows) < b_eff:
             neg, j = heapq.heappop(heap)
@@ -230,7 +368,7 @@ def herding_sparse(graph: Graph, budget: int, *, candidates: np.ndarray | None =
     return HerdingResult(np.asarray(rows, dtype=np.int64), np.asarray(gains), float((w * c).sum() / n))
 
 
-__all__ = ["Graph", "HerdingResult", "KERNELS", "graph_from_neighbours", "herding_dense", "herding_sparse",
+__all__ = ["Graph", "INDEXES", "cached_knn", "knn_search", "HerdingResult", "KERNELS", "graph_from_neighbours", "herding_dense", "herding_sparse",
            "kernel_values", "knn_graph", "median_bandwidth"]
 
 
@@ -261,13 +399,18 @@ def uncertainty_weights(values: np.ndarray, direction: str) -> np.ndarray:
 @SELECTORS.register("maxherding", final=True, needs_embedding=True)
 def maxherding(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, by: str | None = None,
                kernel: str = "rbf", h: float | str = "median", neighbours: int = 20,
-               dense_below: int = 2000) -> Selection:
+               dense_below: int = 2000, index: str = "auto", flat_below: int = FLAT_BELOW, nprobe: int = 16,
+               ef_search: int = 64) -> Selection:
     """MaxHerding (generalized coverage) over L2-normalised image embeddings; with `by`,
     uncertainty herding (each point's term weighted by its uncertainty, 0 on labeled points).
 
     Labeled images (`ctx.labeled_embedding`) only initialise the coverage. Pools of at most
     `dense_below` points (candidates + labeled) use the exact dense kernel; larger ones the
-    kNN graph with `neighbours` per point (memory O(N k)) and lazy greedy.
+    kNN graph with `neighbours` per point (memory O(N k)) and lazy greedy. The graph's
+    index is chosen by size (`index: auto`: exact flat search below `flat_below` points,
+    IVF above, probing `nprobe` lists; or `flat`, `ivf`, `hnsw` with `ef_search`), its
+    recall@k is measured on a sample and reported, and it is cached per cycle
+    (`ctx.cache_dir`), so a second query on the same points does not rebuild it.
 
     Args:
         by: a signal spec (e.g. margin:max) whose values, min-max scaled to [0, 1] toward
@@ -313,9 +456,15 @@ def maxherding(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
         res = herding_dense(kmat, budget, candidates=cand, covered=covered, weights=w)
         path = "dense"
     else:
-        graph, _ = knn_graph(pts, int(neighbours), kernel, bw)
+        if ctx.log is not None and total >= int(flat_below):
+            ctx.log(f"maxherding: kNN graph of {total:,} points (k={int(neighbours)}, index {index})")
+        graph, _ = knn_graph(pts, int(neighbours), kernel, bw, cache_dir=ctx.cache_dir, index=index,
+                             flat_below=int(flat_below), nprobe=int(nprobe), ef_search=int(ef_search))
         res = herding_sparse(graph, budget, candidates=cand, covered=covered, weights=w)
+        info = graph.info or {}
         path = f"knn k={graph.k}"
+        if info.get("index", "flat") != "flat":
+            path += f" {info['index']} recall@{graph.k} {info.get('recall')}"
     rat = [{"maxherding": {"gain": json_float(g), "rank": t + 1, "path": path, "h": json_float(bw),
                            **({"weighted_by": by} if by is not None else {})}}
            for t, g in enumerate(res.gains)]
