@@ -5,6 +5,8 @@
     api.init("runs/steel", images="data/images", annotations="data/coco.json", seed_fraction=0.05)
     api.run("runs/steel", cycles=4, budget=100, strategy="entropy")        # the loop
     picks = api.query("runs/steel", strategy="margin", budget=50)         # no re-scoring, no writes
+    picks = api.query("runs/steel", strategy="maxherding", budget=50, where="class == 'scratches'")
+    tables = api.query_batch("runs/steel", "queries.yaml")               # many at once, saved by name
     api.scores("runs/steel")                                              # image_id + one column per signal
     api.metrics("runs/steel")                                             # mAP per cycle
 
@@ -90,25 +92,53 @@ def score(run_dir: PathLike, *, cycle: int | None = None, force: bool = False, c
     return do_score(run_, cfg, cycle=cycle, progress=False, force=force)
 
 
-def query(run_dir: PathLike, *, strategy: str, budget: int, cycle: int | None = None,
-          configs: Sequence[str] = (), overrides: Sequence[str] = ()) -> pa.Table:
-    """Ask a scored cycle which `budget` images `strategy` would pick, writing nothing.
+def query(run_dir: PathLike, *, strategy: str, budget: int, where: str | None = None, name: str | None = None,
+          cycle: int | None = None, configs: Sequence[str] = (), overrides: Sequence[str] = ()) -> pa.Table:
+    """Ask a scored cycle which `budget` images `strategy` would pick, without re-scoring.
 
     Reads the cycle's cached scores, embeddings and predictions; never re-scores, so many
     (strategy, budget) questions cost seconds each. Signals the strategy needs that scoring
     did not store are computed from the stored predictions.
 
+    Args:
+        where: only candidates where this filter holds (engine.acquisition.where), e.g.
+            "class == 'scratch' and score_max < 0.5".
+        name: also save the answer as cycles/<k>/queries/<name>.parquet (+ .json); the
+            cycle's selection.parquet is never touched. None = write nothing (but the
+            cycle's cache).
+
     Returns:
         image_id (int64), rank (int32, 1-based), score (float64), rationale (JSON string),
         file (the image's path relative to the pool root). The schema metadata holds the
-        selection summary as JSON under b"poolscout": cycle, candidates, "warnings" (ties,
-        a budget above the pool) and "no_detections" (picks scored by score.empty_value).
+        selection summary as JSON under b"poolscout": cycle, candidates, where, "warnings"
+        (ties, a budget above the pool) and "no_detections" (picks scored by score.empty_value).
     """
-    from poolscout.jobs.select import query as do_query
+    return query_batch(run_dir, [{"strategy": strategy, "budget": budget, "where": where, "name": name}],
+                       cycle=cycle, configs=configs, overrides=overrides)[0]
+
+
+def query_batch(run_dir: PathLike, queries: Sequence[dict] | PathLike, *, cycle: int | None = None,
+                configs: Sequence[str] = (), overrides: Sequence[str] = ()) -> list[pa.Table]:
+    """Answer many queries ({strategy, budget, where?, name?} dicts, or a batch YAML file)
+    from one load of the scored cycle (scores, filter columns, embeddings, kNN graph).
+    Queries with a `name` (all of them, from a file) are saved beside the cycle.
+
+    Returns:
+        One table per query, as `query` returns them, in order.
+    """
+    from poolscout.jobs.query import QuerySession, read_batch
 
     run_, cfg = _open(run_dir, configs, overrides)
-    table, summary = do_query(run_, cfg, strategy=strategy, budget=budget, cycle=cycle)
-    return _with_files(run_, table).replace_schema_metadata({"poolscout": json.dumps(summary, default=str)})
+    qs = read_batch(queries) if isinstance(queries, (str, Path)) else list(queries)
+    session = QuerySession(run_, cfg, cycle)
+    out = []
+    for q in qs:
+        table, summary = session.ask(q["strategy"], q["budget"], q.get("where"))
+        if q.get("name"):
+            summary["name"] = q["name"]
+            summary["file"] = str(session.save(q["name"], table, summary))
+        out.append(_with_files(run_, table).replace_schema_metadata({"poolscout": json.dumps(summary, default=str)}))
+    return out
 
 
 def summary_of(table: pa.Table) -> dict:
@@ -164,4 +194,4 @@ def _with_files(run_: RunDir, table: pa.Table) -> pa.Table:
     return table.append_column("file", pc.take(man["source_key"], idx))
 
 
-__all__ = ["init", "run", "score", "query", "select", "summary_of", "scores", "ledger", "metrics"]
+__all__ = ["init", "run", "score", "query", "query_batch", "select", "summary_of", "scores", "ledger", "metrics"]

@@ -191,6 +191,69 @@ def select(run_dir, strategy, budget, cycle, configs, overrides, address, quiet)
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--strategy", default=None, help="Strategy name (configs/strategies) or YAML path.")
+@click.option("--budget", type=int, default=None, help="Images to pick.")
+@click.option("--where", default=None, metavar="FILTER",
+              help="Only candidates where FILTER holds, e.g. \"class == 'scratch' and score_max < 0.5\".")
+@click.option("--name", default=None, help="Save as cycles/<k>/queries/NAME.parquet (default <strategy>_b<budget>).")
+@click.option("--batch", "batch_file", type=click.Path(dir_okay=False), default=None,
+              help="YAML list of queries ({strategy, budget, where?, name?}) answered in one call.")
+@click.option("--cycle", type=int, default=None)
+@click.option("--show", type=int, default=5, show_default=True, help="Picks to print per query.")
+@common
+def query(run_dir, strategy, budget, where, name, batch_file, cycle, show, configs, overrides, address, quiet):
+    """Ask a scored cycle which images a strategy would pick, without re-scoring.
+
+    \b
+    Answers from the cycle's cached scores, embeddings and kNN graph; each answer is saved
+    as a named query beside the cycle (cycles/<k>/queries/), never replacing its
+    selection.parquet. Filter columns: the stored signals, num_boxes, class (the top
+    box's class) and score_max.
+      poolscout query runs/steel --strategy entropy --budget 100 --where "class == 'scratches'"
+      poolscout query runs/steel --batch queries.yaml
+    """
+    import time
+
+    from poolscout.jobs.query import QuerySession, default_name, read_batch
+
+    run, cfg = _load(run_dir, configs, overrides)
+    if batch_file and (strategy or budget or where or name):
+        raise ValueError("--batch takes its queries from the file: drop --strategy/--budget/--where/--name")
+    if batch_file:
+        queries = read_batch(batch_file)
+    else:
+        strat = strategy or cfg.select.strategy
+        b = int(budget if budget is not None else cfg.select.budget)
+        queries = [{"strategy": strat, "budget": b, "where": where, "name": name or default_name(strat, b, where)}]
+    session = QuerySession(run, cfg, cycle, log=None if quiet else (lambda m: click.echo(m, err=True)))
+    t0 = time.time()
+    man = None
+    for q in queries:
+        table, summary = session.ask(q["strategy"], q["budget"], q.get("where"))
+        path = session.save(q["name"], table, summary)
+        click.echo(f"{q['name']}: {summary['strategy']} picked {summary['selected']} of {summary['candidates']} "
+                   f"candidates{' where ' + q['where'] if q.get('where') else ''} in {summary['seconds']:.2f} s "
+                   f"-> {path}")
+        for w in summary.get("warnings", []):
+            click.echo(f"  warning: {w}", err=True)
+        if show > 0 and len(table):
+            from poolscout.engine.core import io as _io
+
+            if man is None:
+                man = _io.read_table(run.manifest, columns=["image_id", "source_key"])
+            import pyarrow.compute as pc
+
+            head = table.slice(0, show)
+            files = pc.take(man["source_key"], pc.index_in(head["image_id"], man["image_id"])).to_pylist()
+            for r, i, sc, f in zip(head["rank"].to_pylist(), head["image_id"].to_pylist(),
+                                   head["score"].to_pylist(), files):
+                click.echo(f"  {r:>4}  {f}  (id {i}, score {sc:.4g})")
+    if len(queries) > 1:
+        click.echo(f"{len(queries)} queries in {time.time() - t0:.1f} s")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["coco", "label_studio", "cvat", "csv", "all"]), default=None,
               help="Export format (default: export.format); label_studio also writes label_studio_config.xml.")
 @click.option("--cycle", type=int, default=None)

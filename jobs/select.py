@@ -1,8 +1,6 @@
 """`poolscout select`: run a strategy over scores.parquet (and embeddings) -> selection.parquet."""
 from __future__ import annotations
 
-import json
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -74,16 +72,22 @@ def load_embeddings(run: RunDir, k: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return t["image_id"].to_numpy(), np.asarray(t["state"].to_pylist(), dtype=object), emb
 
 
-def boxes_loader(run: RunDir, k: int):
-    """ids -> canonical batch (orig view: boxes, scores, labels, probs, roi_embedding) of
-    those scored pool images, in that order; reads only their rows."""
+BOX_COLUMNS = ("boxes", "scores", "labels", "probs", "roi_embedding", "box_var")
+
+
+def boxes_loader(run: RunDir, k: int, fields: tuple[str, ...] | None = None):
+    """ids -> canonical batch (orig view: boxes, scores, labels, probs, roi_embedding,
+    box_var, or only `fields`) of those scored pool images, in that order; reads only
+    their rows and those columns (CALD's re-rank reads `probs` alone, 65-90x cheaper than
+    every box column)."""
     from poolscout.engine.models import predictions as P
+
+    want = BOX_COLUMNS if fields is None else tuple(f for f in BOX_COLUMNS if f in fields)
 
     def load(ids: np.ndarray) -> dict[str, np.ndarray]:
         ids = np.asarray(ids, np.int64)
         ds = _pred_dataset(run, k)
-        cols = [c for c in ["image_id", "width", "height", "num_boxes", "boxes", "scores", "labels", "probs",
-                            "roi_embedding", "box_var"] if c in ds.schema.names]
+        cols = [c for c in ["image_id", "width", "height", "num_boxes", *want] if c in ds.schema.names]
         t = ds.to_table(columns=cols, filter=pc.field("image_id").isin(pa.array(ids)))
         got = t["image_id"].to_numpy()
         if len(np.unique(got)) != len(got) or len(got) != len(ids):
@@ -113,87 +117,19 @@ def needs_model(strategy) -> bool:
 
 
 def query(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int | None = None,
-          cycle: int | None = None, log=None) -> tuple[pa.Table, dict]:
+          cycle: int | None = None, where: str | None = None, log=None) -> tuple[pa.Table, dict]:
     """Pick `budget` pool images with a named strategy from a scored cycle, writing nothing
-    but the cycle's cache (the kNN graph of its embeddings, cycles/<k>/cache).
+    but the cycle's cache (the kNN graph of its embeddings, cycles/<k>/cache). One query of
+    a `jobs.query.QuerySession`; open a session to ask many.
 
     Returns:
         The selection table (image_id, rank, score, rationale JSON; selection.parquet's
-        schema) and a summary dict (cycle, strategy, budget, selected, candidates, seconds).
+        schema) and a summary dict (cycle, strategy, budget, where, selected, candidates,
+        seconds, no_detections, warnings).
     """
-    from poolscout.engine.acquisition import signals as S
-    from poolscout.engine.acquisition import strategies as St
-    from poolscout.engine.acquisition.checks import note_empty, parse_empty_rule, selection_warnings
-    from poolscout.engine.acquisition.selectors import SelectContext
+    from poolscout.jobs.query import QuerySession
 
-    run.require()
-    k = run.current_cycle() if cycle is None else cycle
-    strat = St.load_strategy(strategy or cfg.select.strategy)
-    budget = int(budget if budget is not None else cfg.select.budget)
-    if budget <= 0:
-        raise ValueError(f"--budget must be positive, got {budget}")
-    sp = run.scores_path(k)
-    t0 = time.time()
-    specs = list(strat.needs.signals)
-    if not sp.is_file():
-        if needs_model(strat):
-            raise RunError(f"{sp} is missing: run `poolscout score {run.root}` first")
-        # Model-free strategies (random) need only the pool's ids.
-        pool_ids = np.sort(run.ids_in_state("pool"))
-        scores = pa.table({"image_id": pa.array(pool_ids, pa.int64())})
-    else:
-        have = io.read_table(sp).schema.names
-        scores = io.read_table(sp, columns=["image_id"] + sorted({s.column for s in specs if s.column in have})
-                               + (["num_boxes"] if "num_boxes" in have else []))
-    # Only images still in the pool are candidates (a rerun after labeling must not re-pick).
-    pool_ids = run.ids_in_state("pool")
-    scores = scores.filter(pc.is_in(scores["image_id"], pa.array(pool_ids))).sort_by("image_id")
-    ids = scores["image_id"].to_numpy()
-    if len(ids) == 0:
-        failed = run.cycle_dir(k) / "rejects.parquet"
-        n_failed = io.read_table(failed).num_rows if failed.is_file() else 0
-        raise RunError(f"{sp}: no scored images left in the pool"
-                       + (f"; {n_failed} failed at scoring ({failed}): fix the cause and rerun "
-                          f"`poolscout score {run.root} --force`" if n_failed else ""))
-    table: dict[str, np.ndarray] = {"image_id": ids}
-    num_boxes = scores["num_boxes"].to_numpy() if "num_boxes" in scores.column_names else None
-    for c in scores.column_names[1:]:
-        if c != "num_boxes":
-            table[c] = scores[c].to_numpy(zero_copy_only=False).astype(np.float64)
-    missing = [s for s in specs if s.column not in table]
-    if missing and not sp.is_file():
-        table.update(S.compute({"image_id": ids, "offsets": np.zeros(len(ids) + 1, np.int64)}, missing,
-                               seed=cfg.seed, cycle=k))
-    elif missing:
-        table.update(compute_missing(run, cfg, k, missing, ids))
-    labeled_emb = None
-    if strat.needs.embedding:
-        eid, state, emb = load_embeddings(run, k)
-        order = np.argsort(eid)
-        table["embedding"] = emb[order[np.searchsorted(eid[order], ids)]]
-        labeled_emb = emb[state == "labeled"]
-    ctx = SelectContext(rng=np.random.default_rng([cfg.seed, k]), labeled_embedding=labeled_emb,
-                        labeled_class_counts=labeled_class_counts(run),
-                        boxes_loader=boxes_loader(run, k) if strat.needs.boxes else None,
-                        cache_dir=str(run.cycle_dir(k) / "cache"), log=log)
-    sel = St.select(strat, table, budget, ctx=ctx)
-    rationale, empty = sel.rationale, None
-    if num_boxes is not None and any(S.SIGNALS.entry(s.name).meta["per_box"] for s in specs):
-        # picks whose box-reduced score came from score.empty_value, not from the model
-        empty = num_boxes[np.searchsorted(ids, np.asarray(sel.image_id, dtype=np.int64))] == 0
-        rationale = note_empty(rationale, empty, parse_empty_rule(cfg.score.empty_value))
-    warnings = selection_warnings(np.asarray(sel.score, dtype=np.float64), budget=budget, candidates=len(ids),
-                                  empty=empty)
-    out = pa.table({
-        "image_id": pa.array(sel.image_id, pa.int64()),
-        "rank": pa.array(np.arange(1, len(sel.image_id) + 1), pa.int32()),
-        "score": pa.array(np.asarray(sel.score, dtype=np.float64)),
-        "rationale": pa.array([json.dumps(r, default=_jsonable) for r in rationale], pa.string()),
-    })
-    summary = {"cycle": k, "strategy": strat.name, "budget": budget, "selected": len(out),
-               "candidates": int(len(ids)), "seconds": round(time.time() - t0, 3),
-               "no_detections": int(empty.sum()) if empty is not None else None, "warnings": warnings}
-    return out, summary
+    return QuerySession(run, cfg, cycle, log=log).ask(strategy, budget, where)
 
 
 def select(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int | None = None,
@@ -206,10 +142,3 @@ def select(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int
     io.atomic_write_json(run.cycle_dir(k) / "select.json", summary)
     return summary
 
-
-def _jsonable(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o).__name__)

@@ -106,3 +106,86 @@ def test_typiclust_through_the_jobs(trained):
     sel = io.read_table(run.selection_path(0)).to_pydict()
     assert len(set(sel["image_id"])) == 3 and set(sel["image_id"]) <= set(run.ids_in_state("pool").tolist())
     assert [json.loads(r)["typiclust"]["rank"] for r in sel["rationale"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("strategy,key", [("probcover", "probcover"), ("cluster_margin", "cluster_margin"),
+                                          ("badge", "badge")])
+def test_coverage_and_gradient_strategies_through_the_jobs(trained, strategy, key):
+    from poolscout.jobs.score import score
+    from poolscout.jobs.select import select
+
+    run, files, overrides = trained
+    cfg = run.config(files, [*overrides, f"select.strategy={strategy}"])
+    score(run, cfg, progress=False, executor="local")
+    assert select(run, cfg, budget=3)["selected"] == 3
+    sel = io.read_table(run.selection_path(0)).to_pydict()
+    assert len(set(sel["image_id"])) == 3 and set(sel["image_id"]) <= set(run.ids_in_state("pool").tolist())
+    assert [json.loads(r)[key]["rank"] for r in sel["rationale"]] == [1, 2, 3]
+
+
+def test_batch_queries_of_a_scored_cycle(trained, tmp_path):
+    """Many (strategy, budget, filter) questions from one load: equal to `select`, filters
+    respected, answers saved by name beside the cycle, selection.parquet untouched."""
+    import pyarrow.compute as pc
+    from click.testing import CliRunner
+
+    from poolscout.engine.models import predictions as P
+    from poolscout.jobs.cli import cli
+    from poolscout.jobs.query import QuerySession, read_batch
+    from poolscout.jobs.score import score
+    from poolscout.jobs.select import select
+
+    run, files, overrides = trained
+    cfg = run.config(files, [*overrides, "select.strategy=entropy"])
+    score(run, cfg, progress=False, executor="local")
+    s = QuerySession(run, cfg)
+    # the derived filter columns agree with the stored predictions
+    fields = s.image_fields()
+    preds = P.from_arrow(pads.dataset(str(run.predictions_dir(0)), format="parquet").to_table(
+        filter=pc.field("state") == "pool"), views=["orig"], fields=["scores", "labels"])
+    names = [c["name"] for c in run.read_categories()]
+    for row in range(len(preds["image_id"])):
+        a, b = preds["offsets"][row], preds["offsets"][row + 1]
+        i = int(np.flatnonzero(fields["image_id"].to_numpy() == preds["image_id"][row])[0])
+        if b == a:
+            assert fields["class"][i].as_py() == "" and np.isnan(fields["score_max"][i].as_py())
+        else:
+            top = a + int(np.argmax(preds["scores"][a:b]))
+            assert fields["score_max"][i].as_py() == pytest.approx(float(preds["scores"][top]))
+            assert fields["class"][i].as_py() == names[int(preds["labels"][top]) - 1]
+    # equal to select, for a scalar, a coverage and a box strategy
+    for strat in ("entropy", "maxherding", "badge"):
+        t, summ = s.ask(strat, 4)
+        select(run, run.config(files, [*overrides, f"select.strategy={strat}"]), budget=4)
+        assert t["image_id"].to_pylist() == io.read_table(run.selection_path(0))["image_id"].to_pylist()
+        assert summ["candidates"] == len(run.ids_in_state("pool"))
+    # a filter keeps only matching candidates
+    cls = fields["class"].to_pylist()
+    common = max(set(c for c in cls if c), key=cls.count)
+    t, summ = s.ask("entropy", 3, where=f"class == '{common}' and num_boxes >= 1")
+    allowed = set(fields.filter(pc.equal(fields["class"], common))["image_id"].to_pylist())
+    assert summ["candidates"] == len(allowed) and set(t["image_id"].to_pylist()) <= allowed
+    with pytest.raises(ValueError, match="unknown column 'colour'"):
+        s.ask("entropy", 3, where="colour == 'red'")
+    # a batch file through the CLI: saved beside the cycle, selection.parquet untouched
+    before = run.selection_path(0).read_bytes()
+    batch = tmp_path / "q.yaml"
+    batch.write_text("- {strategy: entropy, budget: 2}\n"
+                     f"- {{strategy: uncertainty_herding, budget: 3, where: \"class != '{common}'\", name: others}}\n"
+                     "- {strategy: typiclust, budget: 2}\n")
+    assert [q["name"] for q in read_batch(batch)] == ["entropy_b2", "others", "typiclust_b2"]
+    cfg_args = [a for f in files for a in ("--config", str(f))] + [a for o in overrides for a in ("--set", o)]
+    res = CliRunner().invoke(cli, ["query", str(run.root), "--batch", str(batch), "--quiet", *cfg_args])
+    assert res.exit_code == 0, res.output
+    assert "3 queries in" in res.output and "others: uncertainty_herding picked 3" in res.output
+    qdir = run.cycle_dir(0) / "queries"
+    assert sorted(p.name for p in qdir.glob("*.parquet")) == ["entropy_b2.parquet", "others.parquet",
+                                                              "typiclust_b2.parquet"]
+    others = io.read_table(qdir / "others.parquet")["image_id"].to_pylist()
+    assert not set(others) & allowed
+    assert json.loads((qdir / "others.json").read_text())["where"] == f"class != '{common}'"
+    assert run.selection_path(0).read_bytes() == before
+    # bad batch files name the entry and the key
+    batch.write_text("- {strategy: entropy, budget: 0}\n")
+    res = CliRunner().invoke(cli, ["query", str(run.root), "--batch", str(batch), *cfg_args])
+    assert res.exit_code == 2 and "queries[0].budget" in res.output

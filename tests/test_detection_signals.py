@@ -207,8 +207,12 @@ def test_weighted_l2_hand_case():
     assert weighted_l2(table, 1, ctx=ctx, signals=["huale_sa", "huale_cd"]).image_id.tolist() in ([5], [7])
     with pytest.raises(ValueError, match="weights"):
         weighted_l2(table, 1, ctx=ctx, signals=["huale_sa"], weights=[1, 2])
-    with pytest.raises(ValueError, match="no metric"):
-        weighted_l2(table, 1, ctx=ctx, signals=["huale_lc"])
+    # every metric ties: the candidates' own order (the gate's), and the rationale says so
+    tied = {"image_id": np.array([9, 4, 6]), "huale_sa": np.full(3, 0.5), "huale_lc": np.full(3, np.nan)}
+    fb = weighted_l2(tied, 2, ctx=ctx, signals=["huale_sa", "huale_lc"])
+    assert fb.image_id.tolist() == [9, 4] and np.isnan(fb.score).all()
+    assert "no metric has any spread" in fb.rationale[0]["weighted_l2"]["fallback"]
+    assert fb.rationale[1]["weighted_l2"]["rank"] == 2
 
 
 def test_huale_signals_registered_and_strategy_loads():

@@ -197,6 +197,167 @@ def test_ccms_distances_match_brute_force_with_small_blocks(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------
+# CCMS distances from k nearest neighbours
+def _ragged_case(seed: int, n: int = 14):
+    """Random ragged boxes: images without boxes, classes of very different sizes (class 4
+    in about one image of ten), scores 0 and under the threshold, zero-norm and duplicate
+    embeddings."""
+    rng = np.random.default_rng(seed)
+    cnt = rng.integers(0, 7, n)
+    cnt[rng.choice(n, 2, replace=False)] = 0
+    offsets = np.r_[0, np.cumsum(cnt)].astype(np.int64)
+    m = int(offsets[-1])
+    labels = rng.choice([1, 2, 3, 4], size=m, p=[0.5, 0.3, 0.15, 0.05]).astype(np.int64)
+    scores = rng.uniform(0, 1, m).astype(np.float32)
+    scores[rng.random(m) < 0.15] = 0.0
+    emb = rng.normal(size=(m, 6)).astype(np.float16)
+    emb[rng.random(m) < 0.05] = 0.0
+    if m > 4:
+        emb[1] = emb[3]  # a duplicate (cosine 1 with another box)
+    return offsets, labels, scores, emb
+
+
+def _kept_class_sizes(labels, scores, thresh):
+    return np.bincount(labels[scores >= thresh])
+
+
+def _brute_ccms_knn(offsets, labels, scores, emb, thresh, k=None):
+    """Reference of the kNN distances in float64: box b contributes min(t(b, j), d_K(b)) to an
+    image j with its class (t: its true min cosine distance to j; d_K: 1 - the K-th largest
+    cosine of b over the kept boxes of its class, itself included, no clipping when the class
+    has <= K boxes), 2 otherwise. Also returns where that differs from the exact distance."""
+    n = len(offsets) - 1
+    e = emb.astype(np.float64)
+    e = e / np.where(np.linalg.norm(e, axis=1, keepdims=True) > 0, np.linalg.norm(e, axis=1, keepdims=True), 1.0)
+    s = scores.astype(np.float64)
+    kept = [[b for b in range(offsets[i], offsets[i + 1]) if s[b] >= thresh] for i in range(n)]
+    allk = [b for bs in kept for b in bs]
+    dk = {}
+    for b in allk:
+        cls = sorted((e[b] @ e[bb] for bb in allk if labels[bb] == labels[b]), reverse=True)
+        dk[b] = 1.0 - cls[k - 1] if k and len(cls) > k else math.inf
+    d = np.full((n, n), 2.0)
+    clipped = np.zeros((n, n), bool)
+    for i in range(n):
+        if not kept[i]:
+            continue
+        w = {b: s[b] for b in kept[i]}
+        if sum(w.values()) <= 0:
+            w = {b: 1.0 for b in kept[i]}
+        for j in range(n):
+            num = 0.0
+            for b in kept[i]:
+                same = [1 - e[b] @ e[bb] for bb in kept[j] if labels[bb] == labels[b]]
+                t = min(same) if same else 2.0
+                if same and t > dk[b] + 1e-6:
+                    clipped[i, j] = True
+                num += w[b] * (min(t, dk[b]) if same else 2.0)
+            d[i, j] = num / sum(w.values())
+    d = (d + d.T) / 2
+    np.fill_diagonal(d, 0.0)
+    clipped = clipped | clipped.T
+    np.fill_diagonal(clipped, False)
+    return np.clip(d, 0, 2), clipped
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ccms_knn_equals_exact_when_k_covers_every_class(seed):
+    offsets, labels, scores, emb = _ragged_case(seed)
+    for thresh in (0.0, 0.3):
+        exact = PP.ccms_distances_exact(offsets, labels, scores, emb, thresh)
+        np.testing.assert_array_equal(exact, PP.ccms_distances(offsets, labels, scores, emb, thresh))
+        np.testing.assert_allclose(exact, _brute_ccms_knn(offsets, labels, scores, emb, thresh)[0], atol=1e-5)
+        biggest = int(_kept_class_sizes(labels, scores, thresh).max())
+        for k in (biggest, biggest + 1, 64):
+            got = PP.ccms_distances(offsets, labels, scores, emb, thresh, neighbours=k)
+            np.testing.assert_allclose(got, exact, rtol=0, atol=1e-9)
+        assert PP.ccms_distances(offsets, labels, scores, emb, thresh, neighbours=0).tolist() == exact.tolist()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ccms_knn_class_gain_with_all_neighbours_is_the_exact_gain(seed):
+    # the kNN accumulation itself (not the exact fallback) with K = m_c: same gain as the full matrix
+    rng = np.random.default_rng(seed)
+    n, m = 7, 23
+    ic = np.sort(rng.integers(0, n, m))
+    ic[ic == 3] = 4  # image 3 without the class
+    ec = rng.normal(size=(m, 5)).astype(np.float32)
+    ec /= np.linalg.norm(ec, axis=1, keepdims=True)
+    sc = rng.uniform(0, 1, m)
+    want = np.zeros((n, n))
+    PP._class_gain_exact(want, ic, ec, sc)
+    got = np.zeros((n, n))
+    base = PP._class_gain_knn(got, ic, ec, sc, m)
+    got += base[:, None] * (np.bincount(ic, minlength=n) > 0)[None, :]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.all(got[:, 3] == 0.0) and np.all(want[:, 3] == 0.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ccms_knn_small_k_is_exact_where_reached_and_a_lower_bound_elsewhere(seed, monkeypatch):
+    offsets, labels, scores, emb = _ragged_case(seed, n=16)
+    thresh = 0.1
+    exact = PP.ccms_distances_exact(offsets, labels, scores, emb, thresh)
+    sizes = _kept_class_sizes(labels, scores, thresh)
+    n_lower = 0
+    for k in (1, 2, 3, 5):
+        assert sizes.max() > k  # at least one class goes through the kNN path
+        got = PP.ccms_distances(offsets, labels, scores, emb, thresh, neighbours=k)
+        want, clipped = _brute_ccms_knn(offsets, labels, scores, emb, thresh, k)
+        np.testing.assert_allclose(got, want, atol=1e-5)  # min(true distance, d_K) per box, exactly
+        assert np.all(got <= exact + 1e-6)  # a lower bound everywhere
+        np.testing.assert_allclose(got[~clipped], exact[~clipped], atol=1e-5)  # exact where all boxes reach
+        n_lower += int(np.sum(got < exact - 1e-3))
+        np.testing.assert_array_equal(got, got.T)
+        assert np.all(np.diag(got) == 0.0) and got.min() >= 0.0 and got.max() <= 2.0
+        # images without kept boxes stay at 2
+        empty = np.flatnonzero([not np.any(scores[offsets[i]:offsets[i + 1]] >= thresh)
+                                for i in range(len(offsets) - 1)])
+        off_diag = ~np.eye(len(got), dtype=bool)
+        assert np.all(got[empty][off_diag[empty]] == 2.0)
+        # query blocks of a row or a few give the same result
+        monkeypatch.setattr(PP, "_BLOCK_ELEMS", 7)
+        np.testing.assert_allclose(PP.ccms_distances(offsets, labels, scores, emb, thresh, neighbours=k), got,
+                                   atol=1e-12)
+        monkeypatch.undo()
+    assert n_lower > 0  # the bound does bite with a small K
+
+
+def test_ccms_neighbours_validation():
+    offsets, labels, scores, emb = _ccms_boxes()
+    for bad in (-1, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="neighbours"):
+            PP.ccms_distances(offsets, labels, scores, emb, neighbours=bad)
+    ids, boxes = _select_case()
+    with pytest.raises(ValueError, match="neighbours"):
+        PP.ccms({"image_id": ids}, 2, ctx=SelectContext(rng=np.random.default_rng(0), boxes=boxes), neighbours=-3)
+
+
+def test_ccms_selector_default_neighbours_picks_the_exact_medoids():
+    rng = np.random.default_rng(11)
+    n = 40
+    cnt = rng.integers(0, 4, n)
+    offsets = np.r_[0, np.cumsum(cnt)].astype(np.int64)
+    m = int(offsets[-1])
+    ids = np.arange(100, 100 + n, dtype=np.int64)
+    boxes = {"image_id": ids, "offsets": offsets, "boxes": np.tile(np.array([[0, 0, 4, 4]], np.float32), (m, 1)),
+             "scores": rng.uniform(0, 1, m).astype(np.float32), "labels": rng.integers(1, 4, m),
+             "roi_embedding": rng.normal(size=(m, 8)).astype(np.float16)}
+    assert np.bincount(boxes["labels"]).max() <= PP.CCMS_NEIGHBOURS  # K >= m_c for every class
+    table = {"image_id": ids}
+    for budget in (1, 6, 15):
+        got = PP.ccms(table, budget, ctx=SelectContext(rng=np.random.default_rng(3), boxes=boxes))
+        want = PP.ccms(table, budget, ctx=SelectContext(rng=np.random.default_rng(3), boxes=boxes), neighbours=None)
+        np.testing.assert_array_equal(got.image_id, want.image_id)
+        np.testing.assert_array_equal(got.score, want.score)
+        assert got.rationale == want.rationale
+    # a small K still gives `budget` distinct candidates
+    few = PP.ccms(table, 6, ctx=SelectContext(rng=np.random.default_rng(3), boxes=boxes), neighbours=2)
+    assert len(set(few.image_id.tolist())) == 6 and set(few.image_id.tolist()) <= set(ids.tolist())
+    assert few.score.sum() == n
+
+
+# --------------------------------------------------------------------------------------
 # k-medoids
 def _two_clusters():
     # points on a line: {0, 1, 2} and {10, 11, 13}; D = |x_i - x_j|

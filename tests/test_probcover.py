@@ -70,6 +70,8 @@ def test_purity_and_delta_by_hand():
     assert choose_delta(imp, grid, 0.5) == (2.5, 0.5)
     assert choose_delta(imp, grid[::-1], 0.5) == (2.5, 0.5)  # grid order does not matter
     assert choose_delta(imp, np.array([3.0, 4.0]), 0.95) == (3.0, 0.0)  # none pure enough: smallest
+    # exactly the threshold counts: 1 impure ball in 20 is purity 0.95
+    assert choose_delta(np.array([1.0] + [np.inf] * 19), np.array([0.5, 2.0]), 0.95) == (2.0, 0.95)
     # truncated lists (k = 2): each point sees itself and its nearest other point, which has
     # its label (0 <-> 1, 3 <-> 4): no other label seen, every ball counts as pure
     nbr2, d22 = knn_lists(x, 2)
@@ -95,8 +97,8 @@ def test_dense_and_sparse_match_brute_force_max_coverage():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((14, 3)).astype(np.float32)
     lab = rng.standard_normal((3, 3)).astype(np.float32)
-    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
-    pts = np.concatenate([unit(x.astype(np.float64)), unit(lab.astype(np.float64))])
+    pts = np.concatenate([x, lab]).astype(np.float64)
+    pts /= np.linalg.norm(pts, axis=1, keepdims=True)
     delta = 0.9
     ball = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1)) <= delta
     cand = np.arange(len(pts)) < len(x)
@@ -130,7 +132,8 @@ def test_auto_delta_stays_pure_and_covers_each_cluster():
     dense = _run(x, 4, clusters=3, neighbours=len(x))
     sparse = _run(x, 4, clusters=3, neighbours=len(x), dense_below=0)
     assert dense.image_id.tolist() == sparse.image_id.tolist()
-    assert dense.rationale[0]["probcover"]["delta"] == pytest.approx(sparse.rationale[0]["probcover"]["delta"], rel=1e-5)
+    delta = [s.rationale[0]["probcover"]["delta"] for s in (dense, sparse)]
+    assert delta[0] == pytest.approx(delta[1], rel=1e-5)
     # an explicit grid is searched as given: the largest value that is pure enough
     sel = _run(x, 1, clusters=3, delta=[0.05, 0.2, 0.3, 5.0])
     assert sel.rationale[0]["probcover"]["delta"] == 0.3 and sel.score[0] == 12
@@ -155,7 +158,8 @@ def test_determinism_and_strategy_file():
 @pytest.mark.parametrize("kw, match", [
     ({"delta": "big"}, "delta"), ({"delta": -1.0}, "delta"), ({"delta": []}, "delta"), ({"delta": [0.1, 0]}, "delta"),
     ({"purity": 0.0}, "purity"), ({"purity": 1.5}, "purity"), ({"neighbours": 0}, "neighbours"),
-    ({"clusters": 0}, "clusters"), ({"dense_below": -1}, "dense_below"),
+    ({"clusters": 0}, "clusters"), ({"clusters": 2.5}, "clusters"), ({"neighbours": "many"}, "neighbours"),
+    ({"dense_below": -1}, "dense_below"), ({"delta": True}, "delta"),
 ])
 def test_bad_parameters(kw, match):
     x = _circle(ANGLES)

@@ -64,6 +64,8 @@ class Needs:
         mc: whether a signal reads MC-dropout moments (scoring runs score.mc_passes).
         embedding: whether a stage reads the image "embedding" column.
         boxes: whether a stage reads the candidates' per-box predictions.
+        box_fields: the per-box fields those stages read (selector meta `box_fields`), or
+            None when a stage does not declare them (then all are loaded).
     """
 
     signals: tuple[S.SignalSpec, ...] = ()
@@ -71,6 +73,7 @@ class Needs:
     mc: bool = False
     embedding: bool = False
     boxes: bool = False
+    box_fields: tuple[str, ...] | None = None
 
     @property
     def model(self) -> bool:
@@ -98,8 +101,12 @@ def _needs(stages: tuple[Stage, ...]) -> Needs:
             if spec not in specs:
                 specs.append(spec)
     meta = [SELECTORS.entry(st.selector).meta for st in stages]
+    box_meta = [m for m in meta if m.get("needs_boxes", False)]
+    fields: tuple[str, ...] | None = None
+    if box_meta and all(m.get("box_fields") for m in box_meta):
+        fields = tuple(sorted({f for m in box_meta for f in m["box_fields"]}))
     return Needs(tuple(specs), tuple(S.required_views(specs)), S.needs_mc(specs),
-                 any(m.get("needs_embedding", False) for m in meta), any(m.get("needs_boxes", False) for m in meta))
+                 any(m.get("needs_embedding", False) for m in meta), bool(box_meta), fields)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -277,7 +284,9 @@ def select(strategy: Strategy, table: dict[str, np.ndarray], budget: int, *, ctx
     for k, v in table.items():
         if v is not None and len(v) != n:
             raise ValueError(f"table column {k!r} has {len(v)} rows, image_id has {n}")
-    if len(np.unique(ids)) != n:
+    # strictly ascending ids (what the select job passes) are unique in one O(N) pass; a
+    # sort (70% of an entropy selection at 1M) only for other orders
+    if not (n < 2 or bool(np.all(ids[1:] > ids[:-1]))) and len(np.unique(ids)) != n:
         raise ValueError("table image_id values are not unique")
     keys = _stage_keys(strategy)
     cur = dict(table)

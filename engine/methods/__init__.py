@@ -10,10 +10,14 @@ their first lookup).
 | `coreset` | core-set (k-center greedy) | selector `coreset` |
 | `herding` | MaxHerding / uncertainty herding (dense, or sparse on a kNN graph) | selector `maxherding` |
 | `typiclust` | TypiClust (typical points of the largest uncovered k-means clusters) | selector `typiclust` |
+| `probcover` | ProbCover (top-hat coverage, radius from a purity threshold) | selector `probcover` |
+| `cluster_margin` | Cluster-Margin (margin pre-filter, round-robin over k-means clusters) | selector `cluster_margin` |
+| `badge` | BADGE (k-means++ on factorised gradient embeddings of each image's top box) | selector `badge` |
 | `cald` | CALD | signal `cald`, selector `cald_rerank` |
 | `huale` | HUALE | signals `huale_*`, selector `weighted_l2` |
 | `ppal` | PPAL | signal `dcus`, selector `ccms` |
 
 A new method is a new module here plus a line below.
 """
-from poolscout.engine.methods import baseline, uncertainty, bald, coreset, cald, huale, ppal, herding, typiclust  # noqa: F401
+from poolscout.engine.methods import (baseline, uncertainty, bald, coreset, cald, huale, ppal, herding,  # noqa: F401
+                                      typiclust, probcover, cluster_margin, badge)

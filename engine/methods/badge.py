@@ -125,7 +125,7 @@ def kmeanspp(A: np.ndarray, H: np.ndarray, k: int, rng: np.random.Generator
     return np.asarray(rows, dtype=np.int64), np.asarray(dist2)
 
 
-@SELECTORS.register("badge", final=True, needs_embedding=False, needs_boxes=True)
+@SELECTORS.register("badge", final=True, needs_embedding=False, needs_boxes=True, box_fields=("probs", "roi_embedding"))
 def badge(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext) -> Selection:
     """BADGE on per-image gradient embeddings of the candidates' boxes (`ctx.boxes`).
 

@@ -127,7 +127,7 @@ def class_prior_divergence(r: np.ndarray, labeled_counts: np.ndarray | None) -> 
     return js_divergence(np.ascontiguousarray(pg), _softmax(r))
 
 
-@SELECTORS.register("cald_rerank", final=True, needs_embedding=False, needs_boxes=True)
+@SELECTORS.register("cald_rerank", final=True, needs_embedding=False, needs_boxes=True, box_fields=("probs",))
 def cald_rerank(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext) -> Selection:
     """CALD stage 2: the `budget` candidates whose predicted class mix diverges most from
     the labeled set's (see the module docstring).

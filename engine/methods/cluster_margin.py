@@ -34,7 +34,11 @@ WITHIN = ("random", "uncertain")
 
 def default_clusters(n: int, max_clusters: int = 500) -> int:
     """max(2, round(sqrt(n))), at most `max_clusters` and at most n (at least 1)."""
-    return max(1, min(max(2, int(round(math.sqrt(n)))), int(max_clusters), int(n)))
+    return max(1, min(max(2, round(math.sqrt(n))), int(max_clusters), int(n)))
+
+
+def _is_int(v, lo: int) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
 
 
 def round_robin(members: list[np.ndarray], budget: int) -> list[tuple[int, int, int]]:
@@ -91,9 +95,9 @@ def cluster_margin(table: dict[str, np.ndarray], budget: int, *, ctx: SelectCont
     budget = check_budget(budget)
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep) or keep < 1:
         raise ValueError(f"cluster_margin: keep must be a number >= 1, got {keep!r}")
-    if clusters is not None and (isinstance(clusters, bool) or int(clusters) != clusters or clusters < 1):
+    if clusters is not None and not _is_int(clusters, 1):
         raise ValueError(f"cluster_margin: clusters must be an integer >= 1 or None, got {clusters!r}")
-    if isinstance(max_clusters, bool) or int(max_clusters) != max_clusters or max_clusters < 1:
+    if not _is_int(max_clusters, 1):
         raise ValueError(f"cluster_margin: max_clusters must be an integer >= 1, got {max_clusters!r}")
     if within not in WITHIN:
         raise ValueError(f"cluster_margin: within must be one of {WITHIN}, got {within!r}")

@@ -6,6 +6,9 @@ Approach", ICLR 2018.
 from __future__ import annotations
 
 import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -13,6 +16,7 @@ import numpy as np
 from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext, Selection, check_budget, json_float
 
 DEFAULT_CHUNK = 65536
+BOUNDS_MIN_N = 50_000  # bounds="auto" switches the bounded greedy on from this many candidates
 
 
 def sq_l2_faiss(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -71,9 +75,345 @@ def _update_argmax(x: np.ndarray, centre: np.ndarray, min_d2: np.ndarray, chunk:
     return int(np.argmax(min_d2))
 
 
+# --------------------------------------------------------------------------- bounded greedy
+
+
+@dataclass
+class BlockedLayout:
+    """The candidates regrouped by cluster for the bounded greedy (`poolscout.kernels.kcenter`).
+
+    Attributes:
+        xf: (nblocks * d * LANES,) float32, the one reordered copy of the embeddings (blocks
+            of LANES points stored transposed).
+        d: embedding dimension.
+        rows: (S,) int64 original row of each slot, -1 for padding.
+        slot_of_row: (N,) int64 inverse of `rows`.
+        mu_t: (d * G,) float64 cluster centroids, transposed.
+        c_b0: (G + 1,) int64, cluster g owns blocks c_b0[g] .. c_b0[g + 1] - 1.
+        c_lo, c_hi: (G,) float64 min / max distance of a member to its centroid.
+        b_lo, b_hi: (nblocks,) float64 the same per block.
+    """
+
+    xf: np.ndarray
+    d: int
+    rows: np.ndarray
+    slot_of_row: np.ndarray
+    mu_t: np.ndarray
+    c_b0: np.ndarray
+    c_lo: np.ndarray
+    c_hi: np.ndarray
+    b_lo: np.ndarray
+    b_hi: np.ndarray
+
+    @property
+    def n_clusters(self) -> int:
+        return len(self.c_lo)
+
+
+@contextmanager
+def faiss_threads(n: int | None):
+    """Run FAISS with `n` OpenMP threads inside the block (None: leave as is), then restore.
+
+    FAISS's OpenMP loops degrade badly when the cores are shared with other busy processes
+    (a Ray node): a 1M x 32 assignment took 0.6 s on one thread and 4 s on two under load.
+    """
+    import faiss
+
+    old = faiss.omp_get_max_threads()
+    if n is not None:
+        faiss.omp_set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old)
+
+
+def _nearest_centroid(x: np.ndarray, centroids: np.ndarray, chunk: int,
+                      rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS flat search of each row of x (or of x[rows]) for its nearest centroid:
+    (labels (n,) int64, approximate squared distances (n,) float32)."""
+    import faiss
+
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    n = len(x) if rows is None else len(rows)
+    lab = np.empty(n, dtype=np.int64)
+    d2 = np.empty(n, dtype=np.float32)
+    for a in range(0, n, chunk):
+        xb = x[a : a + chunk] if rows is None else x[rows[a : a + chunk]]
+        dist, nn = index.search(np.ascontiguousarray(xb, dtype=np.float32), 1)
+        lab[a : a + chunk] = nn[:, 0]
+        d2[a : a + chunk] = dist[:, 0]
+    return lab, d2
+
+
+def _kmeans(points: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
+    import faiss
+
+    k = int(min(max(1, k), len(points)))
+    if k == 1:
+        return points.mean(axis=0, dtype=np.float64).astype(np.float32)[None, :]
+    km = faiss.Kmeans(points.shape[1], k, niter=int(niter), seed=int(seed), verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=1 << 30)
+    km.train(np.ascontiguousarray(points, dtype=np.float32))
+    return np.asarray(km.centroids, dtype=np.float32)
+
+
+def two_level_kmeans(x: np.ndarray, n_clusters: int, *, seed: int = 0, niter: int = 8, sample: int = 64,
+                     chunk: int = DEFAULT_CHUNK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cheap clustering of N points into about `n_clusters` groups (FAISS k-means).
+
+    A coarse k-means with ~sqrt(n_clusters) centroids, trained on `sample` points per
+    centroid, assigns every point; each coarse group is then split by its own k-means into a
+    share of `n_clusters` proportional to its size. Assigning N points costs N (sqrt(G) +
+    G / sqrt(G)) d instead of N G d for a flat k-means. The clustering only decides how much
+    the bounded greedy can skip, never what it picks.
+
+    Returns:
+        (labels (N,) int64 in 0..G-1, centroids (G, d) float32, approximate squared distance
+        of each point to its centroid (N,) float32). Every label has at least one point.
+    """
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    g1 = int(min(n, max(1, round(math.sqrt(n_clusters)))))
+    pick = np.sort(rng.choice(n, size=min(n, g1 * sample), replace=False))
+    coarse = _kmeans(x[pick], g1, seed, niter)
+    lab1, key1 = _nearest_centroid(x, coarse, chunk)
+    order = np.argsort(lab1, kind="stable")
+    cuts = np.searchsorted(lab1[order], np.arange(len(coarse) + 1))
+    labels = np.empty(n, dtype=np.int64)
+    key = np.empty(n, dtype=np.float32)
+    cents: list[np.ndarray] = []
+    base = 0
+    for a in range(len(coarse)):
+        idx = order[cuts[a] : cuts[a + 1]]
+        m = len(idx)
+        if m == 0:
+            continue
+        k2 = int(min(m, max(1, round(n_clusters * m / n))))
+        if k2 == 1:
+            fine = coarse[a : a + 1]
+            lab2, key2 = np.zeros(m, dtype=np.int64), key1[idx]
+        else:
+            sub = np.sort(rng.choice(idx, size=min(m, k2 * sample), replace=False))
+            fine = _kmeans(x[sub], k2, seed + 1 + a, niter)
+            lab2, key2 = _nearest_centroid(x, fine, chunk, rows=idx)
+        used, lab2 = np.unique(lab2, return_inverse=True)
+        labels[idx] = base + lab2
+        key[idx] = key2
+        cents.append(fine[used])
+        base += len(used)
+    return labels, np.concatenate(cents), key
+
+
+def blocked_layout(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, key: np.ndarray) -> BlockedLayout:
+    """Regroup the candidates by cluster (inside a cluster by `key`, the distance to the
+    centroid, then by row) into whole blocks of `LANES` slots, and measure each slot's exact
+    distance to its centroid.
+
+    Args:
+        x: (N, d) float32 C-contiguous.
+        labels: (N,) int64 cluster of each row, every label in 0..G-1 used.
+        centroids: (G, d) float32 (any points: the bounds hold for every choice).
+        key: (N,) sort key inside a cluster.
+    """
+    from poolscout.kernels.kcenter import LANES, blocked_d2, gather_blocks
+
+    n, d = x.shape
+    g = len(centroids)
+    counts = np.bincount(labels, minlength=g)
+    order = np.lexsort((key, labels))  # stable: equal keys stay in row order
+    nblk = (counts + LANES - 1) // LANES
+    c_b0 = np.concatenate([[0], np.cumsum(nblk)]).astype(np.int64)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    lab_sorted = labels[order]
+    slot = c_b0[lab_sorted] * LANES + (np.arange(n) - first[lab_sorted])
+    nb = int(c_b0[-1])
+    rows = np.full(nb * LANES, -1, dtype=np.int64)
+    rows[slot] = order
+    slot_of_row = np.empty(n, dtype=np.int64)
+    slot_of_row[order] = slot
+    del order, lab_sorted, slot
+    xf = np.empty(nb * d * LANES, dtype=np.float32)
+    gather_blocks(x, rows, xf)
+    mu = np.ascontiguousarray(centroids, dtype=np.float64)
+    dist = np.empty(nb * LANES)
+    blocked_d2(xf, d, mu, np.repeat(np.arange(g, dtype=np.int64), nblk), dist)
+    np.sqrt(dist, out=dist)
+    real = (rows >= 0).reshape(nb, LANES)
+    dist = dist.reshape(nb, LANES)
+    b_lo = np.where(real, dist, np.inf).min(axis=1)
+    b_hi = np.where(real, dist, -np.inf).max(axis=1)
+    return BlockedLayout(xf=xf, d=d, rows=rows, slot_of_row=slot_of_row,
+                         mu_t=np.ascontiguousarray(mu.T).reshape(-1), c_b0=c_b0,
+                         c_lo=np.minimum.reduceat(b_lo, c_b0[:-1]), c_hi=np.maximum.reduceat(b_hi, c_b0[:-1]),
+                         b_lo=b_lo, b_hi=b_hi)
+
+
+@dataclass
+class KCenterResult:
+    """Picks of `kcenter_greedy`.
+
+    Attributes:
+        rows: (B,) int64 rows of the candidates, in pick order.
+        score: (B,) float64 distance to the nearest centre at pick time (+inf for a first
+            pick made without labeled centres).
+        init: extra rationale of the first pick (empty with labeled centres).
+        stats: how the picks were computed (path, timings, work per step).
+    """
+
+    rows: np.ndarray
+    score: np.ndarray
+    init: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _use_bounds(bounds: bool | str, n: int, distance: Callable | None) -> bool:
+    if bounds not in ("auto", True, False):
+        raise ValueError(f"coreset: bounds must be 'auto', true or false, got {bounds!r}")
+    if distance is not None:
+        return False  # the bounds rest on the built-in float64 distances
+    return n >= BOUNDS_MIN_N if bounds == "auto" else bool(bounds)
+
+
+def _kcenter_plain(x, b, lab, first, rng, chunk, distance) -> KCenterResult:
+    n = len(x)
+    init: dict[str, Any] = {}
+    if lab is not None:
+        min_d2 = _min_d2_to_set(x, lab, chunk, distance)
+        nxt = int(np.argmax(min_d2))
+        first_d = math.sqrt(max(min_d2[nxt], 0.0))
+    elif first == "farthest":
+        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+        to_mean = np.full(n, np.inf)
+        nxt = _update_argmax(x, mean, to_mean, chunk, distance)
+        first_d = math.sqrt(max(to_mean[nxt], 0.0))
+        init = {"init": "farthest_from_mean", "distance_to_mean": first_d}
+        min_d2 = np.full(n, np.inf)
+        first_d = math.inf  # no centre yet: infinitely far
+    else:
+        nxt = int(rng.integers(n))
+        init = {"init": "random"}
+        min_d2 = np.full(n, np.inf)
+        first_d = math.inf
+    rows = np.empty(b, dtype=np.int64)
+    score = np.empty(b)
+    for t in range(b):
+        idx = nxt
+        rows[t] = idx
+        score[t] = first_d if t == 0 else math.sqrt(max(float(min_d2[idx]), 0.0))
+        min_d2[idx] = -np.inf
+        if t + 1 < b:
+            nxt = _update_argmax(x, x[idx], min_d2, chunk, distance)
+    return KCenterResult(rows, score, init, {"path": "plain"})
+
+
+def _kcenter_bounded(x, b, lab, first, rng, chunk, clusters) -> KCenterResult:
+    from poolscout.kernels import kcenter as K
+
+    n, d = x.shape
+    L = K.LANES
+    t0 = time.perf_counter()
+    init: dict[str, Any] = {}
+    # initial state (in row order): FAISS search of the labeled centres, exactly as the plain path
+    min_rows = _min_d2_to_set(x, lab, chunk, None) if lab is not None else None
+    t1 = time.perf_counter()
+    g = int(clusters) if clusters is not None else int(round(math.sqrt(n)))
+    g = max(1, min(g, n))
+    with faiss_threads(1):
+        labels, cents, key = two_level_kmeans(x, g, chunk=chunk)
+    t2 = time.perf_counter()
+    lay = blocked_layout(x, labels, cents, key)
+    del labels, cents, key
+    t3 = time.perf_counter()
+    slots = len(lay.rows)
+    pad = lay.rows < 0
+    if min_rows is not None:
+        min_d2 = np.full(slots, -np.inf)
+        min_d2[lay.slot_of_row] = min_rows
+        nxt_row = int(np.argmax(min_rows))
+        first_d = math.sqrt(max(min_rows[nxt_row], 0.0))
+        del min_rows
+        nxt = int(lay.slot_of_row[nxt_row])
+    else:
+        if first == "farthest":
+            mean = x.mean(axis=0, dtype=np.float64).astype(np.float32).astype(np.float64)
+            to_mean = np.empty(slots)
+            K.blocked_d2(lay.xf, d, mean[None, :], np.zeros(slots // L, dtype=np.int64), to_mean)
+            to_mean[pad] = -np.inf
+            top = to_mean.max()
+            cand = np.flatnonzero(to_mean == top)
+            nxt = int(cand[np.argmin(lay.rows[cand])])
+            init = {"init": "farthest_from_mean", "distance_to_mean": math.sqrt(max(float(top), 0.0))}
+            del to_mean
+        else:
+            nxt = int(lay.slot_of_row[int(rng.integers(n))])
+            init = {"init": "random"}
+        min_d2 = np.where(pad, -np.inf, np.inf)
+        first_d = math.inf
+    nb, ng = len(lay.b_lo), lay.n_clusters
+    b_max, b_slot = np.empty(nb), np.empty(nb, dtype=np.int64)
+    c_max, c_slot = np.empty(ng), np.empty(ng, dtype=np.int64)
+    K.refresh_maxima(lay.c_b0, lay.rows, min_d2, b_max, b_slot, c_max, c_slot)
+    out_slot = np.empty(b, dtype=np.int64)
+    out_d2 = np.empty(b)
+    counts = np.zeros((b, 2), dtype=np.int64)
+    done = K.bounded_greedy(lay.xf, d, lay.mu_t, lay.c_b0, lay.c_lo, lay.c_hi, lay.b_lo, lay.b_hi, lay.rows,
+                            min_d2, b_max, b_slot, c_max, c_slot, nxt, b, K.rounding_margin(d), out_slot, out_d2,
+                            counts)
+    t4 = time.perf_counter()
+    if done != b:  # pragma: no cover - only reachable with NaN embeddings
+        raise RuntimeError(f"coreset: bounded greedy stopped after {done} of {b} picks")
+    score = np.sqrt(np.maximum(out_d2, 0.0))
+    score[0] = first_d
+    steps = max(b - 1, 1)
+    stats = {"path": "bounded", "clusters": ng, "blocks": nb, "lanes": L, "padding_slots": int(pad.sum()),
+             "labeled_init_s": t1 - t0, "cluster_s": t2 - t1, "layout_s": t3 - t2, "greedy_s": t4 - t3,
+             "mean_blocks_swept": float(counts[: b - 1, 0].sum() / steps),
+             "mean_clusters_swept": float(counts[: b - 1, 1].sum() / steps),
+             "mean_fraction_swept": float(counts[: b - 1, 0].sum() / steps / nb),
+             "blocks_swept": counts[: b - 1, 0].copy(), "clusters_swept": counts[: b - 1, 1].copy()}
+    return KCenterResult(lay.rows[out_slot], score, init, stats)
+
+
+def kcenter_greedy(x: np.ndarray, budget: int, *, labeled: np.ndarray | None = None, first: str = "farthest",
+                   rng: np.random.Generator | None = None, chunk: int = DEFAULT_CHUNK,
+                   distance: Callable | None = None, bounds: bool | str = "auto",
+                   clusters: int | None = None) -> KCenterResult:
+    """Exact k-center greedy (the engine of the `coreset` selector; see there).
+
+    Two paths with the same picks and scores: the plain one sweeps all N candidates per pick;
+    the bounded one (`bounds`, built-in distance only) clusters the candidates once
+    (`two_level_kmeans`, `clusters` groups, default sqrt(N)), copies them once into a
+    cluster-major layout and, per pick, sweeps only the clusters and blocks of 32 points
+    that the triangle inequality cannot rule out (`poolscout.kernels.kcenter.bounded_greedy`).
+
+    Args:
+        x: (N, d) float32 candidates.
+        budget: picks, 1 <= budget <= N.
+        labeled: (L, d) float32 initial centres, or None.
+        first: "farthest" | "random" (first pick without labeled centres).
+        rng: for first="random".
+        chunk: candidates per distance call.
+        distance: custom squared-L2 kernel (plain path only), or None.
+        bounds: "auto" (bounded from BOUNDS_MIN_N candidates), True or False.
+        clusters: clusters of the bounded path (None: round(sqrt(N))).
+
+    Returns:
+        KCenterResult.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)  # no copy for a C-contiguous float32 array
+    lab = None
+    if labeled is not None and len(labeled) > 0:
+        lab = np.ascontiguousarray(labeled, dtype=np.float32)
+    if _use_bounds(bounds, len(x), distance):
+        return _kcenter_bounded(x, int(budget), lab, first, rng, int(chunk), clusters)
+    return _kcenter_plain(x, int(budget), lab, first, rng, int(chunk), distance)
+
+
 @SELECTORS.register("coreset", final=True, needs_embedding=True)
 def coreset(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, chunk_size: int = DEFAULT_CHUNK,
-            first: str = "farthest") -> Selection:
+            first: str = "farthest", bounds: bool | str = "auto", clusters: int | None = None) -> Selection:
     """k-center greedy: repeatedly take the candidate farthest from its nearest centre.
 
     Centres start as `ctx.labeled_embedding`. Every candidate keeps its squared distance to
@@ -81,6 +421,15 @@ def coreset(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, ch
     labeled centres in chunks of `chunk_size` candidates (or `ctx.distance` in chunks),
     then lowered after each pick with the distances to the new centre. Memory O(N + chunk),
     time O(B N d); never an N x N matrix.
+
+    From `BOUNDS_MIN_N` candidates (`bounds="auto"`; True / False force it on / off) the
+    built-in distance runs bounded: the candidates are clustered once (two-level FAISS
+    k-means, `clusters` groups, default sqrt(N)) and regrouped into one cluster-major copy;
+    a pick then only sweeps the clusters (and blocks of 32 candidates) that the triangle
+    inequality on distances to the cluster centroid cannot rule out, with a rounding margin.
+    The picks, scores and rationale are those of the plain sweep (same float64 distances,
+    same ties); only the time changes, with N extra float32 embeddings of memory. A custom
+    `ctx.distance` always takes the plain path.
 
     Without labeled centres the first pick is, by `first`:
       * "farthest" (default): the candidate farthest from the candidate mean (deterministic,
@@ -95,6 +444,8 @@ def coreset(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, ch
         ctx: labeled_embedding, distance, rng.
         chunk_size: candidates per distance call.
         first: "farthest" | "random".
+        bounds: "auto" | true | false, the bounded sweep (see above).
+        clusters: clusters of the bounded sweep (None: round(sqrt(N))).
 
     Returns:
         Selection with score = Euclidean distance to the nearest centre at pick time
@@ -113,51 +464,30 @@ def coreset(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, ch
         raise ValueError(f"coreset: first must be 'farthest' or 'random', got {first!r}")
     if int(chunk_size) < 1:
         raise ValueError(f"coreset: chunk_size must be >= 1, got {chunk_size!r}")
-    chunk = int(chunk_size)
+    if clusters is not None and int(clusters) < 1:
+        raise ValueError(f"coreset: clusters must be >= 1, got {clusters!r}")
     ids = np.asarray(table["image_id"], dtype=np.int64)
     x = np.ascontiguousarray(table["embedding"], dtype=np.float32)
     n = len(ids)
     if x.ndim != 2 or len(x) != n:
         raise ValueError(f"coreset: embedding must be (N={n}, d), got {x.shape}")
+    use_bounds = _use_bounds(bounds, n, ctx.distance)
     b = min(budget, n)
     if b == 0:
         return Selection(np.zeros(0, np.int64), np.zeros(0), [])
     lab = ctx.labeled_embedding
-    has_lab = lab is not None and len(lab) > 0
-    init: dict[str, Any] = {}
-    if has_lab:
+    if lab is not None and len(lab) > 0:
         lab = np.ascontiguousarray(lab, dtype=np.float32)
         if lab.ndim != 2 or lab.shape[1] != x.shape[1]:
             raise ValueError(f"coreset: labeled_embedding must be (L, {x.shape[1]}), got {lab.shape}")
-        min_d2 = _min_d2_to_set(x, lab, chunk, ctx.distance)
-        nxt = int(np.argmax(min_d2))
-        first_d = math.sqrt(max(min_d2[nxt], 0.0))
-    elif first == "farthest":
-        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-        to_mean = np.full(n, np.inf)
-        nxt = _update_argmax(x, mean, to_mean, chunk, ctx.distance)
-        first_d = math.sqrt(max(to_mean[nxt], 0.0))
-        init = {"init": "farthest_from_mean", "distance_to_mean": first_d}
-        min_d2 = np.full(n, np.inf)
-        first_d = math.inf  # no centre yet: infinitely far
     else:
-        nxt = int(ctx.rng.integers(n))
-        init = {"init": "random"}
-        min_d2 = np.full(n, np.inf)
-        first_d = math.inf
-    rows = np.empty(b, dtype=np.int64)
-    score = np.empty(b)
+        lab = None
+    res = kcenter_greedy(x, b, labeled=lab, first=first, rng=ctx.rng, chunk=int(chunk_size), distance=ctx.distance,
+                         bounds=use_bounds, clusters=clusters)
     rat: list[dict] = []
     for t in range(b):
-        idx = nxt
-        d = first_d if t == 0 else math.sqrt(max(float(min_d2[idx]), 0.0))
-        rows[t] = idx
-        score[t] = d
-        r = {"distance": json_float(d), "rank": t + 1}
+        r = {"distance": json_float(res.score[t]), "rank": t + 1}
         if t == 0:
-            r.update(init)
+            r.update(res.init)
         rat.append({"coreset": r})
-        min_d2[idx] = -np.inf
-        if t + 1 < b:
-            nxt = _update_argmax(x, x[idx], min_d2, chunk, ctx.distance)
-    return Selection(ids[rows], score, rat)
+    return Selection(ids[res.rows], res.score, rat)

@@ -160,7 +160,9 @@ def weighted_l2(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext
     Returns:
         Selection with score = l; rationale {"weighted_l2": {"l", "rank", "terms": {column:
         w d^2}, "dropped": [columns without spread or values]}}. A NaN metric value
-        contributes 0 to that image's l.
+        contributes 0 to that image's l. When no metric has any spread (every candidate
+        ties on all of them), the first `budget` candidates in table order are kept (the
+        gate's order after a narrowing stage), score NaN, with a "fallback" reason.
     """
     budget = check_budget(budget)
     signals = list(signals)
@@ -185,7 +187,15 @@ def weighted_l2(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext
         terms[col] = t
         total += t
     if len(dropped) == len(signals):
-        raise ValueError(f"weighted_l2: no metric has any spread over the {len(ids)} candidates ({dropped})")
+        # every metric ties (or is missing) on every candidate: nothing to rank by, so keep
+        # the order the candidates came in (the gate's rank order when a stage narrowed
+        # them, else image_id order), and say so
+        why = (f"no metric has any spread over the {len(ids)} candidates: kept the order they came in "
+               f"(the previous stage's ranking)")
+        b = min(budget, len(ids))
+        rat = [{"weighted_l2": {"l": None, "rank": i, "fallback": why, "dropped": dropped}}
+               for i in range(1, b + 1)]
+        return Selection(ids[:b], np.full(b, np.nan), rat)
     score = np.sqrt(total)
     rows = topk_indices(score, ids, budget, "high")
     rat = [{"weighted_l2": {"l": json_float(score[r]), "rank": i,

@@ -38,6 +38,10 @@ then k-medoids with K = budget on D; the medoids are the picks.
     mean over its boxes is unweighted.
   * k-medoids: k-means++-style seeding on D (first centre = the smallest total distance),
     then Voronoi iteration (assign, re-centre) until no medoid changes; see `k_medoids`.
+  * The ccms selector keeps, per box, only its K = 64 most similar same-class boxes (FAISS,
+    `neighbours`): an image of the class that none of them belongs to is put at the K-th
+    neighbour's cosine distance (a lower bound of the true one). Exact for every class with
+    at most K kept boxes; neighbours=None gives the paper's exact D (`ccms_distances`).
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ SCORE_THRESH = 0.05
 RETRIEVE_KEEP = 4
 _MAX_DIST = 2.0
 _BLOCK_ELEMS = 1 << 22  # cosine-block size (elements) in ccms_distances
+CCMS_NEIGHBOURS = 64  # default K of the ccms selector's kNN distances [ours]
 
 
 # --------------------------------------------------------------------------------------
@@ -187,19 +192,108 @@ def dcus(batch: dict[str, np.ndarray], *, view: str = "orig", class_quality: np.
 
 # --------------------------------------------------------------------------------------
 # CCMS
+def _check_neighbours(neighbours) -> int:
+    """`neighbours` as an int >= 0 (0 = exact); None -> 0."""
+    if neighbours is None:
+        return 0
+    if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or neighbours < 0:
+        raise ValueError(f"ccms: neighbours must be None or an integer >= 0, got {neighbours!r}")
+    return int(neighbours)
+
+
+def _class_gain_exact(gain: np.ndarray, ic: np.ndarray, ec: np.ndarray, sc: np.ndarray) -> None:
+    """Adds one class's s_b (1 + max cos(b, j)) to gain[i, j] for every image j with the class.
+
+    Full cosine matrix of the class's boxes in row blocks (float32, at most ~_BLOCK_ELEMS
+    cosines at a time); the best cosine per (box, image) is a `maximum.reduceat` over the
+    image's columns. Rows of an image are contiguous in `ic`.
+    """
+    m = len(ic)
+    col_starts = np.flatnonzero(np.r_[True, ic[1:] != ic[:-1]])
+    col_imgs = ic[col_starts]
+    step = max(1, _BLOCK_ELEMS // m)
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        cos = ec[r0:r1] @ ec.T  # (rows, m)
+        best = np.maximum.reduceat(cos, col_starts, axis=1).astype(np.float64)  # (rows, images with c)
+        np.clip(best, -1.0, 1.0, out=best)
+        g = sc[r0:r1, None] * (1.0 + best)
+        ri = ic[r0:r1]
+        row_starts = np.flatnonzero(np.r_[True, ri[1:] != ri[:-1]])
+        gain[np.ix_(ri[row_starts], col_imgs)] += np.add.reduceat(g, row_starts, axis=0)
+
+
+def _class_gain_knn(gain: np.ndarray, ic: np.ndarray, ec: np.ndarray, sc: np.ndarray, k: int) -> np.ndarray:
+    """One class's gain from its boxes' k most similar same-class boxes (FAISS, exact inner product).
+
+    With c_K(b) the k-th (smallest) returned cosine of box b, every image j with the class
+    gets s_b (1 + c_K(b)) (returned as the per-image sums, the caller spreads them over the
+    images with the class); each image j among b's neighbours gets s_b (best returned cosine
+    of j - c_K(b)) on top, scattered into gain[i, j] here. Needs k < len(ic).
+
+    Returns:
+        (N,) float64, sum over image i's boxes of the class of s_b (1 + c_K(b)).
+    """
+    import faiss
+
+    n = gain.shape[0]
+    m = len(ic)
+    index = faiss.IndexFlatIP(ec.shape[1])
+    index.add(ec)
+    base = np.zeros(n)
+    flat = gain.reshape(-1)  # a view: gain is C-contiguous
+    step = max(1, _BLOCK_ELEMS // k)
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        cos, nbr = index.search(ec[r0:r1], k)  # (rows, k), most similar first
+        cos = np.clip(cos.astype(np.float64), -1.0, 1.0)
+        cos_k = cos.min(axis=1)
+        w = sc[r0:r1]
+        ri = ic[r0:r1]
+        base += np.bincount(ri, weights=w * (1.0 + cos_k), minlength=n)
+        nj = ic[nbr]  # (rows, k) image of each neighbour
+        o = np.lexsort((-cos, nj), axis=1)  # per row: by image, then the best cosine first
+        nj = np.take_along_axis(nj, o, axis=1)
+        cos = np.take_along_axis(cos, o, axis=1)
+        first = np.ones(nj.shape, dtype=bool)
+        first[:, 1:] = nj[:, 1:] != nj[:, :-1]
+        row = np.nonzero(first)[0]
+        np.add.at(flat, ri[row] * n + nj[first], w[row] * (cos[first] - cos_k[row]))
+    return base
+
+
 def ccms_distances(offsets: np.ndarray, labels: np.ndarray, scores: np.ndarray, emb: np.ndarray,
-                   score_thresh: float = SCORE_THRESH) -> np.ndarray:
-    """PPAL's category-conditioned image distance matrix.
+                   score_thresh: float = SCORE_THRESH, neighbours: int | None = None) -> np.ndarray:
+    """PPAL's category-conditioned image distance matrix, exact or from k nearest neighbours.
 
     D(i -> j) = score-weighted mean over i's boxes with score >= score_thresh of the
     minimum cosine distance 1 - cos(e_b, e_b') to a box b' of j with the same label (kept
     boxes of j only), or 2 when j has none; then D = (D + D^T) / 2 with D_ii = 0. An image
     without kept boxes has D(i -> j) = 2 for all j != i. Values are clipped to [0, 2].
 
-    Computed per class: the normalised embeddings of the class's kept boxes are multiplied
-    in blocks (float32, at most ~4M cosines at a time), the best cosine per (box, image) is
-    a `maximum.reduceat` over the image's columns, and the weighted sums are accumulated
-    per (image, image) pair. Memory O(N^2 + block); time O(sum_c m_c^2 r).
+    Exact (neighbours None or 0, and any class with at most `neighbours` kept boxes): per
+    class, the normalised embeddings of the class's kept boxes are multiplied in blocks
+    (float32, at most ~4M cosines at a time), the best cosine per (box, image) is a
+    `maximum.reduceat` over the image's columns, and the weighted sums are accumulated per
+    (image, image) pair. Memory O(N^2 + block); time O(sum_c m_c^2 r) for the cosines plus
+    O(sum_c m_c n_c) for the per-(box, image) reductions and scatters (m_c kept boxes and
+    n_c images of class c, r the embedding width).
+
+    kNN [ours] (neighbours = K >= 1, for a class with m_c > K boxes): the class's normalised
+    embeddings go into a FAISS `IndexFlatIP` and each box b gets its K most similar boxes of
+    the class (b itself and boxes of its own image included). For an image j owning one of
+    them, the best of j's returned cosines is the exact max cosine of b to j (a better box of
+    j would have been returned before the K-th). For an image j with the class but none of
+    b's K neighbours, its min distance is >= d_K(b) = 1 - (K-th returned cosine), and d_K(b)
+    is used; an image without the class still gets 2. So b contributes, to every j with the
+    class, min(true min distance of b to j, d_K(b)): D is exact for the pairs whose boxes
+    all reach each other within K and a lower bound (entry by entry, also after the
+    symmetrisation) otherwise; it is exact for every pair when K >= each class's box count.
+    Accumulation: s_b (1 + cos_K(b)) summed per image and spread over the images with the
+    class by one (N, C) x (C, N) product, and the (box, reached image) corrections
+    s_b (best cos - cos_K(b)) scattered with `np.add.at`: O(m_c K) per class instead of
+    O(m_c n_c). The flat index still compares all m_c^2 pairs (BLAS, multithreaded, with a
+    top-K heap) but keeps no (box, image) matrix; memory O(N^2 + m_c r + block).
 
     Args:
         offsets: (N+1,) box offsets per image.
@@ -207,13 +301,18 @@ def ccms_distances(offsets: np.ndarray, labels: np.ndarray, scores: np.ndarray, 
         scores: (M,) detection scores (also the weights).
         emb: (M, r) ROI embeddings (float16 is fine; computed in float32).
         score_thresh: a box is kept when its score >= score_thresh.
+        neighbours: K of the kNN path; None or 0 -> exact for every class.
 
     Returns:
         (N, N) float64, symmetric, zero diagonal, in [0, 2].
 
+    Raises:
+        ValueError: lengths differ, non-finite scores, neighbours not None or an int >= 0.
+
     References:
         Yang et al., "Plug and Play Active Learning for Object Detection", CVPR 2024, CCMS.
     """
+    k = _check_neighbours(neighbours)
     off, (lab, s, e) = _ragged(offsets, labels, scores, emb)
     n = len(off) - 1
     s = np.asarray(s, dtype=np.float64).reshape(-1)
@@ -242,6 +341,8 @@ def ccms_distances(offsets: np.ndarray, labels: np.ndarray, scores: np.ndarray, 
 
     # gain[i, j] = sum over i's boxes b whose class j has of s_b (2 - dmin(b, j)) = s_b (1 + max cos)
     gain = np.zeros((n, n))
+    base_w: list[np.ndarray] = []  # kNN classes: per image, sum of s_b (1 + cos_K(b))
+    base_has: list[np.ndarray] = []  # kNN classes: which images have the class
     order = np.lexsort((img, lab))  # by label, then image (rows of an image stay together)
     lab_o = lab[order]
     cls_starts = np.flatnonzero(np.r_[True, lab_o[1:] != lab_o[:-1]]) if len(order) else np.zeros(0, np.int64)
@@ -251,19 +352,13 @@ def ccms_distances(offsets: np.ndarray, labels: np.ndarray, scores: np.ndarray, 
         ic = img[rows]
         ec = np.ascontiguousarray(e[rows])
         sc = s[rows]
-        m = len(rows)
-        col_starts = np.flatnonzero(np.r_[True, ic[1:] != ic[:-1]])
-        col_imgs = ic[col_starts]
-        step = max(1, _BLOCK_ELEMS // m)
-        for r0 in range(0, m, step):
-            r1 = min(m, r0 + step)
-            cos = ec[r0:r1] @ ec.T  # (rows, m)
-            best = np.maximum.reduceat(cos, col_starts, axis=1).astype(np.float64)  # (rows, images with c)
-            np.clip(best, -1.0, 1.0, out=best)
-            g = sc[r0:r1, None] * (1.0 + best)
-            ri = ic[r0:r1]
-            row_starts = np.flatnonzero(np.r_[True, ri[1:] != ri[:-1]])
-            gain[np.ix_(ri[row_starts], col_imgs)] += np.add.reduceat(g, row_starts, axis=0)
+        if k == 0 or len(rows) <= k or ec.shape[1] == 0:
+            _class_gain_exact(gain, ic, ec, sc)
+        else:
+            base_w.append(_class_gain_knn(gain, ic, ec, sc, k))
+            base_has.append(np.bincount(ic, minlength=n) > 0)
+    if base_w:
+        gain += np.stack(base_w, axis=1) @ np.stack(base_has, axis=1).T.astype(np.float64)
 
     d = np.full((n, n), _MAX_DIST)
     if has.any():
@@ -272,6 +367,12 @@ def ccms_distances(offsets: np.ndarray, labels: np.ndarray, scores: np.ndarray, 
     np.clip(d, 0.0, _MAX_DIST, out=d)
     np.fill_diagonal(d, 0.0)
     return d
+
+
+def ccms_distances_exact(offsets: np.ndarray, labels: np.ndarray, scores: np.ndarray, emb: np.ndarray,
+                         score_thresh: float = SCORE_THRESH) -> np.ndarray:
+    """The exact CCMS distances: `ccms_distances` with neighbours=None (full per-class cosines)."""
+    return ccms_distances(offsets, labels, scores, emb, score_thresh, neighbours=None)
 
 
 def _kmedoids(D: np.ndarray, k: int, rng: np.random.Generator, max_iter: int = 100
@@ -365,7 +466,7 @@ def k_medoids(D: np.ndarray, k: int, rng: np.random.Generator, max_iter: int = 1
 
 @SELECTORS.register("ccms", final=True, needs_embedding=False, needs_boxes=True)
 def ccms(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
-         score_thresh: float = SCORE_THRESH) -> Selection:
+         score_thresh: float = SCORE_THRESH, neighbours: int | None = CCMS_NEIGHBOURS) -> Selection:
     """PPAL stage 2: k-medoids with K = budget on the CCMS distances of the candidates.
 
     Reads `ctx.boxes` (orig view: offsets, labels, scores, roi_embedding; rows in the order
@@ -376,6 +477,9 @@ def ccms(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
         budget: K, clipped to N (k >= N: every candidate is its own medoid).
         ctx: boxes and rng.
         score_thresh: boxes with a lower score are ignored (`ccms_distances`).
+        neighbours: per box, the most similar same-class boxes kept by the distance [ours]
+            (`ccms_distances`: exact for classes with at most this many kept boxes, a lower
+            bound for far pairs otherwise); None or 0 -> exact everywhere.
 
     Returns:
         Selection of the medoids in descending cluster size (ties by image_id); score = the
@@ -383,13 +487,14 @@ def ccms(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
         with x = the mean distance from the medoid to the other members (0.0 alone).
 
     Raises:
-        ValueError: ctx.boxes missing, its image_id differing from the table's, or a
-            needed field missing.
+        ValueError: ctx.boxes missing, its image_id differing from the table's, a needed
+            field missing, or neighbours not None or an integer >= 0.
 
     References:
         Yang et al., "Plug and Play Active Learning for Object Detection", CVPR 2024, CCMS.
     """
     budget = check_budget(budget)
+    _check_neighbours(neighbours)
     ids = np.asarray(table["image_id"], dtype=np.int64)
     b = ctx.boxes
     if b is None:
@@ -403,7 +508,7 @@ def ccms(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
     n = len(ids)
     if n == 0:
         return Selection(np.zeros(0, np.int64), np.zeros(0), [])
-    d = ccms_distances(b["offsets"], b["labels"], b["scores"], b["roi_embedding"], score_thresh)
+    d = ccms_distances(b["offsets"], b["labels"], b["scores"], b["roi_embedding"], score_thresh, neighbours)
     med, assign, _ = _kmedoids(d, budget, ctx.rng)
     k = len(med)
     size = np.bincount(assign, minlength=k)
@@ -419,4 +524,4 @@ def ccms(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
 
 
 __all__ = ["DCUS_A", "DCUS_B", "SCORE_THRESH", "RETRIEVE_KEEP", "dcus_class_weights", "binary_entropy",
-           "dcus_scores", "dcus", "ccms_distances", "k_medoids", "ccms"]
+           "dcus_scores", "dcus", "CCMS_NEIGHBOURS", "ccms_distances", "ccms_distances_exact", "k_medoids", "ccms"]

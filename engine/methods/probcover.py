@@ -22,9 +22,8 @@ squared distance to its nearest neighbour with another pseudo-label.
   * Pools of more than `dense_below` points (candidates + labeled) use the kNN graph with
     `neighbours` per point, memory O(N k): a ball is truncated to the point's k nearest
     neighbours, for the coverage and for the purity estimate alike (a delta beyond a point's
-    k-th neighbour distance over-estimates its ball's purity). The kNN search runs twice
-    there (once for the purity, once inside `knn_graph`). Smaller pools are exact (full
-    N x N distances, no truncation).
+    k-th neighbour distance over-estimates its ball's purity). One kNN search (cached per
+    cycle) serves both. Smaller pools are exact (full N x N distances, no truncation).
   * When every point is covered, the remaining picks gain 0 and follow herding's tie rule:
     the lowest remaining table row.
 
@@ -38,7 +37,8 @@ import math
 import numpy as np
 
 from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext, Selection, check_budget, json_float
-from poolscout.engine.methods.herding import herding_dense, herding_sparse, kernel_values, knn_graph
+from poolscout.engine.methods.herding import (cached_knn, graph_from_neighbours, herding_dense, herding_sparse,
+                                              kernel_values)
 from poolscout.engine.methods.typiclust import kmeans_labels
 
 GRID_LEVELS = np.linspace(0.0, 1.0, 101)
@@ -99,18 +99,23 @@ def choose_delta(impure2: np.ndarray, grid: np.ndarray, purity: float) -> tuple[
     """
     grid = np.unique(np.asarray(grid, dtype=np.float64))
     pur = purity_curve(impure2, grid)
-    ok = np.flatnonzero(pur >= purity)
+    ok = np.flatnonzero(pur >= purity - 1e-12)  # 1 - 1/20 must count as 0.95
     j = int(ok[-1]) if len(ok) else 0
     return float(grid[j]), float(pur[j])
 
 
-def auto_grid(nbr: np.ndarray, d2: np.ndarray) -> np.ndarray:
-    """Quantiles (0, 1%, ..., 100%) of the positive neighbour distances; [1.0] if none."""
-    own = nbr == np.arange(len(nbr))[:, None]
-    dist = np.sqrt(d2[~own & (d2 > 0) & np.isfinite(d2)])
+def auto_grid(d2: np.ndarray) -> np.ndarray:
+    """Quantiles (0, 1%, ..., 100%) of the positive distances among the squared distances
+    `d2` (of points to their neighbours, themselves left out); [1.0] if there are none."""
+    d2 = np.asarray(d2, dtype=np.float64)
+    dist = np.sqrt(d2[(d2 > 0) & np.isfinite(d2)])
     if not len(dist):
         return np.array([1.0])
     return np.unique(np.quantile(dist, GRID_LEVELS))
+
+
+def _is_int(v, lo: int) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
 
 
 def _check_params(name: str, delta, purity, neighbours, clusters, dense_below) -> list[float] | None:
@@ -127,11 +132,11 @@ def _check_params(name: str, delta, purity, neighbours, clusters, dense_below) -
         grid = [float(v) for v in vals]
     if isinstance(purity, bool) or not isinstance(purity, (int, float)) or not 0 < purity <= 1:
         raise ValueError(f"{name}: purity must be in (0, 1], got {purity!r}")
-    if isinstance(neighbours, bool) or int(neighbours) != neighbours or neighbours < 1:
+    if not _is_int(neighbours, 1):
         raise ValueError(f"{name}: neighbours must be an integer >= 1, got {neighbours!r}")
-    if clusters is not None and (isinstance(clusters, bool) or int(clusters) != clusters or clusters < 1):
+    if clusters is not None and not _is_int(clusters, 1):
         raise ValueError(f"{name}: clusters must be an integer >= 1 or None, got {clusters!r}")
-    if isinstance(dense_below, bool) or int(dense_below) != dense_below or dense_below < 0:
+    if not _is_int(dense_below, 0):
         raise ValueError(f"{name}: dense_below must be an integer >= 0, got {dense_below!r}")
     return grid
 
@@ -139,7 +144,7 @@ def _check_params(name: str, delta, purity, neighbours, clusters, dense_below) -
 @SELECTORS.register("probcover", final=True, needs_embedding=True)
 def probcover(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, delta: float | str | list = "auto",
               purity: float = 0.95, neighbours: int = 50, clusters: int | None = None,
-              dense_below: int = 2000) -> Selection:
+              dense_below: int = 2000, index: str = "auto", nprobe: int = 16) -> Selection:
     """ProbCover over L2-normalised image embeddings (labeled images from
     `ctx.labeled_embedding` count as covered).
 
@@ -150,6 +155,9 @@ def probcover(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, 
         neighbours: k of the kNN lists (purity estimate, and the graph of large pools).
         clusters: k-means pseudo-label clusters; None = |L| + B (capped at N).
         dense_below: pools of at most this many points (candidates + labeled) are exact.
+        index, nprobe: the kNN index of larger pools (`herding.knn_search`: exact flat
+            below 50,000 points, IVF above); its neighbour lists are cached per cycle
+            (`ctx.cache_dir`) and serve both the purity estimate and the graph.
 
     Returns:
         Selection with score = the number of points newly covered by each pick, in pick
@@ -187,27 +195,34 @@ def probcover(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, 
 
     k_clusters = min(int(clusters) if clusters is not None else len(lab) + b, total)
     pseudo = kmeans_labels(pts, k_clusters, seed=int(ctx.rng.integers(2**31 - 1)))
-    if dense:
+    k = min(int(neighbours), total)
+    if dense:  # every point is a neighbour: exact balls
         import faiss
 
         d2full = np.maximum(faiss.pairwise_distances(pts, pts).astype(np.float64), 0.0)
-        nbr = np.argsort(d2full, axis=1, kind="stable")
-        d2 = np.take_along_axis(d2full, nbr, axis=1)
+        impure2 = impure_radius2(np.broadcast_to(np.arange(total), d2full.shape), d2full, pseudo)
+        if grid is None and k > 1:  # the grid of the sparse path: the k - 1 nearest other points
+            others = d2full.copy()
+            np.fill_diagonal(others, np.inf)
+            grid = auto_grid(np.partition(others, k - 2, axis=1)[:, :k - 1])
+            del others
     else:
-        nbr, d2 = knn_lists(pts, int(neighbours))
-    impure2 = impure_radius2(nbr, d2, pseudo)
-    if grid is None:  # the same grid on both paths: distances to the k nearest neighbours
-        k = min(int(neighbours), total)
-        grid = auto_grid(nbr[:, :k], d2[:, :k])
-    radius, pur = choose_delta(impure2, np.asarray(grid), float(purity))
+        nbr, d2, info = cached_knn(pts, k, cache_dir=ctx.cache_dir, index=index, nprobe=int(nprobe))
+        d2 = np.maximum(d2.astype(np.float64), 0.0)
+        impure2 = impure_radius2(nbr, d2, pseudo)
+        if grid is None:
+            grid = auto_grid(d2[nbr != np.arange(total)[:, None]])
+    radius, pur = choose_delta(impure2, np.asarray([1.0] if grid is None else grid), float(purity))
 
     if dense:
         res = herding_dense(kernel_values(d2full, "tophat", radius), b, candidates=cand, covered=~cand)
         path = "dense"
     else:
-        graph, _ = knn_graph(pts, int(neighbours), "tophat", radius)
+        graph = graph_from_neighbours(nbr, kernel_values(d2, "tophat", radius))
         res = herding_sparse(graph, b, candidates=cand, covered=~cand)
-        path = f"knn k={graph.k}"
+        path = f"knn k={k}"
+        if info.get("index", "flat") != "flat":
+            path += f" {info['index']} recall@{k} {info.get('recall')}"
     newly = np.rint(np.asarray(res.gains) * total).astype(np.int64)  # gain = newly covered / N
     rat = [{"probcover": {"covered": int(c), "rank": t + 1, "delta": json_float(radius), "purity": json_float(pur),
                           "path": path}}
