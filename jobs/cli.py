@@ -174,6 +174,26 @@ def score(run_dir, cycle, force, retry_rejects, configs, overrides, address, qui
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--all-states", is_flag=True, help="Also embed test images (default: pool and labeled).")
+@common
+def embed(run_dir, all_states, configs, overrides, address, quiet):
+    """Backbone embeddings of the pool (ImageNet EfficientNet-Lite0, no training), cached.
+
+    \b
+    Computed once per run in a Ray Data stream (RUN/embeddings/backbone); a later call
+    embeds only new images. Used by --seed-strategy and `--set select.embedding=backbone`.
+    """
+    from poolscout.jobs.embed import embed_backbone
+
+    run, cfg = _load(run_dir, configs, overrides)
+    if cfg.loop.executor == "ray":
+        _ray(cfg, address, quiet, run)
+    states = ("pool", "labeled", "test") if all_states else ("pool", "labeled")
+    _print(embed_backbone(run, cfg, states=states, progress=not quiet))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--strategy", default=None, help="Strategy name (configs/strategies) or YAML path.")
 @click.option("--budget", type=int, default=None, help="Images to select.")
 @click.option("--cycle", type=int, default=None)
@@ -294,7 +314,9 @@ def cycle(run_dir, strategy, budget, fmt, configs, overrides, address, quiet):
 @click.option("--oracle", type=click.Choice(["simulated", "human"]), default=None,
               help="simulated: reveal the run's GT; human: pause for `poolscout import` after each selection.")
 @click.option("--seed-size", type=int, default=None, help="Seed set size when nothing is labeled yet.")
-@click.option("--seed-strategy", type=click.Choice(["random", "kcenter"]), default=None)
+@click.option("--seed-strategy", type=click.Choice(["random", "kcenter", "maxherding", "typiclust", "probcover"]),
+              default=None, help="Seed set when nothing is labeled: random, or a coverage pick on backbone "
+                                 "embeddings (no model needed).")
 @click.option("--executor", type=click.Choice(["ray", "local"]), default=None,
               help="ray: Ray Train + Ray Data per stage (default); local: everything in this process.")
 @common

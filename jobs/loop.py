@@ -95,7 +95,7 @@ def _check_pinned(state: dict, cfg: Config, run: RunDir) -> None:
 
 # --- stages -------------------------------------------------------------------------------
 def seed_set(run: RunDir, cfg: Config, *, progress: bool = True) -> dict:
-    """Label a seed set when the run has none: `loop.seed_size` images, random or k-center."""
+    """Label a seed set when the run has none: `loop.seed_size` images, random or by coverage."""
     labeled = run.ids_in_state("labeled")
     if len(labeled):
         return {"skipped": f"{len(labeled)} images are labeled already", "images": int(len(labeled))}
@@ -114,10 +114,11 @@ def seed_set(run: RunDir, cfg: Config, *, progress: bool = True) -> dict:
     if how == "random":
         ids = np.sort(np.random.default_rng([cfg.seed, 0x5EED]).choice(pool, n, replace=False))
         rationale = {"method": "random"}
-    elif how == "kcenter":
-        ids, rationale = _kcenter_seed(run, cfg, pool, n, progress)
+    elif how in ("kcenter", "maxherding", "typiclust", "probcover"):
+        ids, rationale = _coverage_seed(run, cfg, pool, n, how, progress)
     else:
-        raise ConfigError(f"loop.seed_strategy must be 'random' or 'kcenter', got {how!r}")
+        raise ConfigError(f"loop.seed_strategy must be random, kcenter, maxherding, typiclust or probcover, "
+                          f"got {how!r}")
     run.set_state(ids, "labeled", cycle=0, selected_by=f"seed:{how}")
     out = {"method": how, "images": int(n), "image_ids": [int(i) for i in ids], "seconds": round(time.time() - t0, 2),
            **rationale}
@@ -125,38 +126,27 @@ def seed_set(run: RunDir, cfg: Config, *, progress: bool = True) -> dict:
     return out
 
 
-def _kcenter_seed(run: RunDir, cfg: Config, pool: np.ndarray, n: int, progress: bool) -> tuple[np.ndarray, dict]:
-    """Cold start: k-center greedy on image embeddings of the untrained detector."""
-    import torch
-
-    from poolscout.engine.models.detectors import build_detector
-    from poolscout.engine.data.images import load_batch
-    from poolscout.engine.models.inference import embed
+def _coverage_seed(run: RunDir, cfg: Config, pool: np.ndarray, n: int, how: str,
+                   progress: bool) -> tuple[np.ndarray, dict]:
+    """Cold start: a coverage pick (maxherding, typiclust, probcover, or k-center greedy)
+    on the pool's backbone embeddings (ImageNet EfficientNet-Lite0, no label needed),
+    computed by `jobs.embed` and cached in the run for later cycles."""
     from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext
+    from poolscout.jobs.embed import cached_ids, embed_backbone, load_backbone
 
-    torch.manual_seed(cfg.seed)
-    model = build_detector(cfg.detector, run.num_classes(), load_pretrained=True).eval()
-    man = io.read_table(run.manifest, columns=["image_id", "uri"])
-    man = man.filter(pc.is_in(man["image_id"], pa.array(pool))).sort_by("image_id")
-    uris = man["uri"].to_pylist()
-    embs = []
-    bs = max(1, cfg.loop.eval_batch_size)
-    it = range(0, len(uris), bs)
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc="seed: embedding the pool", unit="batch", leave=False, dynamic_ncols=True)
-    for i in it:
-        b = load_batch(uris[i:i + bs], cfg.detector.input_size, cfg.dataset.max_pixels)
-        bad = [u for u, e in zip(uris[i:i + bs], b["error"]) if e]
-        if bad:
-            raise RunError(f"seed: cannot decode {bad[0]}")
-        embs.append(embed(model, b["image"]))
-    emb = np.concatenate(embs).astype(np.float32)
-    table = {"image_id": man["image_id"].to_numpy(), "embedding": emb}
-    ctx = SelectContext(rng=np.random.default_rng([cfg.seed, 0x5EED]), labeled_embedding=None)
-    sel = SELECTORS.get("coreset")(table, n, ctx=ctx)
-    return np.sort(np.asarray(sel.image_id, np.int64)), {"method": "kcenter", "embedding_dim": int(emb.shape[1])}
+    summary = embed_backbone(run, cfg, states=("pool",), progress=progress)
+    ok = np.intersect1d(pool, cached_ids(run))  # an undecodable image cannot be a seed
+    if len(ok) < n:
+        raise RunError(f"loop.seed_size={n} but only {len(ok)} pool images could be embedded")
+    emb = load_backbone(run, ok)
+    table = {"image_id": ok, "embedding": emb}
+    ctx = SelectContext(rng=np.random.default_rng([cfg.seed, 0x5EED]), labeled_embedding=None,
+                        cache_dir=str(run.root / "embeddings" / "cache"))
+    sel = SELECTORS.get("coreset" if how == "kcenter" else how)(table, n, ctx=ctx)
+    return np.sort(np.asarray(sel.image_id, np.int64)), {
+        "method": how, "embedding": "backbone", "embedding_dim": int(emb.shape[1]),
+        "embed_seconds": summary.get("seconds"), "embedded": summary.get("embedded"),
+        **({"undecodable": int(len(pool) - len(ok))} if len(ok) < len(pool) else {})}
 
 
 def evaluate(run: RunDir, cfg: Config, k: int, *, progress: bool = True) -> dict:

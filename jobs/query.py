@@ -191,6 +191,10 @@ class QuerySession:
         return pa.concat_tables(parts).sort_by("image_id")
 
     def _embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._emb is None and self.cfg.select.embedding == "backbone":
+            from poolscout.jobs.embed import load_backbone
+
+            self._emb = (load_backbone(self.run, self.ids), load_backbone(self.run, self.run.ids_in_state("labeled")))
         if self._emb is None:
             from poolscout.jobs.select import load_embeddings
 
@@ -271,7 +275,12 @@ class QuerySession:
                             labeled_class_counts=self._class_counts,
                             boxes_loader=boxes_loader(run, k, strat.needs.box_fields) if strat.needs.boxes else None,
                             cache_dir=str(run.cycle_dir(k) / "cache"), log=self.log)
-        sel = St.select(strat, table, budget, ctx=ctx)
+        classes = None
+        if cfg.select.quota != "none":
+            cls = self.image_fields()["class"].to_numpy(zero_copy_only=False)
+            classes = cls if sub is None else cls[sub]
+        sel = pick(strat, table, budget, ctx=ctx, mix_random=cfg.select.mix_random, quota=cfg.select.quota,
+                   classes=classes)
         rationale, empty = sel.rationale, None
         cand_ids = table["image_id"]
         if self._num_boxes is not None and any(S.SIGNALS.entry(s.name).meta["per_box"] for s in specs):
@@ -288,6 +297,8 @@ class QuerySession:
             "rationale": pa.array([json.dumps(r, default=_jsonable) for r in rationale], pa.string()),
         })
         summary = {"cycle": k, "strategy": strat.name, "budget": budget, "where": where, "selected": len(out),
+                   "embedding": cfg.select.embedding if strat.needs.embedding else None,
+                   "mix_random": cfg.select.mix_random, "quota": cfg.select.quota,
                    "candidates": int(len(cand_ids)), "seconds": round(time.time() - t0, 3),
                    "no_detections": int(empty.sum()) if empty is not None else None, "warnings": warnings}
         return out, summary
@@ -314,6 +325,88 @@ class QuerySession:
                 summary["file"] = str(self.save(name, table, summary))
             out.append((table, summary))
         return out
+
+
+def _take(table: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {c: (v[rows] if v is not None else None) for c, v in table.items()}
+
+
+def _tag(sel, key: str, info: dict) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    return (np.asarray(sel.image_id, np.int64), np.asarray(sel.score, np.float64),
+            [{**r, key: dict(info)} for r in sel.rationale])
+
+
+def pick(strat, table: dict[str, np.ndarray], budget: int, *, ctx, mix_random: float = 0.0, quota: str = "none",
+         classes: np.ndarray | None = None):
+    """A strategy's picks with the stage options any strategy can use.
+
+    * `quota="uniform"`: the budget is split evenly over the predicted classes present
+      among the candidates (`classes`, the top box's class name per candidate; "" = no
+      detection, not a class), the rarest classes taking the remainder; each class's quota
+      is picked by the strategy among that class's candidates (a class with fewer
+      candidates than its quota gives them all), and what is left of the budget is picked
+      by the strategy among the remaining candidates. So rare classes get a floor.
+    * `mix_random = r`: round(r * budget) picks are drawn uniformly (ctx.rng) from the
+      candidates the strategy did not take; the strategy picks the rest first.
+
+    Returns:
+        A Selection in rank order (strategy/quota picks, then random ones); each rationale
+        gains "quota" ({class, quota}) or "mix_random" ({draw}) entries.
+    """
+    from poolscout.engine.acquisition import strategies as St
+    from poolscout.engine.acquisition.selectors import Selection
+
+    ids = np.asarray(table["image_id"], np.int64)
+    n = len(ids)
+    budget = int(budget)
+    n_rand = int(round(float(mix_random) * budget)) if mix_random else 0
+    n_rand = min(n_rand, max(0, n - 1), budget)
+    main = budget - n_rand
+    got_ids, got_scores, got_rat = [], [], []
+    if quota == "uniform" and main > 0:
+        if classes is None or len(classes) != n:
+            raise ValueError("select.quota: uniform needs each candidate's predicted class")
+        names, counts = np.unique(np.asarray([c or "" for c in classes], dtype=object).astype(str),
+                                  return_counts=True)
+        real = [(int(c), str(nm)) for nm, c in zip(names, counts) if nm != ""]
+        real.sort()  # rarest first (ties by name)
+        taken = np.zeros(n, bool)
+        if real:
+            per, extra = divmod(main, len(real))
+            cls_arr = np.asarray(classes, dtype=object)
+            for i, (cnt, nm) in enumerate(real):
+                q = per + (1 if i < extra else 0)
+                rows = np.flatnonzero(cls_arr == nm)
+                take = min(q, len(rows))
+                if take == 0:
+                    continue
+                sel = St.select(strat, _take(table, rows), take, ctx=ctx)
+                a, b, r = _tag(sel, "quota", {"class": nm, "quota": q, "candidates": int(len(rows))})
+                got_ids.append(a), got_scores.append(b), got_rat.extend(r)
+                taken |= np.isin(ids, a)
+        left = main - sum(len(a) for a in got_ids)
+        rest = np.flatnonzero(~taken)
+        if left > 0 and len(rest):
+            sel = St.select(strat, _take(table, rest), min(left, len(rest)), ctx=ctx)
+            a, b, r = _tag(sel, "quota", {"class": None, "leftover": True})
+            got_ids.append(a), got_scores.append(b), got_rat.extend(r)
+    elif main > 0:
+        sel = St.select(strat, table, main, ctx=ctx)
+        got_ids.append(np.asarray(sel.image_id, np.int64))
+        got_scores.append(np.asarray(sel.score, np.float64))
+        got_rat.extend(sel.rationale)
+    picked = np.concatenate(got_ids) if got_ids else np.zeros(0, np.int64)
+    if n_rand > 0:
+        free = np.setdiff1d(ids, picked)
+        draw = np.sort(ctx.rng.choice(free, size=min(n_rand, len(free)), replace=False))
+        draw = ctx.rng.permutation(draw)
+        got_ids.append(draw.astype(np.int64))
+        got_scores.append(np.full(len(draw), np.nan))
+        got_rat.extend({"mix_random": {"draw": i + 1, "of": int(len(draw)), "share": float(mix_random)}}
+                       for i in range(len(draw)))
+    out_ids = np.concatenate(got_ids) if got_ids else np.zeros(0, np.int64)
+    out_scores = np.concatenate(got_scores) if got_scores else np.zeros(0)
+    return Selection(out_ids, out_scores, got_rat)
 
 
 def read_batch(path: str | Path) -> list[dict]:

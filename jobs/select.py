@@ -134,7 +134,20 @@ def query(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int 
 
 def select(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: int | None = None,
            cycle: int | None = None) -> dict:
-    """Pick `budget` pool images with a named strategy; writes cycles/<k>/selection.parquet."""
+    """Pick `budget` pool images with a named strategy; writes cycles/<k>/selection.parquet.
+    With `select.embedding: backbone`, images without a cached backbone embedding are
+    embedded first (jobs.embed; only the new ones)."""
+    from poolscout.engine.acquisition import strategies as St
+
+    if cfg.select.embedding == "backbone" and St.load_strategy(strategy or cfg.select.strategy).needs.embedding:
+        from poolscout.jobs.embed import embed_backbone
+
+        executor = cfg.loop.executor
+        if executor == "ray":
+            import ray
+
+            executor = "ray" if ray.is_initialized() else "local"
+        embed_backbone(run, cfg, executor=executor, progress=False)
     out, summary = query(run, cfg, strategy=strategy, budget=budget, cycle=cycle)
     k = summary["cycle"]
     io.write_table(out, run.selection_path(k), io.SELECTION_SCHEMA)

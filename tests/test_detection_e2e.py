@@ -189,3 +189,24 @@ def test_batch_queries_of_a_scored_cycle(trained, tmp_path):
     batch.write_text("- {strategy: entropy, budget: 0}\n")
     res = CliRunner().invoke(cli, ["query", str(run.root), "--batch", str(batch), *cfg_args])
     assert res.exit_code == 2 and "queries[0].budget" in res.output
+
+
+def test_select_on_backbone_embeddings_with_quotas_and_a_random_share(trained):
+    """select.embedding: backbone embeds the pool first (cached), then coverage runs on it;
+    the stage options change the pick as they say."""
+    from poolscout.jobs.embed import cache_dir
+    from poolscout.jobs.score import score
+    from poolscout.jobs.select import select
+
+    run, files, overrides = trained
+    ov = [*overrides, "select.strategy=maxherding", "select.embedding=backbone", "embed.input_size=64"]
+    cfg = run.config(files, ov)
+    score(run, cfg, progress=False, executor="local")
+    res = select(run, cfg, budget=4)
+    assert res["selected"] == 4 and res["embedding"] == "backbone"
+    assert any(cache_dir(run).glob("part-*.parquet"))
+    cfg = run.config(files, [*ov, "select.quota=uniform", "select.mix_random=0.25"])
+    res = select(run, cfg, budget=4)
+    rat = [json.loads(r) for r in io.read_table(run.selection_path(0))["rationale"].to_pylist()]
+    assert res["quota"] == "uniform" and sum("mix_random" in r for r in rat) == 1
+    assert all("quota" in r for r in rat[:3]) and "mix_random" in rat[3]

@@ -228,6 +228,31 @@ class ScoreConfig:
 class SelectConfig:
     strategy: str = spec("entropy", NONEMPTY)  # a configs/strategies name or YAML path
     budget: int = spec(100, ge(1))
+    # The "embedding" column that diversity and coverage stages read: "model" (the scoring
+    # detector's pooled FPN features) or "backbone" (ImageNet EfficientNet-Lite0, no
+    # training needed; `poolscout embed`, cached per run).
+    embedding: str = spec("model", one_of("model", "backbone"))
+    # Stage options any strategy can use: a share of each batch drawn uniformly at random
+    # from the candidates the strategy left, and per-class quotas over the images' predicted
+    # (top-box) classes: "uniform" splits the budget evenly over the classes predicted in
+    # the pool, so rare classes get a floor; leftovers go to the strategy over the rest.
+    mix_random: float = spec(0.0, within(0, 1, hi_open=True))
+    quota: str = spec("none", one_of("none", "uniform"))
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Backbone embeddings (`poolscout embed`, jobs/embed.py)."""
+
+    input_size: int = spec(224, ge(32))
+    batch_size: int = spec(16, ge(1))
+    dtype: str = spec("float16", one_of("float16", "float32"))
+    # "auto" = the packaged ImageNet EfficientNet-Lite0 file; else a local weights file
+    weights: str = spec("auto", NONEMPTY)
+    concurrency: int = spec(1, ge(1))
+    num_cpus: float = spec(1.0, ge(0))
+    num_gpus: float = spec(0.0, ge(0))
+    torch_threads: int = spec(0, ge(0))
 
 
 @dataclass(frozen=True)
@@ -251,10 +276,10 @@ class LoopConfig:
     # pauses after each selection until `poolscout import` brings the answers.
     oracle: str = spec("simulated", one_of("simulated", "human"))
     # Seed set when the run has no labeled images yet: this many images, picked by
-    # "random" or "kcenter" (k-center greedy on image embeddings of the untrained detector,
-    # a cold-start diversity pick).
+    # "random", or on backbone embeddings (no model needed: `poolscout embed`) by coverage:
+    # "maxherding", "typiclust", "probcover", or "kcenter" (k-center greedy).
     seed_size: int = spec(0, ge(0))
-    seed_strategy: str = spec("random", one_of("random", "kcenter"))
+    seed_strategy: str = spec("random", one_of("random", "kcenter", "maxherding", "typiclust", "probcover"))
     # "ray": Ray Train + Ray Data per stage (the product path); "local": every stage in this
     # process (benchmarks run many loops as Ray tasks, one per CPU).
     executor: str = spec("ray", one_of("ray", "local"))
@@ -279,6 +304,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     ray: RayConfig = field(default_factory=RayConfig)

@@ -79,26 +79,29 @@ def _update_argmax(x: np.ndarray, centre: np.ndarray, min_d2: np.ndarray, chunk:
 
 
 @dataclass
-class BlockedLayout:
+class BoundedLayout:
     """The candidates regrouped by cluster for the bounded greedy (`poolscout.kernels.kcenter`).
 
     Attributes:
-        xf: (nblocks * d * LANES,) float32, the one reordered copy of the embeddings (blocks
-            of LANES points stored transposed).
-        d: embedding dimension.
+        xr: (S, d) float32 slots: the one reordered copy of the embeddings (padding rows 0).
+        q8, qa, qn2, qe: the int8 sketch of each slot against its centroid (`quantize_blocks`).
+        mu: (G, d) float64 centroids (the means of their members); mu_t the same transposed.
         rows: (S,) int64 original row of each slot, -1 for padding.
         slot_of_row: (N,) int64 inverse of `rows`.
-        mu_t: (d * G,) float64 cluster centroids, transposed.
         c_b0: (G + 1,) int64, cluster g owns blocks c_b0[g] .. c_b0[g + 1] - 1.
         c_lo, c_hi: (G,) float64 min / max distance of a member to its centroid.
         b_lo, b_hi: (nblocks,) float64 the same per block.
     """
 
-    xf: np.ndarray
-    d: int
+    xr: np.ndarray
+    q8: np.ndarray
+    qa: np.ndarray
+    qn2: np.ndarray
+    qe: np.ndarray
+    mu: np.ndarray
+    mu_t: np.ndarray
     rows: np.ndarray
     slot_of_row: np.ndarray
-    mu_t: np.ndarray
     c_b0: np.ndarray
     c_lo: np.ndarray
     c_hi: np.ndarray
@@ -108,6 +111,11 @@ class BlockedLayout:
     @property
     def n_clusters(self) -> int:
         return len(self.c_lo)
+
+    def arrays(self) -> tuple:
+        """The layout arguments of `bounded_update_argmax` / `bounded_greedy`, in order."""
+        return (self.xr, self.q8, self.qa, self.qn2, self.qe, self.mu, self.mu_t, self.c_b0, self.c_lo, self.c_hi,
+                self.b_lo, self.b_hi, self.rows)
 
 
 @contextmanager
@@ -206,21 +214,99 @@ def two_level_kmeans(x: np.ndarray, n_clusters: int, *, seed: int = 0, niter: in
     return labels, np.concatenate(cents), key
 
 
-def blocked_layout(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, key: np.ndarray) -> BlockedLayout:
-    """Regroup the candidates by cluster (inside a cluster by `key`, the distance to the
-    centroid, then by row) into whole blocks of `LANES` slots, and measure each slot's exact
-    distance to its centroid.
+def _split_two(xm: np.ndarray, iters: int = 4, sample: int = 2048) -> tuple[np.ndarray, np.ndarray] | None:
+    """2-means of (m, d) float32 points seeded with a far pair (deterministic).
+
+    Returns:
+        (side (m,) bool, approximate squared distance to the own half's mean (m,) float32),
+        or None when a half comes out empty.
+    """
+    sm = xm[:: max(1, len(xm) // sample)]
+    mean = sm.mean(axis=0, dtype=np.float64)
+    i0 = int(np.argmax(((sm - mean) ** 2).sum(axis=1)))
+    i1 = int(np.argmax(((sm - sm[i0]) ** 2).sum(axis=1)))
+    c0, c1 = sm[i0].astype(np.float64), sm[i1].astype(np.float64)
+    for t in range(iters + 1):
+        pts = sm if t < iters else xm
+        side = pts @ (c1 - c0).astype(np.float32) > 0.5 * (c1 @ c1 - c0 @ c0)
+        if side.all() or not side.any():
+            return None
+        c0 = pts[~side].mean(axis=0, dtype=np.float64)
+        c1 = pts[side].mean(axis=0, dtype=np.float64)
+    xn = np.einsum("ij,ij->i", xm, xm)
+    d2 = np.where(side, xn - 2.0 * (xm @ c1.astype(np.float32)) + np.float32(c1 @ c1),
+                  xn - 2.0 * (xm @ c0.astype(np.float32)) + np.float32(c0 @ c0))
+    return side, np.maximum(d2, 0.0).astype(np.float32)
+
+
+def refine_clusters(x: np.ndarray, labels: np.ndarray, key: np.ndarray, n_clusters: int, *, max_clusters: int,
+                    rounds: int = 4, factor: float = 1.5, shrink: float = 0.8,
+                    min_size: int = 128) -> tuple[np.ndarray, np.ndarray, int]:
+    """Split the clusters that k-means left merged (bisecting, in place).
+
+    k-means from a random start often leaves two or more true groups under one centroid;
+    such a cluster has a radius far above the typical one and wrecks the bounds of every
+    pick near it. Each round tries a 2-means split of every cluster of at least `min_size`
+    points whose radius exceeds `factor` times the median cluster radius, and keeps it when
+    both halves end up with a radius below `shrink` times the parent's (a single round blob
+    in high dimension barely shrinks and stays whole).
+
+    Args:
+        x: (N, d) float32.
+        labels: (N,) int64 cluster of each row (updated).
+        key: (N,) float32 approximate squared distance to the own centroid (updated).
+        n_clusters: the current number of clusters G.
+        max_clusters: stop splitting at this many clusters.
+
+    Returns:
+        (labels, key, new G).
+    """
+    g = int(n_clusters)
+    for _ in range(int(rounds)):
+        sizes = np.bincount(labels, minlength=g)
+        rad2 = np.zeros(g, dtype=np.float64)
+        np.maximum.at(rad2, labels, key)
+        thr = factor * factor * float(np.median(rad2[sizes > 1])) if np.any(sizes > 1) else np.inf
+        cand = np.flatnonzero((sizes >= min_size) & (rad2 > thr))
+        cand = cand[np.argsort(-rad2[cand], kind="stable")]
+        if len(cand) == 0 or g >= max_clusters:
+            break
+        order = np.argsort(labels, kind="stable")
+        cuts = np.searchsorted(labels[order], np.arange(g + 1))
+        split = False
+        for c in cand:
+            if g >= max_clusters:
+                break
+            idx = order[cuts[c] : cuts[c + 1]]
+            res = _split_two(x[idx])
+            if res is None:
+                continue
+            side, d2 = res
+            if max(float(d2[side].max()), float(d2[~side].max())) >= shrink * shrink * rad2[c]:
+                continue
+            labels[idx[side]] = g
+            key[idx] = d2
+            g += 1
+            split = True
+        if not split:
+            break
+    return labels, key, g
+
+
+def blocked_layout(x: np.ndarray, labels: np.ndarray, key: np.ndarray, n_clusters: int) -> BoundedLayout:
+    """Regroup the candidates by cluster (inside a cluster by `key`, then by row) into whole
+    blocks of `LANES` slots, take each cluster's mean as its centroid, and sketch each slot.
 
     Args:
         x: (N, d) float32 C-contiguous.
-        labels: (N,) int64 cluster of each row, every label in 0..G-1 used.
-        centroids: (G, d) float32 (any points: the bounds hold for every choice).
-        key: (N,) sort key inside a cluster.
+        labels: (N,) int64 cluster of each row in 0..n_clusters-1, every label used.
+        key: (N,) sort key inside a cluster (e.g. the approximate distance to the centroid).
+        n_clusters: G.
     """
-    from poolscout.kernels.kcenter import LANES, blocked_d2, gather_blocks
+    from poolscout.kernels.kcenter import LANES, gather_rows, quantize_blocks, rounding_margin
 
     n, d = x.shape
-    g = len(centroids)
+    g = int(n_clusters)
     counts = np.bincount(labels, minlength=g)
     order = np.lexsort((key, labels))  # stable: equal keys stay in row order
     nblk = (counts + LANES - 1) // LANES
@@ -228,24 +314,27 @@ def blocked_layout(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, key
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     lab_sorted = labels[order]
     slot = c_b0[lab_sorted] * LANES + (np.arange(n) - first[lab_sorted])
+    del lab_sorted
     nb = int(c_b0[-1])
     rows = np.full(nb * LANES, -1, dtype=np.int64)
     rows[slot] = order
     slot_of_row = np.empty(n, dtype=np.int64)
     slot_of_row[order] = slot
-    del order, lab_sorted, slot
-    xf = np.empty(nb * d * LANES, dtype=np.float32)
-    gather_blocks(x, rows, xf)
-    mu = np.ascontiguousarray(centroids, dtype=np.float64)
-    dist = np.empty(nb * LANES)
-    blocked_d2(xf, d, mu, np.repeat(np.arange(g, dtype=np.int64), nblk), dist)
-    np.sqrt(dist, out=dist)
+    del order, slot
+    xr = np.empty((nb * LANES, d), dtype=np.float32)
+    gather_rows(x, rows, xr)
+    # any point works as a centroid; the members' mean keeps the radii small
+    mu = np.add.reduceat(xr, c_b0[:-1] * LANES, axis=0, dtype=np.float64) / counts[:, None]
+    blk_cluster = np.repeat(np.arange(g, dtype=np.int64), nblk)
+    q8 = np.empty(nb * LANES * d, dtype=np.int8)
+    qa, qn2, qe, dist = (np.empty(nb * LANES) for _ in range(4))
+    quantize_blocks(xr, mu, blk_cluster, rounding_margin(d), q8, qa, qn2, qe, dist)
     real = (rows >= 0).reshape(nb, LANES)
     dist = dist.reshape(nb, LANES)
     b_lo = np.where(real, dist, np.inf).min(axis=1)
     b_hi = np.where(real, dist, -np.inf).max(axis=1)
-    return BlockedLayout(xf=xf, d=d, rows=rows, slot_of_row=slot_of_row,
-                         mu_t=np.ascontiguousarray(mu.T).reshape(-1), c_b0=c_b0,
+    return BoundedLayout(xr=xr, q8=q8, qa=qa, qn2=qn2, qe=qe, mu=mu, mu_t=np.ascontiguousarray(mu.T).reshape(-1),
+                         rows=rows, slot_of_row=slot_of_row, c_b0=c_b0,
                          c_lo=np.minimum.reduceat(b_lo, c_b0[:-1]), c_hi=np.maximum.reduceat(b_hi, c_b0[:-1]),
                          b_lo=b_lo, b_hi=b_hi)
 
@@ -312,7 +401,6 @@ def _kcenter_bounded(x, b, lab, first, rng, chunk, clusters) -> KCenterResult:
     from poolscout.kernels import kcenter as K
 
     n, d = x.shape
-    L = K.LANES
     t0 = time.perf_counter()
     init: dict[str, Any] = {}
     # initial state (in row order): FAISS search of the labeled centres, exactly as the plain path
@@ -321,10 +409,12 @@ def _kcenter_bounded(x, b, lab, first, rng, chunk, clusters) -> KCenterResult:
     g = int(clusters) if clusters is not None else int(round(math.sqrt(n)))
     g = max(1, min(g, n))
     with faiss_threads(1):
-        labels, cents, key = two_level_kmeans(x, g, chunk=chunk)
+        labels, _, key = two_level_kmeans(x, g, chunk=chunk)
+    g0 = int(labels.max()) + 1
+    labels, key, g = refine_clusters(x, labels, key, g0, max_clusters=max(2 * g, g0))
     t2 = time.perf_counter()
-    lay = blocked_layout(x, labels, cents, key)
-    del labels, cents, key
+    lay = blocked_layout(x, labels, key, g)
+    del labels, key
     t3 = time.perf_counter()
     slots = len(lay.rows)
     pad = lay.rows < 0
@@ -337,9 +427,9 @@ def _kcenter_bounded(x, b, lab, first, rng, chunk, clusters) -> KCenterResult:
         nxt = int(lay.slot_of_row[nxt_row])
     else:
         if first == "farthest":
-            mean = x.mean(axis=0, dtype=np.float64).astype(np.float32).astype(np.float64)
-            to_mean = np.empty(slots)
-            K.blocked_d2(lay.xf, d, mean[None, :], np.zeros(slots // L, dtype=np.int64), to_mean)
+            mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+            to_mean = np.full(slots, np.inf)
+            K.update_argmax(lay.xr, mean, to_mean)  # the plain path's distances, in slot order
             to_mean[pad] = -np.inf
             top = to_mean.max()
             cand = np.flatnonzero(to_mean == top)
@@ -357,22 +447,22 @@ def _kcenter_bounded(x, b, lab, first, rng, chunk, clusters) -> KCenterResult:
     K.refresh_maxima(lay.c_b0, lay.rows, min_d2, b_max, b_slot, c_max, c_slot)
     out_slot = np.empty(b, dtype=np.int64)
     out_d2 = np.empty(b)
-    counts = np.zeros((b, 2), dtype=np.int64)
-    done = K.bounded_greedy(lay.xf, d, lay.mu_t, lay.c_b0, lay.c_lo, lay.c_hi, lay.b_lo, lay.b_hi, lay.rows,
-                            min_d2, b_max, b_slot, c_max, c_slot, nxt, b, K.rounding_margin(d), out_slot, out_d2,
-                            counts)
+    counts = np.zeros((b, 3), dtype=np.int64)
+    done = K.bounded_greedy(*lay.arrays(), min_d2, b_max, b_slot, c_max, c_slot, nxt, b, K.rounding_margin(d),
+                            out_slot, out_d2, counts)
     t4 = time.perf_counter()
     if done != b:  # pragma: no cover - only reachable with NaN embeddings
         raise RuntimeError(f"coreset: bounded greedy stopped after {done} of {b} picks")
     score = np.sqrt(np.maximum(out_d2, 0.0))
     score[0] = first_d
-    steps = max(b - 1, 1)
-    stats = {"path": "bounded", "clusters": ng, "blocks": nb, "lanes": L, "padding_slots": int(pad.sum()),
-             "labeled_init_s": t1 - t0, "cluster_s": t2 - t1, "layout_s": t3 - t2, "greedy_s": t4 - t3,
-             "mean_blocks_swept": float(counts[: b - 1, 0].sum() / steps),
-             "mean_clusters_swept": float(counts[: b - 1, 1].sum() / steps),
-             "mean_fraction_swept": float(counts[: b - 1, 0].sum() / steps / nb),
-             "blocks_swept": counts[: b - 1, 0].copy(), "clusters_swept": counts[: b - 1, 1].copy()}
+    c = counts[: max(b - 1, 0)]
+    steps = max(len(c), 1)
+    stats = {"path": "bounded", "clusters": ng, "clusters_kmeans": g0, "blocks": nb, "lanes": K.LANES,
+             "padding_slots": int(pad.sum()), "labeled_init_s": t1 - t0, "cluster_s": t2 - t1, "layout_s": t3 - t2,
+             "greedy_s": t4 - t3, "mean_blocks_swept": float(c[:, 0].sum() / steps),
+             "mean_clusters_swept": float(c[:, 1].sum() / steps), "mean_exact": float(c[:, 2].sum() / steps),
+             "mean_fraction_swept": float(c[:, 0].sum() / steps / nb),
+             "mean_fraction_exact": float(c[:, 2].sum() / steps / n), "per_step": c.copy()}
     return KCenterResult(lay.rows[out_slot], score, init, stats)
 
 

@@ -229,7 +229,7 @@ def _class_gain_knn(gain: np.ndarray, ic: np.ndarray, ec: np.ndarray, sc: np.nda
     With c_K(b) the k-th (smallest) returned cosine of box b, every image j with the class
     gets s_b (1 + c_K(b)) (returned as the per-image sums, the caller spreads them over the
     images with the class); each image j among b's neighbours gets s_b (best returned cosine
-    of j - c_K(b)) on top, scattered into gain[i, j] here. Needs k < len(ic).
+    of j - c_K(b)) on top, scattered into gain[i, j] here. Needs 1 <= k <= len(ic).
 
     Returns:
         (N,) float64, sum over image i's boxes of the class of s_b (1 + c_K(b)).
