@@ -283,7 +283,9 @@ def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: 
                 parts.append(signal_batch(stage(dec), plan["specs"], cfg.seed, k, num_classes, plan["context"]))
                 if bar is not None:
                     bar.update(int((batch["state"] == "pool").sum()))
-            io.write_table(pa.concat_tables(parts), partial / f"part-{i:05d}.parquet")
+            part = pa.concat_tables(parts)
+            write_box_store(part, partial / f"part-{i:05d}.parquet")
+            io.write_table(part, partial / f"part-{i:05d}.parquet")
             if n_done == len(todo) // 2:
                 crash_point(f"{k}:score:mid")
         if bar is not None:
@@ -426,8 +428,35 @@ def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: in
         bar.close()
 
 
+BOX_STORE_COLUMNS = ("image_id", "width", "height", "num_boxes", "boxes", "scores", "labels", "probs",
+                     "roi_embedding", "box_var")
+
+
+def write_box_store(table: pa.Table, parquet_path: Path) -> None:
+    """The per-box payload of a part's scored pool rows (original view) as an uncompressed
+    Arrow IPC file beside it: memory-mapped by `jobs.select.boxes_loader`,
+    so the boxes of a few thousand candidates are read without decoding the whole
+    prediction set (a Parquet scan). Named _boxes.<part>.arrow, which Arrow's dataset
+    discovery skips. Written before the Parquet part, which marks the chunk done; only
+    when the table has per-box columns."""
+    if "num_boxes" not in table.column_names:
+        return
+    t = table
+    if "state" in t.column_names:
+        t = t.filter(pc.and_(pc.equal(t["state"], "pool"), pc.equal(t["error"], "")))
+    t = t.select([c for c in BOX_STORE_COLUMNS if c in table.column_names])
+    pq_path = Path(parquet_path)
+    # "_" prefix: Arrow's dataset discovery skips it, so the Parquet readers never see it
+    path = pq_path.with_name(f"_boxes.{pq_path.stem}.arrow")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+        w.write_table(t, max_chunksize=4096)
+    os.replace(tmp, path)
+
+
 def write_part(table: pa.Table, out_dir: str) -> pa.Table:
-    """Write one block of predictions as a Parquet part; return its row counts.
+    """Write one block of predictions as a Parquet part (and its box store); return its
+    row counts.
 
     The part's name is a digest of its image ids, so a retried task rewrites the same file
     (atomically) instead of adding a duplicate.
@@ -435,7 +464,9 @@ def write_part(table: pa.Table, out_dir: str) -> pa.Table:
     import hashlib
 
     ids = np.ascontiguousarray(table["image_id"].to_numpy(), dtype=np.int64)
-    io.write_table(table, Path(out_dir) / f"part-{hashlib.sha256(ids.tobytes()).hexdigest()[:20]}.parquet")
+    path = Path(out_dir) / f"part-{hashlib.sha256(ids.tobytes()).hexdigest()[:20]}.parquet"
+    write_box_store(table, path)
+    io.write_table(table, path)
     pool_rows = int(pc.sum(pc.equal(table["state"], "pool")).as_py() or 0) if "state" in table.column_names else len(table)
     return pa.table({"rows": [len(table)], "pool_rows": [pool_rows]})
 

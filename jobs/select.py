@@ -77,15 +77,70 @@ BOX_COLUMNS = ("boxes", "scores", "labels", "probs", "roi_embedding", "box_var")
 
 def boxes_loader(run: RunDir, k: int, fields: tuple[str, ...] | None = None):
     """ids -> canonical batch (orig view: boxes, scores, labels, probs, roi_embedding,
-    box_var, or only `fields`) of those scored pool images, in that order; reads only
-    their rows and those columns (CALD's re-rank reads `probs` alone, 65-90x cheaper than
-    every box column)."""
+    box_var, or only `fields`) of those scored pool images, in that order.
+
+    Reads the cycle's box store when scoring wrote one (memory-mapped Arrow IPC files
+    beside the Parquet parts, `jobs.score.write_box_store`): an index from image id to
+    (file, row) is built once from the files' image_id columns, and only the candidates'
+    rows are touched, never a scan of the prediction set. Without a complete store (runs
+    scored by older versions) it filters the Parquet parts, reading only the id column and
+    `fields` (CALD's re-rank reads `probs` alone, 65-90x cheaper than every box column).
+    """
     from poolscout.engine.models import predictions as P
 
     want = BOX_COLUMNS if fields is None else tuple(f for f in BOX_COLUMNS if f in fields)
+    store: dict = {}
+
+    def index():
+        if "ids" in store:
+            return store
+        d = run.predictions_dir(k)
+        parquet = sorted(d.glob("part-*.parquet"))
+        arrow = [d / f"_boxes.{p.stem}.arrow" for p in parquet]
+        store["tables"] = None
+        if parquet and all(a.is_file() for a in arrow):
+            tables, ids, part, row = [], [], [], []
+            for i, a in enumerate(arrow):
+                t = pa.ipc.open_file(pa.memory_map(str(a), "r")).read_all()  # zero-copy
+                tables.append(t)
+                got = t["image_id"].to_numpy()
+                ids.append(got)
+                part.append(np.full(len(got), i, np.int32))
+                row.append(np.arange(len(got), dtype=np.int64))
+            ids_all = np.concatenate(ids)
+            order = np.argsort(ids_all, kind="stable")
+            store.update(tables=tables, ids=ids_all[order], part=np.concatenate(part)[order],
+                         row=np.concatenate(row)[order])
+        else:
+            store["ids"] = None
+        return store
+
+    def load_store(ids: np.ndarray, st: dict) -> pa.Table:
+        pos = np.searchsorted(st["ids"], ids)
+        pos = np.minimum(pos, max(len(st["ids"]) - 1, 0))
+        ok = st["ids"][pos] == ids if len(st["ids"]) else np.zeros(len(ids), bool)
+        if not ok.all() or len(np.unique(ids)) != len(ids):
+            raise RunError(f"{run.predictions_dir(k)}: expected one prediction row for each of {len(ids)} "
+                           f"candidates, found {int(ok.sum())}")
+        parts, rows = st["part"][pos], st["row"][pos]
+        pieces, where = [], []
+        for p in np.unique(parts):
+            sel = np.flatnonzero(parts == p)
+            t = st["tables"][int(p)]
+            t = t.select([c for c in ["image_id", "width", "height", "num_boxes", *want] if c in t.column_names])
+            pieces.append(t.take(pa.array(rows[sel])))
+            where.append(sel)
+        t = pa.concat_tables(pieces).combine_chunks()
+        inv = np.empty(len(ids), np.int64)
+        inv[np.concatenate(where)] = np.arange(len(ids))
+        return t.take(pa.array(inv))
 
     def load(ids: np.ndarray) -> dict[str, np.ndarray]:
         ids = np.asarray(ids, np.int64)
+        st = index()
+        if st["ids"] is not None:
+            t = load_store(ids, st)
+            return P.from_arrow(t, views=["orig"], num_classes=run.num_classes())
         ds = _pred_dataset(run, k)
         cols = [c for c in ["image_id", "width", "height", "num_boxes", *want] if c in ds.schema.names]
         t = ds.to_table(columns=cols, filter=pc.field("image_id").isin(pa.array(ids)))

@@ -210,3 +210,38 @@ def test_select_on_backbone_embeddings_with_quotas_and_a_random_share(trained):
     rat = [json.loads(r) for r in io.read_table(run.selection_path(0))["rationale"].to_pylist()]
     assert res["quota"] == "uniform" and sum("mix_random" in r for r in rat) == 1
     assert all("quota" in r for r in rat[:3]) and "mix_random" in rat[3]
+
+
+def test_box_store_reads_the_same_rows_as_the_parquet_scan(trained, tmp_path):
+    """The memory-mapped box store beside the prediction parts gives exactly what a
+    filtered Parquet scan gives, in the asked order, for all fields or a few."""
+    import shutil
+
+    from poolscout.jobs.score import score
+    from poolscout.jobs.select import boxes_loader
+
+    run, files, overrides = trained
+    score(run, run.config(files, [*overrides, "select.strategy=entropy"]), progress=False, executor="local")
+    d = run.predictions_dir(0)
+    stores = sorted(d.glob("_boxes.part-*.arrow"))
+    assert stores and len(stores) == len(list(d.glob("part-*.parquet")))
+    pool = np.sort(run.ids_in_state("pool"))
+    ask = np.random.default_rng(0).permutation(pool)[: max(3, len(pool) // 2)]
+    fast = boxes_loader(run, 0)(ask)
+    fast_probs = boxes_loader(run, 0, ("probs",))(ask)
+    saved = tmp_path / "stores"
+    saved.mkdir()
+    for p in stores:
+        shutil.move(str(p), saved / p.name)
+    try:
+        slow = boxes_loader(run, 0)(ask)
+    finally:
+        for p in saved.iterdir():
+            shutil.move(str(p), d / p.name)
+    assert set(fast) == set(slow) and "roi_embedding" in fast
+    for key in slow:
+        np.testing.assert_array_equal(fast[key], slow[key], err_msg=key)
+    assert np.array_equal(fast["image_id"], ask)
+    assert "roi_embedding" not in fast_probs and np.array_equal(fast_probs["probs"], slow["probs"])
+    with pytest.raises(Exception, match="expected one prediction row"):
+        boxes_loader(run, 0)(np.array([10**9]))
