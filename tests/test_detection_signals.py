@@ -241,3 +241,33 @@ def test_huale_pipeline_end_to_end():
     # l = (0, sqrt 2, sqrt 1.25, 0.2): picks 2 then 3
     assert sel.image_id.tolist() == [2, 3]
     assert "retrieve" in sel.rationale[0] and "weighted_l2" in sel.rationale[0]
+
+
+def test_rare_class_direction_of_cald_and_ppal():
+    """Issue 12's question: CALD and PPAL labeled the rare class below its prevalence on
+    the rare-class pool; their class terms point the right way (these cases fail if a sign,
+    a direction or the class index of the prior were wrong)."""
+    from poolscout.engine.methods.cald import class_max_scores, class_prior_divergence
+    from poolscout.engine.methods.ppal import dcus_class_weights, dcus_scores
+
+    # CALD stage 2: labeled set 100/50/25/12/6/3 instances, rare class last. A confident
+    # rare prediction diverges most from that prior; a confident common one least.
+    g = np.array([100, 50, 25, 12, 6, 3])
+    probs = np.zeros((3, 7))
+    probs[0, 1], probs[1, 6], probs[2, 3] = 0.9, 0.9, 0.9  # column 0 is background
+    r = class_max_scores(probs, np.array([0, 1, 2, 3]))
+    js = class_prior_divergence(r, g)
+    assert np.argmax(js) == 1 and np.argmin(js) == 0
+    # ... and through the selector, with the labeled counts of the context
+    table = {"image_id": np.array([10, 11, 12])}
+    batch = {"image_id": table["image_id"], "offsets": np.array([0, 1, 2, 3]), "probs": probs}
+    from poolscout.engine.methods.cald import cald_rerank
+
+    sel = cald_rerank(table, 1, ctx=SelectContext(boxes=batch, labeled_class_counts=g))
+    assert sel.image_id.tolist() == [11]
+    # PPAL DCUS: a class the detector handles badly (low quality) weighs more, by label
+    q = np.array([0.9, 0.9, 0.9, 0.9, 0.9, 0.1])
+    w = dcus_class_weights(q)
+    assert w[5] > w[0]
+    u = dcus_scores(np.array([0.5, 0.5]), np.array([1, 6]), np.array([0, 1, 2]), class_quality=q)
+    assert u[1] > u[0]
