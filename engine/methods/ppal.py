@@ -464,7 +464,8 @@ def k_medoids(D: np.ndarray, k: int, rng: np.random.Generator, max_iter: int = 1
     return _kmedoids(D, k, rng, max_iter)[0]
 
 
-@SELECTORS.register("ccms", final=True, needs_embedding=False, needs_boxes=True)
+@SELECTORS.register("ccms", final=True, needs_embedding=False, needs_boxes=True,
+                    box_fields=("labels", "scores", "roi_embedding"))
 def ccms(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
          score_thresh: float = SCORE_THRESH, neighbours: int | None = CCMS_NEIGHBOURS) -> Selection:
     """PPAL stage 2: k-medoids with K = budget on the CCMS distances of the candidates.
