@@ -93,6 +93,9 @@ PRESETS = {
 # variant name -> (strategy, extra overrides)
 VARIANTS = {
     "bald": ("bald", ["detector.dropout=0.2"]),
+    # the seed set picked by coverage of the pool's backbone embeddings instead of at random
+    "maxherding_cold": ("maxherding", ["loop.seed_strategy=maxherding"]),
+    "coreset_cold": ("coreset", ["loop.seed_strategy=maxherding"]),
     "huale_losses": ("huale", ["detector.box_var_head=true", "train.emphasis_loss=true", "train.eiou_loss=true",
                                "train.aware_loss=true", "train.loss_lambda=0.5"]),
 }
