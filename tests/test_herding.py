@@ -242,3 +242,12 @@ def test_maxherding_selector_on_an_ivf_graph_reports_recall(tmp_path):
     assert len(np.intersect1d(sel.image_id, exact.image_id)) >= 14
     again = fn(_table(x), 20, ctx=ctx, dense_below=100, flat_below=1000, nprobe=4)
     assert again.image_id.tolist() == sel.image_id.tolist()
+
+
+def test_bandwidth_from_the_knn_lists_equals_the_search_one():
+    from poolscout.engine.methods.herding import knn_search, median_bandwidth_from_knn
+
+    x = _blobs(3000)
+    nbr, d2, _ = knn_search(x, 5, index="flat")
+    assert median_bandwidth_from_knn(nbr, d2) == pytest.approx(median_bandwidth(x), rel=1e-5)
+    assert median_bandwidth_from_knn(nbr, d2, sample=100) == pytest.approx(median_bandwidth(x, sample=100), rel=1e-5)

@@ -65,6 +65,24 @@ def median_bandwidth(x: np.ndarray, sample: int = 4096, seed: int = 0) -> float:
     return med if med > 0 else 1.0
 
 
+def median_bandwidth_from_knn(nbr: np.ndarray, d2: np.ndarray, sample: int = 4096, seed: int = 0) -> float:
+    """`median_bandwidth` read off kNN lists (k >= 2) instead of a new search: the same
+    seeded sample of points, each one's nearest other point. Equal to `median_bandwidth`
+    when the lists are exact (up to ties between equidistant neighbours)."""
+    n = len(nbr)
+    if n < 2:
+        return 1.0
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(n, size=min(n, sample), replace=False))
+    rows, dd = nbr[idx], np.asarray(d2[idx], np.float64)
+    other = np.where(rows != idx[:, None], dd, np.inf).min(axis=1)
+    other = other[np.isfinite(other)]
+    if len(other) == 0:
+        return 1.0
+    med = float(np.sqrt(np.median(np.maximum(other, 0.0))))
+    return med if med > 0 else 1.0
+
+
 @dataclass
 class Graph:
     """Reverse kNN graph in CSR form: for column j, the points i that have j among their
@@ -255,8 +273,10 @@ def knn_graph(x: np.ndarray, k: int, kernel: str = "rbf", h: float | None = None
         (the reverse graph, the bandwidth used); the search info is `graph.info`.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    h = float(h) if h is not None else median_bandwidth(x)
     nbr, d2, info = cached_knn(x, k, cache_dir=cache_dir, chunk=chunk, **search)
+    if h is None:
+        h = median_bandwidth_from_knn(nbr, d2) if nbr.shape[1] >= 2 else median_bandwidth(x)
+    h = float(h)
     g = graph_from_neighbours(nbr, kernel_values(d2, kernel, h))
     g.info = info
     return g, h
@@ -369,7 +389,7 @@ def herding_sparse(graph: Graph, budget: int, *, candidates: np.ndarray | None =
 
 
 __all__ = ["Graph", "INDEXES", "cached_knn", "knn_search", "HerdingResult", "KERNELS", "graph_from_neighbours", "herding_dense", "herding_sparse",
-           "kernel_values", "knn_graph", "median_bandwidth"]
+           "kernel_values", "knn_graph", "median_bandwidth", "median_bandwidth_from_knn"]
 
 
 # --------------------------------------------------------------------------- the selector
@@ -448,8 +468,9 @@ def maxherding(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
     if by is not None:
         col, direction = resolve_by(by, table)
         w = np.concatenate([uncertainty_weights(table[col], direction), np.zeros(len(lab))])
-    bw = median_bandwidth(pts) if h == "median" else float(h)
+    bw = None if h == "median" else float(h)
     if total <= int(dense_below):
+        bw = median_bandwidth(pts) if bw is None else bw
         import faiss
 
         kmat = kernel_values(faiss.pairwise_distances(pts, pts), kernel, bw)
@@ -458,7 +479,7 @@ def maxherding(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
     else:
         if ctx.log is not None and total >= int(flat_below):
             ctx.log(f"maxherding: kNN graph of {total:,} points (k={int(neighbours)}, index {index})")
-        graph, _ = knn_graph(pts, int(neighbours), kernel, bw, cache_dir=ctx.cache_dir, index=index,
+        graph, bw = knn_graph(pts, int(neighbours), kernel, bw, cache_dir=ctx.cache_dir, index=index,
                              flat_below=int(flat_below), nprobe=int(nprobe), ef_search=int(ef_search))
         res = herding_sparse(graph, budget, candidates=cand, covered=covered, weights=w)
         info = graph.info or {}
