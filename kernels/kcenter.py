@@ -71,27 +71,32 @@ References:
 
 # --------------------------------------------------------------------------- bounded k-center
 #
-# The bounded greedy (engine/methods/coreset.py) keeps the candidates in a cluster-major
-# layout of "slots": LANES slots to a block, each cluster owning a run of whole blocks (the
-# last one padded). Per slot it holds
-#   * xr[s]: the float32 embedding (one reordered copy, row-major), for exact distances;
-#   * an int8 sketch of w = x - mu_g (mu_g its cluster centroid): codes q (stored per block
-#     transposed, q8[(blk * d + j) * LANES + lane]), scale a, |q|^2 and a bound e >= |w - a q|.
-# A greedy step with centre c then works at three levels, each exact:
+# The bounded greedy (engine/methods/coreset.py) orders the candidates cluster-major in
+# "slots": LANES slots to a block, each cluster owning a run of whole blocks (the last one
+# padded); slot s stands for row rows[s] of the untouched (N, d) float32 embeddings x. Per
+# slot it keeps an int8 sketch of w = x - mu_g (mu_g its cluster centroid): codes q8[s] (d,),
+# scale a, |q|^2 and e >= |w - a q| (a quarter of the embeddings' memory, no float copy).
+# Applying a centre c to a cluster works at three levels, each exact:
 #   1. a cluster or a block is skipped when the triangle inequality on distances to the
 #      centroid, max(|c - mu| - hi, lo - |c - mu|), already reaches the square root of its
 #      current maximum of min_d2 (lo, hi: min / max centroid distance of its members);
-#   2. in a block that is swept, each slot gets the lower bound |c - x| >= |u - a q| - e
-#      (u = c - mu), with the float32 dot product u.q and all roundings bounded; slots whose
-#      bound reaches their min_d2 are skipped;
-#   3. the remaining slots get the exact distance, with the arithmetic of `update_argmax`
-#      (float64, summed over j in order), so min_d2 stays bitwise that of the plain greedy.
+#   2. in a block that is swept, u = c - mu_g is sketched as b p (p int16, |u - b p| <= eu),
+#      and each slot gets |c - x| = |u - w| >= |b p - a q| - eu - e, where
+#      |b p - a q|^2 = b^2 |p|^2 - 2 a b (p.q) + a^2 |q|^2 with p.q an exact int32 dot
+#      product (vectorised); slots whose bound reaches their min_d2 are skipped;
+#   3. the remaining slots get the exact distance from x, with the arithmetic of
+#      `update_argmax` (float64, summed over j in order), so min_d2 stays bitwise that of the
+#      plain greedy.
 # Every bound is shrunk by a relative margin `delta` (`rounding_margin`), far above the
-# rounding of the float64 quantities involved; the float32 dot product has its own bound.
+# rounding of the float64 quantities involved.
 # Padding slots have row -1 and min_d2 = -inf: never lowered, never picked.
 
 LANES = 32
-_EPS32 = 1.01 * 2.0 ** -24
+
+
+def sketch_pmax(d: int) -> int:
+    """Largest |p| of the int16 centre sketch such that d products 127 |p| fit an int32 sum."""
+    return int(min(32767, (2**31 - 1) // (127 * max(int(d), 1))))
 
 
 def rounding_margin(d: int) -> float:
@@ -101,83 +106,95 @@ def rounding_margin(d: int) -> float:
 
 
 # --- layout builders ----------------------------------------------------------------------------
-def gather_rows_numpy(x: np.ndarray, rows: np.ndarray, xr: np.ndarray) -> None:
-    """Reference twin of `gather_rows`."""
-    ok = rows >= 0
-    xr[~ok] = 0.0
-    xr[ok] = x[rows[ok]]
+def cluster_sums_numpy(x: np.ndarray, labels: np.ndarray, sums: np.ndarray) -> None:
+    """Reference twin of `cluster_sums` (rows added in row order, float64)."""
+    sums[:] = 0.0
+    for i in range(len(x)):
+        sums[labels[i]] += x[i].astype(np.float64)
 
 
-def _gather_rows_py(x, rows, xr):  # pragma: no cover - compiled below
+def _cluster_sums_py(x, labels, sums):  # pragma: no cover - compiled below
+    sums[:] = 0.0
     d = x.shape[1]
-    for s in range(rows.shape[0]):
-        r = rows[s]
-        if r < 0:
-            for j in range(d):
-                xr[s, j] = 0.0
-        else:
-            for j in range(d):
-                xr[s, j] = x[r, j]
+    for i in range(x.shape[0]):
+        g = labels[i]
+        for j in range(d):
+            sums[g, j] += np.float64(x[i, j])
 
 
-def quantize_blocks_numpy(xr, mu, blk_cluster, delta, q8, qa, qn2, qe, r) -> None:
-    """Reference twin of `quantize_blocks` (same arithmetic, vectorised over slots)."""
-    nslot, d = xr.shape
+def quantize_rows_numpy(x, rows, mu, blk_cluster, delta, q8, qa, qn2, qe, r) -> None:
+    """Reference twin of `quantize_rows` (vectorised over slots): the same codes q, scales a
+    and |q|^2; the two norms are summed in another order (equal to rounding)."""
+    nslot = len(rows)
+    d = x.shape[1]
+    ok = rows >= 0
+    xs = np.zeros((nslot, d), dtype=np.float32)
+    xs[ok] = x[rows[ok]]
     g = np.repeat(np.asarray(blk_cluster), LANES)
-    m = np.asarray(mu, dtype=np.float64)[g]  # (S, d)
-    w = xr.astype(np.float64) - m
-    ss = np.zeros(nslot)
-    for j in range(d):
-        ss += w[:, j] * w[:, j]
-    r[:] = np.sqrt(ss)
-    amax = np.zeros(nslot)
-    for j in range(d):
-        amax = np.maximum(amax, np.abs(w[:, j]))
-    a = amax / 127.0
-    q = np.zeros((nslot, d))
-    nz = a > 0.0
-    q[nz] = np.minimum(np.maximum(np.floor(w[nz] / a[nz, None] + 0.5), -127.0), 127.0)
-    e2 = np.zeros(nslot)
-    q2 = np.zeros(nslot)
-    for j in range(d):
-        t = w[:, j] - a * q[:, j]
-        e2 += t * t
-        q2 += q[:, j] * q[:, j]
+    w = xs.astype(np.float64) - np.asarray(mu, dtype=np.float64)[g]
+    w[~ok] = 0.0
+    r[:] = np.sqrt((w * w).sum(axis=1))
+    a = np.abs(w).max(axis=1) / 127.0
+    with np.errstate(divide="ignore"):
+        inv = np.where(a > 0.0, 1.0 / a, 0.0)
+    q = np.minimum(np.maximum(np.floor(w * inv[:, None] + 0.5), -127.0), 127.0)
+    t = w - a[:, None] * q
+    e = np.sqrt((t * t).sum(axis=1))
+    q2 = (q * q).sum(axis=1)
     qa[:] = a
     qn2[:] = q2
-    qe[:] = np.sqrt(e2) * (1.0 + delta) + delta * (r + a * np.sqrt(q2))
-    q8[:] = q.astype(np.int8).reshape(nslot // LANES, LANES, d).transpose(0, 2, 1).reshape(-1)
+    qe[:] = e * (1.0 + delta) + delta * (r + a * np.sqrt(q2))
+    q8[:] = q.astype(np.int8)
 
 
-def _quantize_blocks_py(xr, mu, blk_cluster, delta, q8, qa, qn2, qe, r):  # pragma: no cover
-    nslot, d = xr.shape
-    w = np.empty(d)
+def _quantize_rows_py(x, rows, mu, blk_cluster, delta, q8, qa, qn2, qe, r):  # pragma: no cover
+    nslot = rows.shape[0]
+    d = x.shape[1]
+    for s in range(nslot):  # padding: an all-zero sketch, never looked at
+        if rows[s] < 0:
+            for j in range(d):
+                q8[s, j] = 0
+            qa[s] = 0.0
+            qn2[s] = 0.0
+            qe[s] = 0.0
+            r[s] = 0.0
+    slot_of = np.empty(x.shape[0], dtype=np.int64)
     for s in range(nslot):
-        g = blk_cluster[s // LANES]
-        ss = 0.0
-        amax = 0.0
-        for j in range(d):
-            t = np.float64(xr[s, j]) - mu[g, j]
-            w[j] = t
-            ss += t * t
-            if abs(t) > amax:
-                amax = abs(t)
-        r[s] = np.sqrt(ss)
-        a = amax / 127.0
-        e2 = 0.0
-        q2 = 0.0
-        base = (s // LANES) * d * LANES + s % LANES
-        for j in range(d):
-            qj = 0.0
-            if a > 0.0:
-                qj = min(max(np.floor(w[j] / a + 0.5), -127.0), 127.0)
-            t = w[j] - a * qj
-            e2 += t * t
-            q2 += qj * qj
-            q8[base + j * LANES] = np.int8(qj)
+        if rows[s] >= 0:
+            slot_of[rows[s]] = s
+    w = np.empty(d)
+    for i in range(x.shape[0]):  # rows in order: x is read sequentially
+        s = slot_of[i]
+        rr, a, q2, e = _sketch_row(x[i], mu[blk_cluster[s // LANES]], w, q8[s])
+        r[s] = rr
         qa[s] = a
         qn2[s] = q2
-        qe[s] = np.sqrt(e2) * (1.0 + delta) + delta * (r[s] + a * np.sqrt(q2))
+        qe[s] = e * (1.0 + delta) + delta * (rr + a * np.sqrt(q2))
+
+
+def _sketch_row_py(xi, mug, w, qrow):  # pragma: no cover - compiled below (reassociating: vectorised)
+    """The sketch of one row: (|w|, a, |q|^2, |w - a q|) for w = float64(xi) - mug, codes
+    written to `qrow`. The two norms may be summed in any order (their rounding stays far
+    inside the margin delta); a, q and |q|^2 are exact whatever the order."""
+    d = xi.shape[0]
+    ss = 0.0
+    amax = 0.0
+    for j in range(d):
+        t = np.float64(xi[j]) - mug[j]
+        w[j] = t
+        ss += t * t
+        amax = max(amax, abs(t))
+    a = amax / 127.0
+    inv = 1.0 / a if a > 0.0 else 0.0
+    e2 = 0.0
+    q2 = 0.0
+    for j in range(d):
+        qj = min(max(np.floor(w[j] * inv + 0.5), -127.0), 127.0)
+        t = w[j] - a * qj
+        e2 += t * t
+        q2 += qj * qj
+        qrow[j] = np.int8(qj)
+    return np.sqrt(ss), a, q2, np.sqrt(e2)
 
 
 # --- maxima with ties to the lowest original row ---------------------------------------------------
@@ -235,113 +252,153 @@ def _refresh_maxima_py(c_b0, rows, min_d2, b_max, b_slot, c_max, c_slot):  # pra
         _cluster_max(g, c_b0, rows, b_max, b_slot, c_max, c_slot)
 
 
-def _global_argmax_py(rows, c_max, c_slot):  # pragma: no cover - compiled below
+def _top_cluster_py(rows, c_max, c_slot):  # pragma: no cover - compiled below
     bv = -np.inf
-    bs = -1
+    bg = -1
     br = -1
     for g in range(c_max.shape[0]):
         s = c_slot[g]
         if s >= 0 and _better(c_max[g], rows[s], bv, br):
             bv = c_max[g]
-            bs = s
+            bg = g
             br = rows[s]
-    return bs
+    return bg
 
 
 # --- the bounded step ------------------------------------------------------------------------------
-def _sketch_far(uu, un, dot, a, q2, e, m2, gam, delta):
-    """True when the int8 sketch proves |c - x| >= sqrt(m2) (see the section comment):
-    |u32 - a q|^2 = uu - 2 a u32.q + a^2 |q|^2 with |fl32(u32.q) - u32.q| <= gam |u32| |q|,
-    then |c - x| >= |u32 - a q| - e - |u - u32|."""
-    if not m2 > -np.inf:
-        return True
-    qn = np.sqrt(q2)
-    v2 = uu - 2.0 * a * dot + a * a * q2 - 2.0 * a * gam * un * qn - delta * (uu + 2.0 * a * abs(dot) + a * a * q2)
-    if not v2 > 0.0:
-        return False
-    lb = np.sqrt(v2) * (1.0 - delta) - e - (_EPS32 + delta) * un
-    if not lb > 0.0:
-        return False
-    return lb * lb * (1.0 - 2.0 * delta) >= m2
-
-
-def _bounded_update_argmax_py(xr, q8, qa, qn2, qe, mu, mu_t, c_b0, c_lo, c_hi, b_lo, b_hi, rows, min_d2,
-                              b_max, b_slot, c_max, c_slot, centre, pick, delta):  # pragma: no cover
-    ng = c_max.shape[0]
-    d = xr.shape[1]
-    gam = 1.01 * (d + 1) * 2.0 ** -24
-    pick_blk = -1
-    if pick >= 0:
-        min_d2[pick] = -np.inf
-        pick_blk = pick // LANES
-    # distance of the centre to every centroid (vectorised over clusters)
-    dcm = np.zeros(ng)
+def _sketch_centre_py(centre, mu, g, pmax, delta, p):  # pragma: no cover - compiled below
+    """u = centre - mu[g] as b p (p int16 written to `p`): returns (b, |p|^2, eu >= |u - b p|)."""
+    d = p.shape[0]
+    amax = 0.0
     for j in range(d):
-        cj = np.float64(centre[j])
-        o = j * ng
-        for g in range(ng):
-            t = cj - mu_t[o + g]
-            dcm[g] += t * t
-    for g in range(ng):
-        dcm[g] = np.sqrt(dcm[g])
-    u32 = np.empty(d, dtype=np.float32)
-    acc = np.empty(LANES, dtype=np.float32)
-    n_blocks = 0
-    n_clusters = 0
-    n_exact = 0
-    for g in range(ng):
-        b0 = c_b0[g]
-        b1 = c_b0[g + 1]
-        forced = b0 <= pick_blk < b1
-        if not forced and _far(dcm[g], c_lo[g], c_hi[g], c_max[g], delta):
-            continue
-        n_clusters += 1
-        uu = 0.0
+        t = abs(np.float64(centre[j]) - mu[g, j])
+        if t > amax:
+            amax = t
+    bsc = amax / pmax
+    e2 = 0.0
+    p2 = 0.0
+    uu = 0.0
+    for j in range(d):
+        u = np.float64(centre[j]) - mu[g, j]
+        pj = 0.0
+        if bsc > 0.0:
+            pj = min(max(np.floor(u / bsc + 0.5), -pmax), pmax)
+        t = u - bsc * pj
+        e2 += t * t
+        p2 += pj * pj
+        uu += u * u
+        p[j] = np.int16(pj)
+    eu = np.sqrt(e2) * (1.0 + delta) + delta * (np.sqrt(uu) + bsc * np.sqrt(p2))
+    return bsc, p2, eu
+
+
+def _exact_update_py(x, rows, min_d2, centre, idx, nk):  # pragma: no cover - compiled below
+    """min_d2[s] = min(min_d2[s], |x[rows[s]] - centre|^2) for the nk slots idx[:nk], each with
+    the arithmetic of `update_argmax` (float64, summed over j in order); four slots side by side
+    for instruction-level parallelism. Returns whether any value was lowered."""
+    d = x.shape[1]
+    lowered = False
+    k = 0
+    while k < nk:
+        m = min(4, nk - k)
+        i0 = rows[idx[k]]
+        i1 = rows[idx[k + 1]] if m > 1 else i0
+        i2 = rows[idx[k + 2]] if m > 2 else i0
+        i3 = rows[idx[k + 3]] if m > 3 else i0
+        e0 = 0.0
+        e1 = 0.0
+        e2 = 0.0
+        e3 = 0.0
         for j in range(d):
-            u32[j] = np.float32(np.float64(centre[j]) - mu[g, j])
-            uj = np.float64(u32[j])
-            uu += uj * uj
-        un = np.sqrt(uu)
-        changed = forced
-        for blk in range(b0, b1):
-            if blk != pick_blk and _far(dcm[g], b_lo[blk], b_hi[blk], b_max[blk], delta):
-                continue
-            n_blocks += 1
-            # float32 u.q for the LANES slots side by side (vectorised)
-            base = blk * d * LANES
-            for k in range(LANES):
-                acc[k] = 0.0
+            cj = np.float64(centre[j])
+            t0 = np.float64(x[i0, j]) - cj
+            t1 = np.float64(x[i1, j]) - cj
+            t2 = np.float64(x[i2, j]) - cj
+            t3 = np.float64(x[i3, j]) - cj
+            e0 += t0 * t0
+            e1 += t1 * t1
+            e2 += t2 * t2
+            e3 += t3 * t3
+        for u in range(m):
+            e = e0 if u == 0 else (e1 if u == 1 else (e2 if u == 2 else e3))
+            s = idx[k + u]
+            if e < min_d2[s]:
+                min_d2[s] = e
+                lowered = True
+        k += m
+    return lowered
+
+
+def _apply_centre_py(x, q8, qa, qn2, qe, mu, c_b0, c_lo, c_hi, b_lo, b_hi, rows, min_d2, b_max, b_slot, c_max,
+                     c_slot, g, centre, delta, p, ipb, need, idx, st):  # pragma: no cover - compiled below
+    """Lower min_d2 of cluster g's slots with their distances to `centre`, skipping what the
+    bounds rule out; st += (1 if the cluster was swept, blocks swept, exact distances)."""
+    d = x.shape[1]
+    dc = 0.0
+    for j in range(d):
+        t = np.float64(centre[j]) - mu[g, j]
+        dc += t * t
+    dc = np.sqrt(dc)
+    if _far(dc, c_lo[g], c_hi[g], c_max[g], delta):
+        return
+    st[0] += 1
+    pmax = np.float64(min(32767, (2**31 - 1) // (127 * max(d, 1))))
+    bsc, p2, eu = _sketch_centre(centre, mu, g, pmax, delta, p)
+    bp2 = bsc * bsc * p2
+    shrink = 1.0 - 2.0 * delta
+    changed = False
+    for blk in range(c_b0[g], c_b0[g + 1]):
+        if _far(dc, b_lo[blk], b_hi[blk], b_max[blk], delta):
+            continue
+        st[1] += 1
+        s0 = blk * LANES
+        # exact int32 dot products p.q of the block's slots (vectorised over j)
+        for k in range(LANES):
+            acc = 0
             for j in range(d):
-                uj32 = u32[j]
-                o = base + j * LANES
-                for k in range(LANES):
-                    acc[k] += uj32 * np.float32(q8[o + k])
-            lowered = blk == pick_blk
-            for k in range(LANES):
-                s = blk * LANES + k
-                m2 = min_d2[s]
-                if _sketch_far(uu, un, np.float64(acc[k]), qa[s], qn2[s], qe[s], m2, gam, delta):
-                    continue
-                n_exact += 1
-                e2 = 0.0
-                for j in range(d):
-                    t = np.float64(xr[s, j]) - np.float64(centre[j])
-                    e2 += t * t
-                if e2 < m2:
-                    min_d2[s] = e2
-                    lowered = True
-            if lowered:
-                _block_max(blk, rows, min_d2, b_max, b_slot)
-                changed = True
-        if changed:
-            _cluster_max(g, c_b0, rows, b_max, b_slot, c_max, c_slot)
-    return _global_argmax(rows, c_max, c_slot), n_blocks, n_clusters, n_exact
+                acc += np.int32(q8[s0 + k, j]) * np.int32(p[j])
+            ipb[k] = np.float64(np.int32(acc))  # the sum fits an int32 (sketch_pmax)
+        # the sketch bound of each slot, without branches
+        for k in range(LANES):
+            s = s0 + k
+            a = qa[s]
+            aq2 = a * a * qn2[s]
+            cr = 2.0 * a * bsc * ipb[k]
+            v2 = (bp2 - cr + aq2) - delta * (bp2 + abs(cr) + aq2)
+            lb = np.sqrt(max(v2, 0.0)) * (1.0 - delta) - qe[s] - eu
+            m2 = min_d2[s]
+            far = (lb > 0.0) & (lb * lb * shrink >= m2)
+            need[k] = (m2 > -np.inf) & (far == False)  # noqa: E712 (no branch)
+        nk = 0
+        for k in range(LANES):
+            if need[k]:
+                idx[nk] = s0 + k
+                nk += 1
+        st[2] += nk
+        lowered = _exact_update(x, rows, min_d2, centre, idx, nk)
+        if lowered:
+            _block_max(blk, rows, min_d2, b_max, b_slot)
+            changed = True
+    if changed:
+        _cluster_max(g, c_b0, rows, b_max, b_slot, c_max, c_slot)
 
 
-def _bounded_greedy_py(xr, q8, qa, qn2, qe, mu, mu_t, c_b0, c_lo, c_hi, b_lo, b_hi, rows, min_d2, b_max, b_slot,
-                       c_max, c_slot, first, budget, delta, out_slot, out_d2, counts):  # pragma: no cover
-    d = xr.shape[1]
-    centre = np.empty(d, dtype=np.float32)
+def _bounded_greedy_py(x, q8, qa, qn2, qe, mu, c_b0, c_lo, c_hi, b_lo, b_hi, rows, min_d2, b_max, b_slot, c_max,
+                       c_slot, first, budget, delta, out_slot, out_d2, counts):  # pragma: no cover - compiled below
+    d = x.shape[1]
+    ng = c_max.shape[0]
+    blk_cluster = np.empty(b_max.shape[0], dtype=np.int64)
+    for g in range(ng):
+        for blk in range(c_b0[g], c_b0[g + 1]):
+            blk_cluster[blk] = g
+    cen = np.empty((max(budget, 1), d), dtype=np.float32)
+    applied = np.zeros(ng, dtype=np.int64)
+    p = np.empty(d, dtype=np.int16)
+    ipb = np.empty(LANES)
+    need = np.empty(LANES, dtype=np.bool_)
+    idx = np.empty(LANES, dtype=np.int64)
+    st = np.zeros(3, dtype=np.int64)
+    n_c = 0
     nxt = first
     done = 0
     for t in range(budget):
@@ -349,16 +406,33 @@ def _bounded_greedy_py(xr, q8, qa, qn2, qe, mu, mu_t, c_b0, c_lo, c_hi, b_lo, b_
         out_slot[t] = s
         out_d2[t] = min_d2[s]
         done = t + 1
+        min_d2[s] = -np.inf
+        _block_max(s // LANES, rows, min_d2, b_max, b_slot)
+        _cluster_max(blk_cluster[s // LANES], c_b0, rows, b_max, b_slot, c_max, c_slot)
         if t + 1 == budget:
-            min_d2[s] = -np.inf
             break
         for j in range(d):
-            centre[j] = xr[s, j]
-        nxt, nb, nc, ne = _bounded_update_argmax(xr, q8, qa, qn2, qe, mu, mu_t, c_b0, c_lo, c_hi, b_lo, b_hi, rows,
-                                                 min_d2, b_max, b_slot, c_max, c_slot, centre, s, delta)
-        counts[t, 0] = nb
-        counts[t, 1] = nc
-        counts[t, 2] = ne
+            cen[n_c, j] = x[rows[s], j]
+        n_c += 1
+        st[:] = 0
+        refreshes = 0
+        while True:
+            g = _top_cluster(rows, c_max, c_slot)
+            if g < 0:
+                nxt = -1
+                break
+            if applied[g] == n_c:
+                nxt = c_slot[g]
+                break
+            refreshes += 1
+            for i in range(applied[g], n_c):
+                _apply_centre(x, q8, qa, qn2, qe, mu, c_b0, c_lo, c_hi, b_lo, b_hi, rows, min_d2, b_max, b_slot,
+                              c_max, c_slot, g, cen[i], delta, p, ipb, need, idx, st)
+            applied[g] = n_c
+        counts[t, 0] = refreshes
+        counts[t, 1] = st[0]
+        counts[t, 2] = st[1]
+        counts[t, 3] = st[2]
         if nxt < 0:
             break
     return done
@@ -401,74 +475,67 @@ def _far_numpy(dc, lo, hi, m2, delta):
         return ~(m2 > -np.inf) | ((lb > 0.0) & (lb * lb * (1.0 - 2.0 * delta) >= m2))
 
 
-def _sketch_far_numpy(uu, un, dot, a, q2, e, m2, gam, delta):
-    with np.errstate(invalid="ignore", over="ignore"):
-        qn = np.sqrt(q2)
-        v2 = uu - 2.0 * a * dot + a * a * q2 - 2.0 * a * gam * un * qn - delta * (uu + 2.0 * a * np.abs(dot) + a * a * q2)
-        lb = np.sqrt(np.where(v2 > 0.0, v2, 0.0)) * (1.0 - delta) - e - (_EPS32 + delta) * un
-        ok = (v2 > 0.0) & (lb > 0.0) & (lb * lb * (1.0 - 2.0 * delta) >= m2)
-        return ~(m2 > -np.inf) | ok
-
-
-def bounded_update_argmax_numpy(xr, q8, qa, qn2, qe, mu, mu_t, c_b0, c_lo, c_hi, b_lo, b_hi, rows, min_d2, b_max,
-                                b_slot, c_max, c_slot, centre, pick, delta) -> tuple[int, int, int, int]:
-    """Reference twin of `bounded_update_argmax` (vectorised; same distances, same skips)."""
-    ng = len(c_max)
-    nb = len(b_max)
-    d = xr.shape[1]
-    gam = 1.01 * (d + 1) * 2.0 ** -24
-    pick_blk = -1
-    if pick >= 0:
-        min_d2[pick] = -np.inf
-        pick_blk = pick // LANES
-    mut = np.asarray(mu_t).reshape(d, ng)
-    dcm = np.zeros(ng)
+def _apply_centre_numpy(lay, min_d2, b_max, b_slot, c_max, c_slot, g, centre, delta, st) -> None:
+    """Reference twin of `_apply_centre` (vectorised over the cluster's blocks)."""
+    x, q8, qa, qn2, qe, mu, c_b0, c_lo, c_hi, b_lo, b_hi, rows = lay
+    d = x.shape[1]
+    dc = 0.0
     for j in range(d):
-        t = np.float64(centre[j]) - mut[j]
-        dcm += t * t
-    dcm = np.sqrt(dcm)
-    blk_cluster = np.repeat(np.arange(ng), np.diff(c_b0))
-    c_far = _far_numpy(dcm, c_lo, c_hi, c_max, delta)
-    if pick_blk >= 0:
-        c_far[blk_cluster[pick_blk]] = False
-    b_far = c_far[blk_cluster] | _far_numpy(dcm[blk_cluster], b_lo, b_hi, b_max, delta)
-    if pick_blk >= 0:
-        b_far[pick_blk] = False
-    todo = np.flatnonzero(~b_far)
-    gt = blk_cluster[todo]
-    u64 = centre.astype(np.float64)[None, :] - np.asarray(mu, dtype=np.float64)[gt]  # (k, d)
-    u32 = u64.astype(np.float32)
-    uu = np.zeros(len(todo))
-    for j in range(d):
-        uj = u32[:, j].astype(np.float64)
-        uu += uj * uj
-    un = np.sqrt(uu)
-    q = np.asarray(q8).reshape(nb, d, LANES)[todo]
-    acc = np.zeros((len(todo), LANES), dtype=np.float32)
-    for j in range(d):
-        acc += u32[:, j][:, None] * q[:, j, :].astype(np.float32)
-    sl = todo[:, None] * LANES + np.arange(LANES)[None, :]
-    far = _sketch_far_numpy(uu[:, None], un[:, None], acc.astype(np.float64), qa[sl], qn2[sl], qe[sl], min_d2[sl],
-                            gam, delta)
-    ex = sl[~far]
+        t = np.float64(centre[j]) - mu[g, j]
+        dc += t * t
+    dc = np.sqrt(dc)
+    if _far_numpy(dc, c_lo[g], c_hi[g], c_max[g], delta):
+        return
+    st[0] += 1
+    pmax = float(sketch_pmax(d))
+    u = centre.astype(np.float64) - mu[g]
+    bsc = np.max(np.abs(u)) / pmax
+    pq = np.minimum(np.maximum(np.floor(u / bsc + 0.5), -pmax), pmax) if bsc > 0.0 else np.zeros(d)
+    e2 = p2 = uu = 0.0
+    for j in range(d):  # sequential float64 sums, as the kernel
+        t = u[j] - bsc * pq[j]
+        e2 += t * t
+        p2 += pq[j] * pq[j]
+        uu += u[j] * u[j]
+    eu = np.sqrt(e2) * (1.0 + delta) + delta * (np.sqrt(uu) + bsc * np.sqrt(p2))
+    bp2 = bsc * bsc * p2
+    blks = np.arange(c_b0[g], c_b0[g + 1])
+    blks = blks[~_far_numpy(dc, b_lo[blks], b_hi[blks], b_max[blks], delta)]
+    st[1] += len(blks)
+    sl = (blks[:, None] * LANES + np.arange(LANES)[None, :]).reshape(-1)
+    ip = (q8[sl].astype(np.int64) @ pq.astype(np.int64)).astype(np.float64)
+    a = qa[sl]
+    aq2 = a * a * qn2[sl]
+    cr = 2.0 * a * bsc * ip
+    v2 = (bp2 - cr + aq2) - delta * (bp2 + np.abs(cr) + aq2)
+    lb = np.sqrt(np.maximum(v2, 0.0)) * (1.0 - delta) - qe[sl] - eu
+    m2 = min_d2[sl]
+    with np.errstate(invalid="ignore"):
+        far = (lb > 0.0) & (lb * lb * (1.0 - 2.0 * delta) >= m2)
+    ex = sl[(m2 > -np.inf) & ~far]
+    st[2] += len(ex)
     s2 = np.zeros(len(ex))
+    xe = x[rows[ex]]
     for j in range(d):
-        t = xr[ex, j].astype(np.float64) - np.float64(centre[j])
+        t = xe[:, j].astype(np.float64) - np.float64(centre[j])
         s2 += t * t
-    min_d2[ex] = np.where(s2 < min_d2[ex], s2, min_d2[ex])
-    for blk in todo:
+    low = s2 < min_d2[ex]
+    min_d2[ex[low]] = s2[low]
+    touched = np.unique(ex[low] // LANES)
+    for blk in touched:
         b_max[blk], b_slot[blk] = _best_numpy(min_d2, rows, np.arange(blk * LANES, (blk + 1) * LANES))
-    for g in np.unique(gt):
+    if len(touched):
         c_max[g], c_slot[g] = _cluster_best_numpy(g, c_b0, rows, b_max, b_slot)
-    ok = np.flatnonzero(c_slot >= 0)
-    key = np.full(len(min_d2), -np.inf)
-    key[c_slot[ok]] = c_max[ok]
-    return _best_numpy(key, rows, c_slot[ok])[1], len(todo), int((~c_far).sum()), len(ex)
 
 
-def bounded_greedy_numpy(xr, q8, qa, qn2, qe, mu, mu_t, c_b0, c_lo, c_hi, b_lo, b_hi, rows, min_d2, b_max, b_slot,
-                         c_max, c_slot, first, budget, delta, out_slot, out_d2, counts) -> int:
-    """Reference twin of `bounded_greedy`: the same loop over `bounded_update_argmax_numpy`."""
+def bounded_greedy_numpy(x, q8, qa, qn2, qe, mu, c_b0, c_lo, c_hi, b_lo, b_hi, rows, min_d2, b_max, b_slot, c_max,
+                         c_slot, first, budget, delta, out_slot, out_d2, counts) -> int:
+    """Reference twin of `bounded_greedy`: the same lazy loop, vectorised per cluster."""
+    lay = (x, q8, qa, qn2, qe, mu, c_b0, c_lo, c_hi, b_lo, b_hi, rows)
+    ng = len(c_max)
+    blk_cluster = np.repeat(np.arange(ng), np.diff(c_b0))
+    cen: list[np.ndarray] = []
+    applied = np.zeros(ng, dtype=np.int64)
     nxt = int(first)
     done = 0
     for t in range(int(budget)):
@@ -476,12 +543,33 @@ def bounded_greedy_numpy(xr, q8, qa, qn2, qe, mu, mu_t, c_b0, c_lo, c_hi, b_lo, 
         out_slot[t] = s
         out_d2[t] = min_d2[s]
         done = t + 1
+        min_d2[s] = -np.inf
+        blk = s // LANES
+        b_max[blk], b_slot[blk] = _best_numpy(min_d2, rows, np.arange(blk * LANES, (blk + 1) * LANES))
+        c_max[blk_cluster[blk]], c_slot[blk_cluster[blk]] = _cluster_best_numpy(blk_cluster[blk], c_b0, rows,
+                                                                                b_max, b_slot)
         if t + 1 == budget:
-            min_d2[s] = -np.inf
             break
-        nxt, counts[t, 0], counts[t, 1], counts[t, 2] = bounded_update_argmax_numpy(
-            xr, q8, qa, qn2, qe, mu, mu_t, c_b0, c_lo, c_hi, b_lo, b_hi, rows, min_d2, b_max, b_slot, c_max, c_slot,
-            xr[s].copy(), s, delta)
+        cen.append(x[rows[s]].copy())
+        st = np.zeros(3, dtype=np.int64)
+        refreshes = 0
+        while True:
+            ok = np.flatnonzero(c_slot >= 0)
+            key = np.full(len(min_d2), -np.inf)
+            key[c_slot[ok]] = c_max[ok]
+            top = _best_numpy(key, rows, c_slot[ok])[1]
+            if top < 0:
+                nxt = -1
+                break
+            g = int(blk_cluster[top // LANES])
+            if applied[g] == len(cen):
+                nxt = int(c_slot[g])
+                break
+            refreshes += 1
+            for i in range(applied[g], len(cen)):
+                _apply_centre_numpy(lay, min_d2, b_max, b_slot, c_max, c_slot, g, cen[i], delta, st)
+            applied[g] = len(cen)
+        counts[t] = (refreshes, *st)
         if nxt < 0:
             break
     return done
@@ -491,38 +579,45 @@ if njit is not None:
     _jit = njit(cache=True, nogil=True)
     _better = _jit(_better)
     _far = _jit(_far)
-    _sketch_far = _jit(_sketch_far)
+    _sketch_centre = _jit(_sketch_centre_py)
     _block_max = _jit(_block_max_py)
     _cluster_max = _jit(_cluster_max_py)
-    _global_argmax = _jit(_global_argmax_py)
-    _bounded_update_argmax = _jit(_bounded_update_argmax_py)
-    gather_rows = _jit(_gather_rows_py)
-    quantize_blocks = _jit(_quantize_blocks_py)
+    _top_cluster = _jit(_top_cluster_py)
+    _exact_update = _jit(_exact_update_py)
+    _apply_centre = _jit(_apply_centre_py)
+    cluster_sums = _jit(_cluster_sums_py)
+    # reassociation lets LLVM vectorise the two norms of a row (see _sketch_row_py); no
+    # contraction, so that the codes q are those of the twin
+    _sketch_row = njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "nnan", "ninf"})(_sketch_row_py)
+    quantize_rows = _jit(_quantize_rows_py)
     refresh_maxima = _jit(_refresh_maxima_py)
-    bounded_update_argmax = _bounded_update_argmax
     bounded_greedy = _jit(_bounded_greedy_py)
 else:  # pragma: no cover
-    gather_rows = gather_rows_numpy
-    quantize_blocks = quantize_blocks_numpy
+    cluster_sums = cluster_sums_numpy
+    quantize_rows = quantize_rows_numpy
     refresh_maxima = refresh_maxima_numpy
-    bounded_update_argmax = bounded_update_argmax_numpy
     bounded_greedy = bounded_greedy_numpy
 
-gather_rows.__doc__ = """Reorder: `xr[s] = x[rows[s]]` (float32 (N, d) -> (S, d)), zeros where `rows[s] == -1`."""
-quantize_blocks.__doc__ = """The int8 sketch of every slot against its cluster centroid.
+cluster_sums.__doc__ = """`sums[g] = sum of the rows i of x (N, d) float32 with labels[i] == g`, in float64
+(sums (G, d) float64, overwritten)."""
+quantize_rows.__doc__ = """The int8 sketch of every slot against its cluster centroid.
 
-For slot s in block blk (cluster g = blk_cluster[blk]) with w = float64(xr[s]) - mu[g]:
-a = max_j |w_j| / 127 and q_j = clip(floor(w_j / a + 1/2), -127, 127) (q = 0 when a = 0).
+For slot s in block blk (cluster g = blk_cluster[blk]) with w = float64(x[rows[s]]) - mu[g]:
+a = max_j |w_j| / 127 and q_j = clip(floor(w_j (1 / a) + 1/2), -127, 127) (q = 0 when a = 0).
+The two norms are float64 sums in an unspecified order (vectorised): their rounding is far
+inside the margin delta, which is all the bounds need; a, q and |q|^2 do not depend on it.
 
 Args:
-    xr: (S, d) float32 slots (S a multiple of LANES).
+    x: (N, d) float32 embeddings.
+    rows: (S,) int64 row of each slot, every row of x exactly once, -1 for padding (an
+        all-zero sketch); S a multiple of LANES.
     mu: (G, d) float64 centroids.
     blk_cluster: (S / LANES,) int64 cluster of each block.
     delta: `rounding_margin(d)`.
-    q8: (S * d,) int8 written, q of block blk at [(blk * d + j) * LANES + lane].
+    q8: (S, d) int8 written, the codes q.
     qa, qn2: (S,) float64 written: a and |q|^2.
     qe: (S,) float64 written: an upper bound on |w - a q| (its float64 value widened by delta).
-    r: (S,) float64 written: |w|, the distance to the centroid (float64, summed in order).
+    r: (S,) float64 written: |w|, the distance to the centroid.
 """
 refresh_maxima.__doc__ = """Recompute every block's and cluster's maximum of `min_d2` and its slot.
 
@@ -534,33 +629,32 @@ Args:
         row; -inf, -1 when the block holds only -inf).
     c_max, c_slot: (G,) written likewise per cluster.
 """
-bounded_update_argmax.__doc__ = """One exact k-center greedy step on the cluster-major layout, skipping what cannot change.
+bounded_greedy.__doc__ = """`budget` exact k-center greedy picks on the cluster-major layout, from slot `first`.
 
-Marks `pick` (a slot, or -1) as picked, lowers `min_d2` with the squared distances to
-`centre` wherever they are smaller, and returns the slot of the new farthest point, exactly
-as `update_argmax` would on the unpermuted rows (ties to the lowest original row): clusters
-and blocks are ruled out by the triangle inequality on centroid distances, slots by their
-int8 sketch, and only the rest get the float64 distance (see the section comment).
+Lazy: each cluster keeps how many of the centres picked so far were applied to it, and its
+maximum of `min_d2` (an upper bound while centres are pending). A pick takes the cluster
+with the largest (maximum, lowest row); if centres are pending for it, they are applied
+(`_apply_centre`: clusters and blocks ruled out by the triangle inequality on centroid
+distances, slots by their int8 sketch, the rest get the float64 distance of
+`update_argmax`) and the search repeats; a cluster that is up to date holds the true
+farthest point. Since min_d2 only decreases, the picks, and min_d2 at pick time, are those
+of the plain greedy (ties to the lowest original row); clusters that never come near the
+top are never swept again.
 
 Args:
-    xr, q8, qa, qn2, qe: slots and their sketch (`gather_rows`, `quantize_blocks`).
-    mu: (G, d) float64 centroids; mu_t: (d * G,) the same transposed (mu_t[j * G + g]).
-    c_b0, rows, min_d2, b_max, b_slot, c_max, c_slot: as in `refresh_maxima`; updated.
+    x: (N, d) float32 embeddings; q8, qa, qn2, qe: the slots' sketch (`quantize_rows`).
+    mu: (G, d) float64 centroids.
+    c_b0, rows, min_d2, b_max, b_slot, c_max, c_slot: as in `refresh_maxima` (consistent on
+        entry); updated (min_d2 of clusters with pending centres stays an upper bound).
     c_lo, c_hi: (G,) float64 min / max centroid distance of a cluster's members.
     b_lo, b_hi: (nblocks,) float64 the same per block (real slots only).
-    centre: (d,) float32 the new centre.
-    pick: the slot of the new centre (set to -inf first), or -1.
+    first: the slot of the first pick.
+    budget: picks.
     delta: `rounding_margin(d)`.
-
-Returns:
-    (next slot or -1, blocks swept, clusters swept, exact distances computed).
-"""
-bounded_greedy.__doc__ = """`budget` k-center greedy picks on the cluster-major layout, starting from slot `first`.
-
-Each pick records its slot and its `min_d2` at pick time, then (except after the last pick)
-runs `bounded_update_argmax` with itself as the centre. Arguments as in
-`bounded_update_argmax`, plus `out_slot` (budget,) int64, `out_d2` (budget,) float64 and
-`counts` (budget, 3) int64 (blocks swept, clusters swept, exact distances per step), written.
+    out_slot: (budget,) int64 written: the picked slots.
+    out_d2: (budget,) float64 written: min_d2 of each pick at pick time.
+    counts: (budget, 4) int64 written per step: clusters refreshed, (cluster, centre) pairs
+        swept, blocks swept, exact distances.
 
 Returns:
     The number of picks made (budget, unless every slot was picked first).
