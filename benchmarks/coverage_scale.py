@@ -288,7 +288,11 @@ def part_kcenter(args) -> dict:
         rec["load_end"] = os.getloadavg()
         per[name] = rec
         full = x = lab = res = ref = npr = None  # free before the next data set
-    out["kcenter_datasets"] = per
+    # data sets not rerun now keep their earlier records (each carries its own loads / code date)
+    prev = json.loads(args.out.read_text()).get("kcenter_datasets", {}) if args.out.exists() else {}
+    for rec in per.values():
+        rec["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    out["kcenter_datasets"] = {**prev, **per}
     head = per[names[0]]
     u, lb = head["unlabeled"], head["labeled"]
     out.update({
@@ -313,8 +317,8 @@ def part_kcenter(args) -> dict:
         "kcenter_peak_rss_mb": u["bounded"]["peak_rss_mb"],
         "kcenter_numpy_peak_rss_mb": u["numpy"]["peak_rss_mb"],
         "kcenter_same_picks_all_datasets": bool(all(
-            per[k][v].get("same_picks", True) and per[k][v].get("same_scores", True)
-            for k in per for v in ("unlabeled", "labeled"))),
+            rec[v].get("same_picks", True) and rec[v].get("same_scores", True)
+            for rec in out["kcenter_datasets"].values() for v in ("unlabeled", "labeled"))),
     })
     return out
 
@@ -537,7 +541,7 @@ def plot(data: dict, path: Path) -> None:
     pts = []
     for k, v in data.items():
         if k.startswith("maxherding_") and k.endswith("_s") and isinstance(v, (int, float)):
-            pts.append((k[len("maxherding_"):-2], v, "MaxHerding (poolscout)"))
+            pts.append(("maxherding " + k[len("maxherding_"):-2], v, "MaxHerding (poolscout)"))
         if k.startswith("sklearn_") and k.endswith("_s") and isinstance(v, (int, float)):
             pts.append(("skal " + k[len("sklearn_"):-2], v, "scikit-activeml"))
         if k.startswith("ours_") and k.endswith("_s") and isinstance(v, (int, float)):
