@@ -115,7 +115,7 @@ class QuerySession:
     def _signal_columns(self, specs) -> dict[str, np.ndarray]:
         """Signal columns of all candidates, computing (once) those scoring did not store."""
         from poolscout.engine.acquisition import signals as S
-        from poolscout.jobs.select import compute_missing
+        from poolscout.jobs.cycle_data import compute_missing
 
         self._load_scores()
         missing = [s for s in specs if s.column not in self._cols]
@@ -196,7 +196,7 @@ class QuerySession:
 
             self._emb = (load_backbone(self.run, self.ids), load_backbone(self.run, self.run.ids_in_state("labeled")))
         if self._emb is None:
-            from poolscout.jobs.select import load_embeddings
+            from poolscout.jobs.cycle_data import load_embeddings
 
             eid, state, emb = load_embeddings(self.run, self.k)
             order = np.argsort(eid, kind="stable")
@@ -238,7 +238,7 @@ class QuerySession:
         from poolscout.engine.acquisition import strategies as St
         from poolscout.engine.acquisition.checks import note_empty, parse_empty_rule, selection_warnings
         from poolscout.engine.acquisition.selectors import SelectContext
-        from poolscout.jobs.select import boxes_loader, labeled_class_counts, needs_model
+        from poolscout.jobs.cycle_data import boxes_loader, labeled_class_counts, needs_model
 
         t0 = time.time()
         run, cfg, k = self.run, self.cfg, self.k

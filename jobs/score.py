@@ -434,7 +434,7 @@ BOX_STORE_COLUMNS = ("image_id", "width", "height", "num_boxes", "boxes", "score
 
 def write_box_store(table: pa.Table, parquet_path: Path) -> None:
     """The per-box payload of a part's scored pool rows (original view) as an uncompressed
-    Arrow IPC file beside it: memory-mapped by `jobs.select.boxes_loader`,
+    Arrow IPC file beside it: memory-mapped by `jobs.cycle_data.boxes_loader`,
     so the boxes of a few thousand candidates are read without decoding the whole
     prediction set (a Parquet scan). Named _boxes.<part>.arrow, which Arrow's dataset
     discovery skips. Written before the Parquet part, which marks the chunk done; only
