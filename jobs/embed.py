@@ -123,7 +123,7 @@ def embed_backbone(run: RunDir, cfg: Config, *, states: tuple[str, ...] = ("pool
 
 
 def _embed_local(work: pa.Table, cfg: Config, root: str | None, d: Path, progress: bool) -> None:
-    from poolscout.jobs.score import decode_batch, write_part
+    from poolscout.jobs.score import decoded_batches, write_part
 
     e = cfg.embed
     stage = BackboneStage(str(e.weights), e.torch_threads, e.dtype)
@@ -136,14 +136,10 @@ def _embed_local(work: pa.Table, cfg: Config, root: str | None, d: Path, progres
     for st in range(0, len(work), chunk):
         rows = work.slice(st, chunk)
         parts = []
-        for j in range(0, len(rows), e.batch_size):
-            b = rows.slice(j, e.batch_size)
-            batch = {c: b[c].to_numpy(zero_copy_only=False) for c in EMBED_COLUMNS}
-            batch["uri"] = np.asarray(b["uri"].to_pylist(), dtype=object)
-            batch["state"] = np.asarray(b["state"].to_pylist(), dtype=object)
-            parts.append(stage(decode_batch(batch, e.input_size, cfg.dataset.max_pixels, root)))
+        for dec in decoded_batches(rows, e.batch_size, EMBED_COLUMNS, e.input_size, cfg.dataset.max_pixels, root):
+            parts.append(stage(dec))
             if bar is not None:
-                bar.update(len(b))
+                bar.update(len(dec["image_id"]))
         write_part(pa.concat_tables(parts), str(d))
     if bar is not None:
         bar.close()

@@ -56,6 +56,18 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int,
             "content_w": out["content_w"], "content_h": out["content_h"], "error": err}
 
 
+def decoded_batches(rows: pa.Table, batch_size: int, columns: tuple[str, ...], size: int, max_pixels: int,
+                    root: str | None):
+    """Yield the decoded batches (`decode_batch`) of a slice of work rows, `batch_size` at a
+    time, for the local (no Ray) paths."""
+    for j in range(0, len(rows), batch_size):
+        b = rows.slice(j, batch_size)
+        batch = {c: b[c].to_numpy(zero_copy_only=False) for c in columns if c not in ("uri", "state")}
+        batch["uri"] = np.asarray(b["uri"].to_pylist(), dtype=object)
+        batch["state"] = np.asarray(b["state"].to_pylist(), dtype=object)
+        yield decode_batch(batch, size, max_pixels, root)
+
+
 class DetectorStage:
     """Detector actor: loads the model once, returns canonical predictions as Arrow."""
 
@@ -274,15 +286,10 @@ def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: 
         for n_done, (i, st) in enumerate(todo):
             rows = work.slice(st, chunk)
             parts = []
-            for j in range(0, len(rows), sc.batch_size):
-                b = rows.slice(j, sc.batch_size)
-                batch = {c: b[c].to_numpy(zero_copy_only=False) for c in WORK_COLUMNS}
-                batch["uri"] = np.asarray(b["uri"].to_pylist(), dtype=object)
-                batch["state"] = np.asarray(b["state"].to_pylist(), dtype=object)
-                dec = decode_batch(batch, input_size, cfg.dataset.max_pixels, root)
+            for dec in decoded_batches(rows, sc.batch_size, WORK_COLUMNS, input_size, cfg.dataset.max_pixels, root):
                 parts.append(signal_batch(stage(dec), plan["specs"], cfg.seed, k, num_classes, plan["context"]))
                 if bar is not None:
-                    bar.update(int((batch["state"] == "pool").sum()))
+                    bar.update(int((dec["state"] == "pool").sum()))
             part = pa.concat_tables(parts)
             write_box_store(part, partial / f"part-{i:05d}.parquet")
             io.write_table(part, partial / f"part-{i:05d}.parquet")

@@ -266,6 +266,15 @@ def _top_cluster_py(rows, c_max, c_slot):  # pragma: no cover - compiled below
 
 
 # --- the bounded step ------------------------------------------------------------------------------
+def _centroid_distance(centre, mu, g):
+    """|centre - mu[g]| in float64, summed over j in order (the kernel and its twin share it)."""
+    dc = 0.0
+    for j in range(mu.shape[1]):
+        t = np.float64(centre[j]) - mu[g, j]
+        dc += t * t
+    return np.sqrt(dc)
+
+
 def _sketch_centre_py(centre, mu, g, pmax, delta, p):  # pragma: no cover - compiled below
     """u = centre - mu[g] as b p (p int16 written to `p`): returns (b, |p|^2, eu >= |u - b p|)."""
     d = p.shape[0]
@@ -334,11 +343,7 @@ def _apply_centre_py(x, q8, qa, qn2, qe, mu, c_b0, c_lo, c_hi, b_lo, b_hi, rows,
     """Lower min_d2 of cluster g's slots with their distances to `centre`, skipping what the
     bounds rule out; st += (1 if the cluster was swept, blocks swept, exact distances)."""
     d = x.shape[1]
-    dc = 0.0
-    for j in range(d):
-        t = np.float64(centre[j]) - mu[g, j]
-        dc += t * t
-    dc = np.sqrt(dc)
+    dc = _centroid_distance(centre, mu, g)
     if _far(dc, c_lo[g], c_hi[g], c_max[g], delta):
         return
     st[0] += 1
@@ -479,11 +484,7 @@ def _apply_centre_numpy(lay, min_d2, b_max, b_slot, c_max, c_slot, g, centre, de
     """Reference twin of `_apply_centre` (vectorised over the cluster's blocks)."""
     x, q8, qa, qn2, qe, mu, c_b0, c_lo, c_hi, b_lo, b_hi, rows = lay
     d = x.shape[1]
-    dc = 0.0
-    for j in range(d):
-        t = np.float64(centre[j]) - mu[g, j]
-        dc += t * t
-    dc = np.sqrt(dc)
+    dc = _centroid_distance(centre, mu, g)
     if _far_numpy(dc, c_lo[g], c_hi[g], c_max[g], delta):
         return
     st[0] += 1
@@ -579,6 +580,7 @@ if njit is not None:
     _jit = njit(cache=True, nogil=True)
     _better = _jit(_better)
     _far = _jit(_far)
+    _centroid_distance = _jit(_centroid_distance)
     _sketch_centre = _jit(_sketch_centre_py)
     _block_max = _jit(_block_max_py)
     _cluster_max = _jit(_cluster_max_py)

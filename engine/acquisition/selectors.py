@@ -172,6 +172,21 @@ def check_budget(budget: int) -> int:
     return int(budget)
 
 
+def candidate_boxes(name: str, ctx: SelectContext, ids: np.ndarray, fields: tuple[str, ...] = ()) -> dict:
+    """The candidates' boxes from `ctx.boxes`, checked: present, rows aligned with `ids`,
+    and every field in `fields` there (a ValueError naming selector `name` otherwise)."""
+    b = ctx.boxes
+    if b is None:
+        raise ValueError(f"selector {name} needs the candidates' boxes (ctx.boxes is None)")
+    if not np.array_equal(np.asarray(b["image_id"], dtype=np.int64), ids):
+        raise ValueError(f"selector {name}: ctx.boxes rows differ from the table's image_id")
+    for f in fields:
+        if b.get(f) is None:
+            hint = " (score with score.store_roi_embeddings on)" if f == "roi_embedding" else ""
+            raise ValueError(f"selector {name} needs {f!r} in ctx.boxes{hint}")
+    return b
+
+
 @SELECTORS.register("topk", final=True, needs_embedding=False)
 def topk(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, by: str,
          direction: str | None = None) -> Selection:

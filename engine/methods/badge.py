@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext, Selection, check_budget, json_float
+from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext, Selection, candidate_boxes, check_budget, json_float
 
 
 def box_factors(probs: np.ndarray, roi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -145,15 +145,7 @@ def badge(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext) -> S
     """
     budget = check_budget(budget)
     ids = np.asarray(table["image_id"], dtype=np.int64)
-    b = ctx.boxes
-    if b is None:
-        raise ValueError("selector badge needs the candidates' boxes (ctx.boxes is None)")
-    if not np.array_equal(np.asarray(b["image_id"], dtype=np.int64), ids):
-        raise ValueError("selector badge: ctx.boxes rows differ from the table's image_id")
-    for f in ("offsets", "probs", "roi_embedding"):
-        if b.get(f) is None:
-            hint = " (score with score.store_roi_embeddings on)" if f == "roi_embedding" else ""
-            raise ValueError(f"selector badge needs {f!r} in ctx.boxes{hint}")
+    b = candidate_boxes("badge", ctx, ids, ("offsets", "probs", "roi_embedding"))
     n = len(ids)
     if n == 0:
         return Selection(np.zeros(0, np.int64), np.zeros(0), [])

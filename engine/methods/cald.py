@@ -30,7 +30,8 @@ from __future__ import annotations
 import numpy as np
 
 from poolscout.engine.models import predictions as P
-from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext, Selection, check_budget, json_float, topk_indices
+from poolscout.engine.acquisition.selectors import (SELECTORS, SelectContext, Selection, candidate_boxes, check_budget,
+                                                   json_float, topk_indices)
 from poolscout.engine.acquisition.signals import register_signal
 
 CALD_VIEWS = ("hflip", "cutout", "resize", "rotate")
@@ -137,11 +138,7 @@ def cald_rerank(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext
     """
     budget = check_budget(budget)
     ids = np.asarray(table["image_id"], np.int64)
-    b = ctx.boxes
-    if b is None:
-        raise ValueError("selector cald_rerank needs the candidates' boxes (ctx.boxes is None)")
-    if not np.array_equal(np.asarray(b["image_id"], np.int64), ids):
-        raise ValueError("selector cald_rerank: ctx.boxes rows differ from the table's image_id")
+    b = candidate_boxes("cald_rerank", ctx, ids, ("probs", "offsets"))
     js = class_prior_divergence(class_max_scores(b["probs"], b["offsets"]), ctx.labeled_class_counts)
     rows = topk_indices(js, ids, budget, "high")
     rat = [{"cald_rerank": {"js": json_float(js[r]), "rank": i}} for i, r in enumerate(rows.tolist(), start=1)]

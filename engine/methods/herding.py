@@ -401,6 +401,23 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)
 
 
+def unit_embeddings(name: str, table: dict, ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, candidates' unit embeddings (N, d), labeled unit embeddings (L, d)) for a
+    coverage selector, with a ValueError naming selector `name` on a missing or misshapen
+    embedding."""
+    if "embedding" not in table or table["embedding"] is None:
+        raise ValueError(f"{name} needs an 'embedding' column (N, d) in the table")
+    ids = np.asarray(table["image_id"], dtype=np.int64)
+    x = _unit_rows(table["embedding"])
+    if x.ndim != 2 or len(x) != len(ids):
+        raise ValueError(f"{name}: embedding must be (N={len(ids)}, d), got {x.shape}")
+    lab = ctx.labeled_embedding
+    lab = _unit_rows(lab) if lab is not None and len(lab) else np.zeros((0, x.shape[1]), np.float32)
+    if lab.ndim != 2 or lab.shape[1] != x.shape[1]:
+        raise ValueError(f"{name}: labeled_embedding must be (L, {x.shape[1]}), got {lab.shape}")
+    return ids, x, lab
+
+
 def uncertainty_weights(values: np.ndarray, direction: str) -> np.ndarray:
     """u in [0, 1] from a signal column: min-max scaled so that the most uncertain is 1
     (for a "low" signal the lowest value); NaN (no boxes) -> 0."""
@@ -447,19 +464,10 @@ def maxherding(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
         Learning", ECCV 2024; uncertainty herding: Bae et al. 2024 (arXiv 2412.20644).
     """
     budget = check_budget(budget)
-    if "embedding" not in table or table["embedding"] is None:
-        raise ValueError("maxherding needs an 'embedding' column (N, d) in the table")
-    ids = np.asarray(table["image_id"], dtype=np.int64)
-    x = _unit_rows(table["embedding"])
+    ids, x, lab = unit_embeddings("maxherding", table, ctx)
     n = len(ids)
-    if x.ndim != 2 or len(x) != n:
-        raise ValueError(f"maxherding: embedding must be (N={n}, d), got {x.shape}")
     if int(neighbours) < 1 or int(dense_below) < 0:
         raise ValueError("maxherding: neighbours must be >= 1 and dense_below >= 0")
-    lab = ctx.labeled_embedding
-    lab = _unit_rows(lab) if lab is not None and len(lab) else np.zeros((0, x.shape[1]), np.float32)
-    if lab.shape[1] != x.shape[1]:
-        raise ValueError(f"maxherding: labeled_embedding must be (L, {x.shape[1]}), got {lab.shape}")
     pts = np.concatenate([x, lab])
     total = len(pts)
     cand = np.arange(total) < n

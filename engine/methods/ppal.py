@@ -51,7 +51,7 @@ import numpy as np
 
 from poolscout.engine.models import predictions as P
 from poolscout.engine.acquisition.signals import register_signal
-from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext, Selection, check_budget, json_float
+from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext, Selection, candidate_boxes, check_budget, json_float
 
 DCUS_A = 0.3
 DCUS_B = 0.2
@@ -497,15 +497,7 @@ def ccms(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
     budget = check_budget(budget)
     _check_neighbours(neighbours)
     ids = np.asarray(table["image_id"], dtype=np.int64)
-    b = ctx.boxes
-    if b is None:
-        raise ValueError("selector ccms needs the candidates' boxes (ctx.boxes is None)")
-    if not np.array_equal(np.asarray(b["image_id"], dtype=np.int64), ids):
-        raise ValueError("selector ccms: ctx.boxes rows differ from the table's image_id")
-    for f in ("offsets", "labels", "scores", "roi_embedding"):
-        if b.get(f) is None:
-            hint = " (score with score.store_roi_embeddings on)" if f == "roi_embedding" else ""
-            raise ValueError(f"selector ccms needs {f!r} in ctx.boxes{hint}")
+    b = candidate_boxes("ccms", ctx, ids, ("offsets", "labels", "scores", "roi_embedding"))
     n = len(ids)
     if n == 0:
         return Selection(np.zeros(0, np.int64), np.zeros(0), [])

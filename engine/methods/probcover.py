@@ -38,16 +38,10 @@ import numpy as np
 
 from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext, Selection, check_budget, json_float
 from poolscout.engine.methods.herding import (cached_knn, graph_from_neighbours, herding_dense, herding_sparse,
-                                              kernel_values)
+                                              kernel_values, unit_embeddings)
 from poolscout.engine.methods.typiclust import kmeans_labels
 
 GRID_LEVELS = np.linspace(0.0, 1.0, 101)
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1.0)
 
 
 def knn_lists(x: np.ndarray, k: int, *, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
@@ -174,17 +168,8 @@ def probcover(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, 
     """
     budget = check_budget(budget)
     grid = _check_params("probcover", delta, purity, neighbours, clusters, dense_below)
-    if "embedding" not in table or table["embedding"] is None:
-        raise ValueError("probcover needs an 'embedding' column (N, d) in the table")
-    ids = np.asarray(table["image_id"], dtype=np.int64)
-    x = _unit_rows(table["embedding"])
+    ids, x, lab = unit_embeddings("probcover", table, ctx)
     n = len(ids)
-    if x.ndim != 2 or len(x) != n:
-        raise ValueError(f"probcover: embedding must be (N={n}, d), got {x.shape}")
-    lab = ctx.labeled_embedding
-    lab = _unit_rows(lab) if lab is not None and len(lab) else np.zeros((0, x.shape[1]), np.float32)
-    if lab.ndim != 2 or lab.shape[1] != x.shape[1]:
-        raise ValueError(f"probcover: labeled_embedding must be (L, {x.shape[1]}), got {lab.shape}")
     b = min(budget, n)
     if b == 0:
         return Selection(np.zeros(0, np.int64), np.zeros(0), [])
