@@ -356,8 +356,29 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
                    executor=executor, images_per_s=round(len(work) / seconds, 2) if seconds else None,
                    specs=list(specs))
     summary["digest"] = digest
+    summary["warm"] = warm_queries(run, cfg, k)
     io.atomic_write_json(cdir / "score.json", summary)
     return summary
+
+
+def warm_queries(run: RunDir, cfg: Config, k: int) -> dict:
+    """Build the per-cycle caches of the `score.warm_queries` strategies (a one-image query
+    each, saved nowhere), so that the cycle's queries find the kNN graph built. A failure
+    is recorded, not raised: scoring has succeeded and the query builds what it needs."""
+    from poolscout.jobs.query import QuerySession
+
+    out: dict[str, dict] = {}
+    if not cfg.score.warm_queries:
+        return out
+    session = QuerySession(run, cfg, k)
+    for name in cfg.score.warm_queries:
+        t0 = time.time()
+        try:
+            session.ask(name, 1)
+            out[name] = {"seconds": round(time.time() - t0, 3)}
+        except (RunError, ValueError, OSError) as e:
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    return out
 
 
 def _finished(run: RunDir, k: int, digest: str, specs: tuple[str, ...]) -> dict | None:

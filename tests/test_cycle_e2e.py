@@ -170,6 +170,37 @@ def test_coreset_and_hybrid_strategies_select_from_pool(run_dir):
         assert s["selected"] == 4 and len(set(ids)) == 4 and set(ids) <= pool, strat
 
 
+def test_scoring_builds_the_knn_graph_that_queries_then_reuse(run_dir, tmp_path):
+    """score.warm_queries (default: maxherding) runs after scoring; a strategy on the sparse
+    path gets its kNN graph built then, and the first query reads it instead of searching."""
+    import dataclasses
+
+    from poolscout.jobs.query import QuerySession
+    from poolscout.jobs.score import warm_queries
+
+    run = run_dir
+    if not run.scores_path(0).is_file():
+        pytest.skip("needs the end-to-end test's scores")
+    warm = json.loads((run.cycle_dir(0) / "score.json").read_text())["warm"]
+    assert set(warm) == {"maxherding"} and "seconds" in warm["maxherding"], warm
+    sparse = tmp_path / "herd_sparse.yaml"
+    sparse.write_text("name: herd_sparse\nstages:\n  - selector: maxherding\n    dense_below: 0\n")
+    cfg = run.config()
+    cfg = cfg.replace(score=dataclasses.replace(cfg.score, warm_queries=(str(sparse), "no_such_strategy")))
+    cache = run.cycle_dir(0) / "cache"
+    old = set(cache.glob("knn-*.npz"))
+    out = warm_queries(run, cfg, 0)
+    assert "seconds" in out[str(sparse)] and "no_such_strategy" in out["no_such_strategy"]["error"]
+    new = set(cache.glob("knn-*.npz")) - old
+    assert len(new) == 1
+    (graph,) = new
+    stamp = graph.stat().st_mtime_ns
+    table, _ = QuerySession(run, cfg, 0).ask(str(sparse), 3)
+    assert table.num_rows == 3
+    assert json.loads(table["rationale"][0].as_py())["maxherding"]["path"].startswith("knn")
+    assert graph.stat().st_mtime_ns == stamp and set(cache.glob("knn-*.npz")) - old == new
+
+
 def test_query_says_when_picks_come_from_the_empty_rule(run_dir, tmp_path):
     """A model that detects nothing: every entropy pick is tied at the fill value and says so."""
     from poolscout.jobs import api
