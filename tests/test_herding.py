@@ -251,3 +251,30 @@ def test_bandwidth_from_the_knn_lists_equals_the_search_one():
     nbr, d2, _ = knn_search(x, 5, index="flat")
     assert median_bandwidth_from_knn(nbr, d2) == pytest.approx(median_bandwidth(x), rel=1e-5)
     assert median_bandwidth_from_knn(nbr, d2, sample=100) == pytest.approx(median_bandwidth(x, sample=100), rel=1e-5)
+
+
+def test_adaptive_radius_is_the_smallest_labeled_distance():
+    """h: adaptive (uncertainty herding's radius): the smallest distance between two labeled
+    points, by hand on the unit circle; the median rule while there are fewer than two."""
+    from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext
+    from poolscout.engine.methods.herding import adaptive_bandwidth
+
+    def circle(*angles):
+        a = np.asarray(angles, dtype=np.float64)
+        return np.stack([np.cos(a), np.sin(a)], 1).astype(np.float32)
+
+    lab = circle(0.0, 0.2, 1.0)  # chords 2 sin(0.1), 2 sin(0.4), 2 sin(0.5)
+    assert adaptive_bandwidth(lab) == pytest.approx(2 * math.sin(0.1), rel=1e-5)
+    assert adaptive_bandwidth(lab[:1]) is None and adaptive_bandwidth(circle(0.3, 0.3)) is None
+    x = circle(*np.linspace(1.5, 3.0, 12))
+    fn = SELECTORS.get("maxherding")
+    ctx = SelectContext(labeled_embedding=lab)
+    adaptive = fn(_table(x), 4, ctx=ctx, h="adaptive")
+    fixed = fn(_table(x), 4, ctx=ctx, h=2 * math.sin(0.1))
+    assert adaptive.image_id.tolist() == fixed.image_id.tolist()
+    assert adaptive.rationale[0]["maxherding"]["h"] == pytest.approx(2 * math.sin(0.1), rel=1e-5)
+    alone = SelectContext(labeled_embedding=lab[:1])
+    assert (fn(_table(x), 4, ctx=alone, h="adaptive").image_id.tolist()
+            == fn(_table(x), 4, ctx=alone, h="median").image_id.tolist())
+    with pytest.raises(ValueError, match="'median' or 'adaptive'"):
+        fn(_table(x), 1, ctx=ctx, h="wide")

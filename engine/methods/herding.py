@@ -65,6 +65,25 @@ def median_bandwidth(x: np.ndarray, sample: int = 4096, seed: int = 0) -> float:
     return med if med > 0 else 1.0
 
 
+def adaptive_bandwidth(labeled: np.ndarray) -> float | None:
+    """Uncertainty herding's adaptive radius: the smallest distance between two labeled
+    points (exact, one FAISS 2-NN search over the labeled set), so the kernel narrows as
+    labels grow; None with fewer than two labeled points or when all coincide."""
+    lab = np.ascontiguousarray(labeled, dtype=np.float32)
+    if len(lab) < 2:
+        return None
+    import faiss
+
+    index = faiss.IndexFlatL2(lab.shape[1])
+    index.add(lab)
+    d2, nn = index.search(lab, 2)
+    own = np.arange(len(lab))
+    other = np.where(nn[:, 0] == own, d2[:, 1], d2[:, 0])
+    other = np.maximum(other[nn[:, 1] >= 0], 0.0)
+    pos = other[other > 0]
+    return float(np.sqrt(pos.min())) if len(pos) else None
+
+
 def median_bandwidth_from_knn(nbr: np.ndarray, d2: np.ndarray, sample: int = 4096, seed: int = 0) -> float:
     """`median_bandwidth` read off kNN lists (k >= 2) instead of a new search: the same
     seeded sample of points, each one's nearest other point. Equal to `median_bandwidth`
@@ -453,7 +472,9 @@ def maxherding(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
         by: a signal spec (e.g. margin:max) whose values, min-max scaled to [0, 1] toward
             the uncertain end, weight the coverage terms; None = MaxHerding.
         kernel: "rbf" or "tophat".
-        h: bandwidth (on unit vectors), or "median" for the median nearest-neighbour distance.
+        h: bandwidth (on unit vectors); "median" for the median nearest-neighbour distance;
+            "adaptive" for uncertainty herding's adaptive radius, the smallest distance within
+            the labeled set (the median rule while fewer than two distinct labeled points).
 
     Returns:
         Selection with score = the gain at pick time; rationale {"maxherding": {gain, rank,
@@ -476,7 +497,15 @@ def maxherding(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext,
     if by is not None:
         col, direction = resolve_by(by, table)
         w = np.concatenate([uncertainty_weights(table[col], direction), np.zeros(len(lab))])
-    bw = None if h == "median" else float(h)
+    if h == "adaptive":
+        bw = adaptive_bandwidth(lab)
+    elif h == "median":
+        bw = None
+    else:
+        try:
+            bw = float(h)
+        except (TypeError, ValueError):
+            raise ValueError(f"maxherding: h must be a number, 'median' or 'adaptive', got {h!r}") from None
     if total <= int(dense_below):
         bw = median_bandwidth(pts) if bw is None else bw
         import faiss
