@@ -405,9 +405,16 @@ def main(argv: list[str] | None = None) -> int:
             runs[(strat, seed)] = RunDir(workdir / f"{strat}_s{seed}")
             ovs[(strat, seed)] = [*base, *extra, f"seed={seed}", f"select.strategy={strategy}"]
     # the first run of every group that shares a cycle 0 (same seed and training settings)
+    # (on a resumed benchmark, a run that already exists: the others were copied from it)
+    def started(key) -> int:
+        root = runs[key].root
+        return 0 if (root / "subsample.json").is_file() else (1 if root.exists() else 2)
+
     firsts: dict = {}
     for key, ov in ovs.items():
-        firsts.setdefault((key[1], tuple(sorted(o for o in ov if not o.startswith("select.strategy=")))), key)
+        group = (key[1], tuple(sorted(o for o in ov if not o.startswith("select.strategy="))))
+        if group not in firsts or started(key) < started(firsts[group]):
+            firsts[group] = key
     for key in firsts.values():
         init_loop_run(runs[key].root, spec, files, ovs[key])  # no-op for an existing run
         if fractions is not None:
