@@ -148,7 +148,7 @@ class QuerySession:
             t = self._derive_fields().replace_schema_metadata({"scores_key": key})
             io.write_table(t, cache)
         t = t.filter(pc.is_in(t["image_id"], pa.array(self._ids))).sort_by("image_id")
-        if len(t) != len(self._ids):
+        if not np.array_equal(t["image_id"].to_numpy(), self._ids):
             raise RunError(f"{self.run.predictions_dir(self.k)}: filter columns found for {len(t)} of "
                            f"{len(self._ids)} candidates")
         self._fields = t.replace_schema_metadata(None)
@@ -199,11 +199,13 @@ class QuerySession:
             from poolscout.jobs.cycle_data import load_embeddings
 
             eid, state, emb = load_embeddings(self.run, self.k)
+            if len(eid) == 0:
+                raise RunError(f"{self.run.predictions_dir(self.k)}: no image has an embedding")
             order = np.argsort(eid, kind="stable")
             pos = np.searchsorted(eid[order], self.ids)
             pos = np.minimum(pos, len(eid) - 1)
             rows = order[pos]
-            if len(eid) == 0 or not np.array_equal(eid[rows], self.ids):
+            if not np.array_equal(eid[rows], self.ids):
                 raise RunError(f"{self.run.predictions_dir(self.k)}: some candidates have no embedding")
             self._emb = (emb[rows], emb[state == "labeled"])
         return self._emb
@@ -215,15 +217,15 @@ class QuerySession:
         n = len(self.ids)
         if not where:
             return np.arange(n)
-        from poolscout.engine.acquisition.where import parse_where
+        from poolscout.engine.acquisition.where import filter_table, parse_where
 
         fields = self.image_fields()
-        cols = set(fields.column_names) | set(self._cols) | set(self._stored or [])
-        expr, used = parse_where(where, cols)
+        # the stored columns only: what a filter may name does not depend on earlier queries
+        expr, used = parse_where(where, set(fields.column_names) | set(self._stored or []))
         t = fields.append_column("_row", pa.array(np.arange(n)))
         for c in sorted(used - set(fields.column_names)):
             t = t.append_column(c, pa.array(self._cols[c]))
-        return t.filter(expr)["_row"].to_numpy()
+        return filter_table(t, expr, where)["_row"].to_numpy()
 
     def ask(self, strategy: str | None = None, budget: int | None = None, where: str | None = None
             ) -> tuple[pa.Table, dict]:

@@ -167,6 +167,11 @@ def test_batch_queries_of_a_scored_cycle(trained, tmp_path):
     assert summ["candidates"] == len(allowed) and set(t["image_id"].to_pylist()) <= allowed
     with pytest.raises(ValueError, match="unknown column 'colour'"):
         s.ask("entropy", 3, where="colour == 'red'")
+    with pytest.raises(ValueError, match="class == 1"):  # a type mismatch: one line, no traceback
+        s.ask("entropy", 3, where="class == 1")
+    # images without detections (score_max missing) match no comparison, a negated one neither
+    detected = int(pc.sum(pc.greater(fields["num_boxes"], 0)).as_py())
+    assert len(s.candidates("score_max != -1")) == len(s.candidates("not (score_max < -1)")) == detected
     # a batch file through the CLI: saved beside the cycle, selection.parquet untouched
     before = run.selection_path(0).read_bytes()
     batch = tmp_path / "q.yaml"

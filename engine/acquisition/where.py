@@ -112,17 +112,21 @@ def parse_where(text: str, columns) -> tuple[pc.Expression, set[str]]:
             if not isinstance(right, (ast.List, ast.Tuple, ast.Set)) or not right.elts:
                 raise WhereError(f"--where {text!r}: 'in' needs a non-empty list, e.g. class in ['a', 'b']")
             values = [_literal(e, text) for e in right.elts]
-            expr = field(left).isin(pa.array(values))
-            return pc.invert(expr) if isinstance(op, ast.NotIn) else expr
+            f = field(left)
+            expr = f.isin(pa.array(values))
+            if isinstance(op, ast.NotIn):  # a missing value is in no list and outside none
+                return pc.if_else(pc.is_valid(f), pc.invert(expr), pa.scalar(None, pa.bool_()))
+            return expr
         if type(op) not in _CMP:
             raise WhereError(f"--where {text!r}: operator {type(op).__name__} is not supported "
                              f"(use == != < <= > >= in, not in)")
         fn = getattr(pc, _CMP[type(op)])
-        if isinstance(left, ast.Name) and left.id not in ("true", "false") and not isinstance(right, ast.Name):
+        lcol, rcol = _is_column(left), _is_column(right)
+        if lcol and not rcol:
             return fn(field(left), pc.scalar(_literal(right, text)))
-        if isinstance(right, ast.Name) and right.id not in ("true", "false") and not isinstance(left, ast.Name):
+        if rcol and not lcol:
             return fn(pc.scalar(_literal(left, text)), field(right))
-        if isinstance(left, ast.Name) and isinstance(right, ast.Name):
+        if lcol and rcol:
             return fn(field(left), field(right))
         raise WhereError(f"--where {text!r}: a comparison needs a column on one side")
 
@@ -148,16 +152,40 @@ def parse_where(text: str, columns) -> tuple[pc.Expression, set[str]]:
         raise WhereError(f"--where {text!r}: {ast.unparse(node)!r} is not a comparison "
                          f"(use == != < <= > >= in, not in, and, or, not)")
 
-    expr = walk(tree.body)
+    try:
+        expr = walk(tree.body)
+    except (pa.ArrowException, OverflowError) as e:  # e.g. a list mixing strings and numbers
+        raise WhereError(f"--where {text!r}: {e}") from None
     return expr, used
+
+
+def _is_column(node: ast.AST) -> bool:
+    return isinstance(node, ast.Name) and node.id not in ("true", "false")
+
+
+def missing_as_null(table: pa.Table) -> pa.Table:
+    """NaN in floating columns as null, so that every comparison with a missing value,
+    negated ones included (`!=`, `not`), drops the row."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_floating(f.type):
+            col = table.column(i)
+            table = table.set_column(i, f.name, pc.if_else(pc.is_nan(col), pa.scalar(None, f.type), col))
+    return table
+
+
+def filter_table(table: pa.Table, expr: pc.Expression, text: str) -> pa.Table:
+    """The rows of `table` where a compiled filter holds; a type mismatch between a column and
+    a literal (`class == 1`) or a column that is not a condition is a WhereError."""
+    try:
+        return missing_as_null(table).filter(expr)  # null -> dropped
+    except (pa.ArrowException, TypeError, NotImplementedError) as e:
+        raise WhereError(f"--where {text!r}: {e}") from None
 
 
 def apply_where(table: pa.Table, text: str) -> pa.Table:
     """The rows of `table` where the filter holds (missing values never match)."""
     expr, _ = parse_where(text, table.column_names)
-    try:
-        return table.filter(expr)  # null -> dropped
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-        raise WhereError(f"--where {text!r}: {e}") from None
+    return filter_table(table, expr, text)
 
-__all__ = ["WhereError", "parse_where", "apply_where", "MAX_LENGTH"]
+
+__all__ = ["WhereError", "parse_where", "apply_where", "filter_table", "missing_as_null", "MAX_LENGTH"]
