@@ -53,7 +53,9 @@ def compute_missing(run: RunDir, cfg: Config, k: int, specs: list, ids: np.ndarr
         raise RunError(f"{run.predictions_dir(k)} holds no scored pool images")
     all_ids = np.concatenate(got_ids)
     order = np.argsort(all_ids)
-    pos = order[np.searchsorted(all_ids[order], ids)]
+    pos = order[np.minimum(np.searchsorted(all_ids[order], ids), len(all_ids) - 1)]
+    if not np.array_equal(all_ids[pos], ids):
+        raise RunError(f"{run.predictions_dir(k)}: some candidates have no stored prediction")
     empty = np.concatenate(got_empty)[pos]
     out = {}
     for s in specs:

@@ -86,6 +86,7 @@ class QuerySession:
         self._fields: pa.Table | None = None
         self._emb: tuple[np.ndarray, np.ndarray] | None = None  # (candidate embeddings, labeled)
         self._class_counts: np.ndarray | None = None
+        self._loaders: dict = {}  # box loaders by the fields they read (their id index is built once)
 
     # ---------------------------------------------------------------- loading (once)
 
@@ -210,6 +211,14 @@ class QuerySession:
             self._emb = (emb[rows], emb[state == "labeled"])
         return self._emb
 
+    def _boxes_loader(self, fields):
+        from poolscout.jobs.cycle_data import boxes_loader
+
+        key = None if fields is None else tuple(fields)
+        if key not in self._loaders:
+            self._loaders[key] = boxes_loader(self.run, self.k, key)
+        return self._loaders[key]
+
     # ---------------------------------------------------------------- queries
 
     def candidates(self, where: str | None) -> np.ndarray:
@@ -240,7 +249,7 @@ class QuerySession:
         from poolscout.engine.acquisition import strategies as St
         from poolscout.engine.acquisition.checks import note_empty, parse_empty_rule, selection_warnings
         from poolscout.engine.acquisition.selectors import SelectContext
-        from poolscout.jobs.cycle_data import boxes_loader, labeled_class_counts, needs_model
+        from poolscout.jobs.cycle_data import labeled_class_counts, needs_model
 
         t0 = time.time()
         run, cfg, k = self.run, self.cfg, self.k
@@ -275,7 +284,7 @@ class QuerySession:
             self._class_counts = labeled_class_counts(run)
         ctx = SelectContext(rng=np.random.default_rng([cfg.seed, k]), labeled_embedding=labeled_emb,
                             labeled_class_counts=self._class_counts,
-                            boxes_loader=boxes_loader(run, k, strat.needs.box_fields) if strat.needs.boxes else None,
+                            boxes_loader=self._boxes_loader(strat.needs.box_fields) if strat.needs.boxes else None,
                             cache_dir=str(run.cycle_dir(k) / "cache"), log=self.log)
         classes = None
         if cfg.select.quota != "none":
