@@ -308,20 +308,22 @@ def plot(summary: dict, results: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key in zip(axes, ("map50", "map")):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    panels = (("map50", "labeled"), ("map50", "labeled_boxes"), ("map", "labeled"))
+    for ax, (key, xkey) in zip(axes, panels):
         for i, (strat, s) in enumerate(summary.items()):
             ys = np.array([r[key] for r in results[strat].values()], float)
-            x = np.array(s["labeled"])
-            c = f"C{i}"
-            ax.plot(x, ys.mean(0), "-o", color=c, label=f"{strat} (AULC {s['aulc']:.3f})" if key == "map50"
-                    else strat)
+            x = np.array(s[xkey], float)  # labels, the mean over seeds
+            c = "k" if strat == "random" else f"C{i % 10}"  # the reference stands out
+            style = "-o" if i < 10 else "--s"
+            label = f"{strat} (AULC {s['aulc']:.3f})" if (key, xkey) == ("map50", "labeled") else strat
+            ax.plot(x, ys.mean(0), style, color=c, label=label, ms=4, lw=2.2 if strat == "random" else 1.4)
             if len(ys) > 1:
-                ax.fill_between(x, ys.min(0), ys.max(0), color=c, alpha=0.2)
-        ax.set_xlabel("labeled images")
+                ax.fill_between(x, ys.min(0), ys.max(0), color=c, alpha=0.12)
+        ax.set_xlabel({"labeled": "labeled images", "labeled_boxes": "labeled boxes (what annotators pay for)"}[xkey])
         ax.set_ylabel({"map50": "mAP@0.5", "map": "mAP@[.5:.95]"}[key])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
