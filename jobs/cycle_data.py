@@ -29,7 +29,7 @@ def compute_missing(run: RunDir, cfg: Config, k: int, specs: list, ids: np.ndarr
     from poolscout.engine.models import predictions as P
     from poolscout.engine.acquisition import signals as S
     from poolscout.engine.acquisition.checks import parse_empty_rule
-    from poolscout.jobs.score import model_class_quality, signal_fields
+    from poolscout.jobs.stream import model_class_quality, signal_fields
 
     fields = signal_fields(specs)
     ds = _pred_dataset(run, k)

@@ -123,7 +123,7 @@ def embed_backbone(run: RunDir, cfg: Config, *, states: tuple[str, ...] = ("pool
 
 
 def _embed_local(work: pa.Table, cfg: Config, root: str | None, d: Path, progress: bool) -> None:
-    from poolscout.jobs.score import decoded_batches, write_part
+    from poolscout.jobs.stream import decoded_batches, write_part
 
     e = cfg.embed
     stage = BackboneStage(str(e.weights), e.torch_threads, e.dtype)
@@ -148,7 +148,7 @@ def _embed_local(work: pa.Table, cfg: Config, root: str | None, d: Path, progres
 def _embed_ray(work: pa.Table, cfg: Config, root: str | None, d: Path, progress: bool) -> None:
     import ray
 
-    from poolscout.jobs.score import decode_batch, write_part
+    from poolscout.jobs.stream import decode_batch, write_part
 
     e = cfg.embed
     nblocks = max(1, min(200, -(-len(work) // max(1, e.batch_size * 4))))

@@ -26,9 +26,8 @@ import pyarrow.dataset as pads
 from poolscout.engine.core import io
 from poolscout.engine.core.config import Config
 from poolscout.engine.core.run import RunDir, RunError
-
-WORK_COLUMNS = ["image_id", "uri", "width", "height", "state"]
-
+from poolscout.jobs.stream import (BOX_STORE_COLUMNS, WORK_COLUMNS, decode_batch, decoded_batches,  # noqa: F401
+                                   model_class_quality, signal_fields, write_box_store, write_part)
 
 def worklist(run: RunDir, include_labeled: bool) -> pa.Table:
     """Manifest rows of the pool (and labeled) images, as a small columnar table."""
@@ -37,35 +36,6 @@ def worklist(run: RunDir, include_labeled: bool) -> pa.Table:
     led = led.filter(pc.is_in(led["state"], pa.array(states)))
     man = io.read_table(run.manifest, columns=["image_id", "uri", "width", "height"])
     return man.join(led, "image_id", join_type="inner").sort_by("image_id").select(WORK_COLUMNS)
-
-
-def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int,
-                 root: str | None = None) -> dict[str, np.ndarray]:
-    """Stateless decode + letterbox of a batch of manifest rows (a Ray Data task).
-
-    Files are checked against what init recorded: inside the images `root` (a symlink
-    swapped in later is refused) and of the manifest's size (a replaced file is refused).
-    """
-    from poolscout.engine.data.images import load_batch
-
-    expect = [(int(w), int(h)) if w > 0 and h > 0 else None for w, h in zip(batch["width"], batch["height"])]
-    out = load_batch(list(batch["uri"]), size, max_pixels, root=root, expect=expect)
-    err = np.asarray(out["error"], dtype=object)
-    err[np.equal(err, None)] = ""
-    return {**{k: batch[k] for k in WORK_COLUMNS}, "image": out["image"], "scale": out["scale"],
-            "content_w": out["content_w"], "content_h": out["content_h"], "error": err}
-
-
-def decoded_batches(rows: pa.Table, batch_size: int, columns: tuple[str, ...], size: int, max_pixels: int,
-                    root: str | None):
-    """Yield the decoded batches (`decode_batch`) of a slice of work rows, `batch_size` at a
-    time, for the local (no Ray) paths."""
-    for j in range(0, len(rows), batch_size):
-        b = rows.slice(j, batch_size)
-        batch = {c: b[c].to_numpy(zero_copy_only=False) for c in columns if c not in ("uri", "state")}
-        batch["uri"] = np.asarray(b["uri"].to_pylist(), dtype=object)
-        batch["state"] = np.asarray(b["state"].to_pylist(), dtype=object)
-        yield decode_batch(batch, size, max_pixels, root)
 
 
 class DetectorStage:
@@ -164,16 +134,6 @@ def _scatter(pred: dict[str, np.ndarray], rows: np.ndarray, n: int, views: tuple
     return out
 
 
-def signal_fields(specs) -> list[str]:
-    """Per-box fields to load for `specs` (all views): scores, labels, probs + what they read."""
-    from poolscout.engine.acquisition import signals as S
-
-    fields = ["scores", "labels", "probs"]
-    for fs in S.required_fields(specs).values():
-        fields += [f for f in fs if f not in fields]
-    return fields
-
-
 def signal_batch(table: pa.Table, specs: tuple[str, ...], seed: int, cycle: int, num_classes: int,
                  context: dict | None = None) -> pa.Table:
     """Adds one `sig__<column>` per configured signal (a Ray Data task on Arrow batches)."""
@@ -218,19 +178,6 @@ def scoring_plan(cfg: Config, model: Path | None = None) -> dict:
         context["class_quality"] = model_class_quality(model)
     return {"specs": tuple(s.text for s in specs), "views": tuple(views), "mc_passes": mc, "params": params,
             "context": context}
-
-
-def model_class_quality(model: Path) -> np.ndarray | None:
-    """The per-class quality Q_c (C,) a Faster R-CNN tracked while training (PPAL's DCUS), or
-    None when the checkpoint has none."""
-    import torch
-
-    ck = torch.load(model, map_location="cpu", weights_only=True, mmap=True)
-    state = ck.get("state_dict", ck.get("model", {})) if isinstance(ck, dict) else {}
-    for k, v in state.items() if isinstance(state, dict) else ():
-        if k.endswith("class_quality"):
-            return v.float().numpy().copy()
-    return None
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -454,49 +401,6 @@ def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: in
             bar.update(int(counts["pool_rows"].sum()))
     if bar is not None:
         bar.close()
-
-
-BOX_STORE_COLUMNS = ("image_id", "width", "height", "num_boxes", "boxes", "scores", "labels", "probs",
-                     "roi_embedding", "box_var")
-
-
-def write_box_store(table: pa.Table, parquet_path: Path) -> None:
-    """The per-box payload of a part's scored pool rows (original view) as an uncompressed
-    Arrow IPC file beside it: memory-mapped by `jobs.cycle_data.boxes_loader`,
-    so the boxes of a few thousand candidates are read without decoding the whole
-    prediction set (a Parquet scan). Named _boxes.<part>.arrow, which Arrow's dataset
-    discovery skips. Written before the Parquet part, which marks the chunk done; only
-    when the table has per-box columns."""
-    if "num_boxes" not in table.column_names:
-        return
-    t = table
-    if "state" in t.column_names:
-        t = t.filter(pc.and_(pc.equal(t["state"], "pool"), pc.equal(t["error"], "")))
-    t = t.select([c for c in BOX_STORE_COLUMNS if c in table.column_names])
-    pq_path = Path(parquet_path)
-    # "_" prefix: Arrow's dataset discovery skips it, so the Parquet readers never see it
-    path = pq_path.with_name(f"_boxes.{pq_path.stem}.arrow")
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
-        w.write_table(t, max_chunksize=4096)
-    os.replace(tmp, path)
-
-
-def write_part(table: pa.Table, out_dir: str) -> pa.Table:
-    """Write one block of predictions as a Parquet part (and its box store); return its
-    row counts.
-
-    The part's name is a digest of its image ids, so a retried task rewrites the same file
-    (atomically) instead of adding a duplicate.
-    """
-    import hashlib
-
-    ids = np.ascontiguousarray(table["image_id"].to_numpy(), dtype=np.int64)
-    path = Path(out_dir) / f"part-{hashlib.sha256(ids.tobytes()).hexdigest()[:20]}.parquet"
-    write_box_store(table, path)
-    io.write_table(table, path)
-    pool_rows = int(pc.sum(pc.equal(table["state"], "pool")).as_py() or 0) if "state" in table.column_names else len(table)
-    return pa.table({"rows": [len(table)], "pool_rows": [pool_rows]})
 
 
 def finalize_scores(run: RunDir, cfg: Config, k: int, specs: tuple[str, ...]) -> dict:
