@@ -142,7 +142,12 @@ def child(run_root: str, out_json: str) -> None:
     for f in (run.cycle_dir(0) / "cache").glob("knn-*.npz"):
         f.unlink()  # no graph from an earlier run of this benchmark
     t0 = time.time()
-    warm = warm_queries(run, cfg, 0)  # the last step of `poolscout score` (score.warm_queries)
+    import dataclasses
+
+    # the last step of `poolscout score` in a run whose select.strategy is maxherding
+    # (score.warm_queries "auto" warms that strategy)
+    cfg = cfg.replace(select=dataclasses.replace(cfg.select, strategy="maxherding"))
+    warm = warm_queries(run, cfg, 0)
     res_warm = {"scoring_warm_s": round(time.time() - t0, 2), "scoring_warm": warm}
     print(f"  scoring's last step, warm_queries {list(warm)}: {res_warm['scoring_warm_s']} s", flush=True)
     session = QuerySession(run, cfg)

@@ -18,6 +18,10 @@ def run_cycle(run: RunDir, cfg: Config, *, strategy: str | None = None, budget: 
 
     run.require()
     k = run.current_cycle()
+    if strategy is not None:  # scoring warms the caches of the strategy this cycle selects with
+        import dataclasses
+
+        cfg = cfg.replace(select=dataclasses.replace(cfg.select, strategy=strategy))
     timings: dict[str, float] = {}
     out: dict = {"cycle": k}
     for name, fn in (

@@ -159,6 +159,7 @@ class QuerySession:
         import pyarrow.dataset as pads
 
         names = [c.get("name", str(c.get("id"))) for c in self.run.read_categories()]
+        name_arr = pa.array([""] + names, pa.string())
         d = self.run.predictions_dir(self.k)
         if not d.is_dir():
             n = len(self._ids)
@@ -184,9 +185,10 @@ class QuerySession:
                 first = order[off[:-1][has]]
                 top[has] = lab[first]
                 smax[has] = s[first]
-            cls = [names[t - 1] if 1 <= t <= len(names) else "" for t in top.tolist()]
+            # label t (1..C) -> names[t - 1]; no box or an unknown label -> ""
+            cls = name_arr.take(pa.array(np.where((top >= 1) & (top <= len(names)), top, 0)))
             parts.append(pa.table({"image_id": rb.column("image_id"), "num_boxes": pa.array(cnt),
-                                   "class": pa.array(cls, pa.string()), "score_max": pa.array(smax)}))
+                                   "class": cls, "score_max": pa.array(smax)}))
         if not parts:
             raise RunError(f"{d} holds no scored pool images")
         return pa.concat_tables(parts).sort_by("image_id")

@@ -315,10 +315,11 @@ def warm_queries(run: RunDir, cfg: Config, k: int) -> dict:
     from poolscout.jobs.query import QuerySession
 
     out: dict[str, dict] = {}
-    if not cfg.score.warm_queries:
+    names = warm_strategies(cfg)
+    if not names:
         return out
     session = QuerySession(run, cfg, k)
-    for name in cfg.score.warm_queries:
+    for name in names:
         t0 = time.time()
         try:
             session.ask(name, 1)
@@ -326,6 +327,27 @@ def warm_queries(run: RunDir, cfg: Config, k: int) -> dict:
         except (RunError, ValueError, OSError) as e:
             out[name] = {"error": f"{type(e).__name__}: {e}"}
     return out
+
+
+def warm_strategies(cfg: Config) -> list[str]:
+    """`score.warm_queries` with "auto" expanded: select.strategy if one of its stages'
+    selectors keeps a per-cycle cache (meta `uses_cache`), else nothing. An unknown
+    strategy expands to nothing here; the query names the problem."""
+    from poolscout.engine.acquisition.selectors import SELECTORS
+    from poolscout.engine.acquisition.strategies import load_strategy
+
+    out: list[str] = []
+    for name in cfg.score.warm_queries:
+        if name != "auto":
+            out.append(name)
+            continue
+        try:
+            strat = load_strategy(cfg.select.strategy)
+        except (ValueError, OSError):
+            continue
+        if any(SELECTORS.entry(st.selector).meta.get("uses_cache", False) for st in strat.stages):
+            out.append(cfg.select.strategy)
+    return list(dict.fromkeys(out))
 
 
 def _finished(run: RunDir, k: int, digest: str, specs: tuple[str, ...]) -> dict | None:

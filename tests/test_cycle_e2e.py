@@ -170,9 +170,32 @@ def test_coreset_and_hybrid_strategies_select_from_pool(run_dir):
         assert s["selected"] == 4 and len(set(ids)) == 4 and set(ids) <= pool, strat
 
 
+def test_warm_queries_auto_warms_only_a_strategy_that_keeps_a_cache():
+    import dataclasses
+
+    from poolscout.engine.core.config import Config
+    from poolscout.jobs.score import warm_strategies
+
+    def cfg(strategy, warm=("auto",)):
+        c = Config()
+        return c.replace(select=dataclasses.replace(c.select, strategy=strategy),
+                         score=dataclasses.replace(c.score, warm_queries=warm))
+
+    assert warm_strategies(cfg("entropy")) == []
+    assert warm_strategies(cfg("coreset")) == []
+    for name in ("maxherding", "uncertainty_herding", "probcover"):
+        assert warm_strategies(cfg(name)) == [name]
+    assert warm_strategies(cfg("no_such_strategy")) == []
+    assert warm_strategies(cfg("entropy", ("probcover", "auto"))) == ["probcover"]
+    assert warm_strategies(cfg("probcover", ("probcover", "auto"))) == ["probcover"]
+    assert warm_strategies(cfg("maxherding", ())) == []
+
+
 def test_scoring_builds_the_knn_graph_that_queries_then_reuse(run_dir, tmp_path):
-    """score.warm_queries (default: maxherding) runs after scoring; a strategy on the sparse
-    path gets its kNN graph built then, and the first query reads it instead of searching."""
+    """score.warm_queries runs after scoring (default "auto": the run's strategy, if it keeps a
+    kNN graph; the fixture's entropy does not, so nothing was warmed); a strategy on the
+    sparse path gets its kNN graph built then, and the first query reads it instead of
+    searching."""
     import dataclasses
 
     from poolscout.jobs.query import QuerySession
@@ -182,7 +205,7 @@ def test_scoring_builds_the_knn_graph_that_queries_then_reuse(run_dir, tmp_path)
     if not run.scores_path(0).is_file():
         pytest.skip("needs the end-to-end test's scores")
     warm = json.loads((run.cycle_dir(0) / "score.json").read_text())["warm"]
-    assert set(warm) == {"maxherding"} and "seconds" in warm["maxherding"], warm
+    assert run.config().select.strategy == "entropy" and warm == {}, warm
     sparse = tmp_path / "herd_sparse.yaml"
     sparse.write_text("name: herd_sparse\nstages:\n  - selector: maxherding\n    dense_below: 0\n")
     cfg = run.config()

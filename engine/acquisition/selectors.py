@@ -74,7 +74,8 @@ class SelectContext:
             needs them (only the candidates left at that stage are loaded).
         cache_dir: a folder where selectors may memoise what depends only on their input
             (the kNN graph of an embedding); the select job passes cycles/<k>/cache, so
-            it is built once per cycle. None = no cache.
+            it is built once per cycle. None = no cache. Selectors that do register with
+            meta `uses_cache=True` (scoring then warms them: `score.warm_queries`).
         log: progress messages of long steps (index builds), or None.
     """
 

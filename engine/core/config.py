@@ -215,7 +215,9 @@ class ScoreConfig:
     embed_labeled: bool = True  # image embeddings of labeled images (core-set centers)
     # Strategies whose per-cycle caches (the kNN graph of the coverage selectors) are built
     # right after scoring, so the cycle's first query does not pay for them; () = none.
-    warm_queries: tuple[str, ...] = spec(("maxherding",), each(NONEMPTY))
+    # "auto": select.strategy, if one of its selectors keeps such a cache (maxherding,
+    # uncertainty_herding, probcover), else none.
+    warm_queries: tuple[str, ...] = spec(("auto",), each(NONEMPTY))
     # T, the MC-dropout passes of the box head, run only when a signal needs them (bald);
     # the detector must be trained with detector.dropout > 0.
     mc_passes: int = spec(10, ge(0))

@@ -452,7 +452,7 @@ def uncertainty_weights(values: np.ndarray, direction: str) -> np.ndarray:
     return u
 
 
-@SELECTORS.register("maxherding", final=True, needs_embedding=True)
+@SELECTORS.register("maxherding", final=True, needs_embedding=True, uses_cache=True)
 def maxherding(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, by: str | None = None,
                kernel: str = "rbf", h: float | str = "median", neighbours: int = 20,
                dense_below: int = 2000, index: str = "auto", flat_below: int = FLAT_BELOW, nprobe: int = 16,

@@ -135,7 +135,7 @@ def _check_params(name: str, delta, purity, neighbours, clusters, dense_below) -
     return grid
 
 
-@SELECTORS.register("probcover", final=True, needs_embedding=True)
+@SELECTORS.register("probcover", final=True, needs_embedding=True, uses_cache=True)
 def probcover(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, delta: float | str | list = "auto",
               purity: float = 0.95, neighbours: int = 50, clusters: int | None = None,
               dense_below: int = 2000, index: str = "auto", nprobe: int = 16) -> Selection:
