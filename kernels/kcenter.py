@@ -162,8 +162,14 @@ def _quantize_rows_py(x, rows, mu, blk_cluster, delta, q8, qa, qn2, qe, r):  # p
     for s in range(nslot):
         if rows[s] >= 0:
             slot_of[rows[s]] = s
-    w = np.empty(d)
-    for i in range(x.shape[0]):  # rows in order: x is read sequentially
+    _quantize_range(x, slot_of, mu, blk_cluster, delta, q8, qa, qn2, qe, r, 0, x.shape[0])
+
+
+def _quantize_range_py(x, slot_of, mu, blk_cluster, delta, q8, qa, qn2, qe, r, lo, hi):  # pragma: no cover
+    """The sketch of rows lo .. hi - 1 (slot_of: the slot of each row), as `quantize_rows`;
+    disjoint row ranges write disjoint slots, so threads may split the rows."""
+    w = np.empty(x.shape[1])
+    for i in range(lo, hi):  # rows in order: x is read sequentially
         s = slot_of[i]
         rr, a, q2, e = _sketch_row(x[i], mu[blk_cluster[s // LANES]], w, q8[s])
         r[s] = rr
@@ -591,12 +597,14 @@ if njit is not None:
     # reassociation lets LLVM vectorise the two norms of a row (see _sketch_row_py); no
     # contraction, so that the codes q are those of the twin
     _sketch_row = njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "nnan", "ninf"})(_sketch_row_py)
+    _quantize_range = _jit(_quantize_range_py)
     quantize_rows = _jit(_quantize_rows_py)
     refresh_maxima = _jit(_refresh_maxima_py)
     bounded_greedy = _jit(_bounded_greedy_py)
 else:  # pragma: no cover
     cluster_sums = cluster_sums_numpy
     quantize_rows = quantize_rows_numpy
+    _quantize_range = None
     refresh_maxima = refresh_maxima_numpy
     bounded_greedy = bounded_greedy_numpy
 
@@ -621,6 +629,31 @@ Args:
     qe: (S,) float64 written: an upper bound on |w - a q| (its float64 value widened by delta).
     r: (S,) float64 written: |w|, the distance to the centroid.
 """
+
+
+def quantize_rows_threaded(x, rows, slot_of_row, mu, blk_cluster, delta, q8, qa, qn2, qe, r, threads: int = 1) -> None:
+    """`quantize_rows` with the rows split over `threads` threads (the kernel releases the
+    GIL); `slot_of_row` (N,) int64 is the inverse of `rows`. Same output for any `threads`."""
+    pad = rows < 0
+    q8[pad] = 0
+    for a in (qa, qn2, qe, r):
+        a[pad] = 0.0
+    if _quantize_range is None:  # pragma: no cover - without numba
+        quantize_rows_numpy(x, rows, mu, blk_cluster, delta, q8, qa, qn2, qe, r)
+        return
+    n = x.shape[0]
+    threads = max(1, min(int(threads), n // 65536 + 1))
+    cuts = np.linspace(0, n, threads + 1).astype(np.int64)
+    args = (x, slot_of_row, mu, blk_cluster, float(delta), q8, qa, qn2, qe, r)
+    if threads == 1:
+        _quantize_range(*args, 0, n)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(lambda t: _quantize_range(*args, int(cuts[t]), int(cuts[t + 1])), range(threads)))
+
+
 refresh_maxima.__doc__ = """Recompute every block's and cluster's maximum of `min_d2` and its slot.
 
 Args:

@@ -145,6 +145,28 @@ def test_bounded_path_prunes_on_separated_clusters():
     assert r.stats["mean_fraction_exact"] < 0.2
 
 
+def test_set_up_threads_and_projection_do_not_change_anything():
+    """The clustering split over threads gives the same clusters; the bounded path (clustered
+    on principal axes, any threads) picks what the plain path picks."""
+    x = blobs(5, 3000, 24, k=15)
+    a = C.two_level_kmeans(x, 40, seed=3, threads=1, chunk=700)
+    b = C.two_level_kmeans(x, 40, seed=3, threads=3, chunk=700)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    p = C.pca_projection(x, 4)
+    assert p.shape == (3000, 4) and p.dtype == np.float32 and p.flags.c_contiguous
+    # the leading axis carries the most variance of any direction tried
+    assert p[:, 0].var() >= (x @ np.random.default_rng(0).normal(size=(24, 50)).astype(np.float32)
+                             / np.linalg.norm(np.random.default_rng(0).normal(size=(24, 50)), axis=0)).var(0).max() - 1e-3
+    assert C.pca_projection(x, 24) is x
+    plain = C.kcenter_greedy(x, 60, bounds=False)
+    for threads in (1, 2):
+        r = C.kcenter_greedy(x, 60, bounds=True, threads=threads)
+        np.testing.assert_array_equal(r.rows, plain.rows)
+        np.testing.assert_array_equal(r.score, plain.score)
+        assert r.stats["threads"] == threads
+
+
 # --------------------------------------------------------------------------- kernel twins
 
 
@@ -177,6 +199,13 @@ def test_layout_kernels_match_twins():
         np.testing.assert_array_equal(a, b)
     for a, b in zip(outs[0][3:], outs[1][3:]):  # norms: summed in another order
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-300)
+    # split over threads: the same bytes
+    for threads in (1, 3):
+        o = (np.full_like(lay.q8, 7), *(np.full(len(lay.rows), 7.0) for _ in range(4)))
+        K.quantize_rows_threaded(x, lay.rows, lay.slot_of_row, lay.mu, blk_cluster, K.rounding_margin(x.shape[1]),
+                                 *o, threads=threads)
+        for a, b in zip(o, outs[0]):
+            np.testing.assert_array_equal(a, b)
     # the sketch reconstructs every real slot within its bound e
     real = lay.rows >= 0
     w = x[lay.rows[real]].astype(np.float64) - lay.mu[blk_cluster[np.flatnonzero(real) // K.LANES]]

@@ -17,6 +17,7 @@ from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext, Sel
 
 DEFAULT_CHUNK = 65536
 BOUNDS_MIN_N = 50_000  # bounds="auto" switches the bounded greedy on from this many candidates
+CLUSTER_DIMS = 16  # principal axes the bounded path clusters on
 
 
 def sq_l2_faiss(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -170,15 +171,57 @@ def _kmeans(points: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
     return np.asarray(km.centroids, dtype=np.float32)
 
 
+def default_threads() -> int:
+    """Threads of the bounded path's set-up (clustering, sketch): the cores this process may
+    use, at most 8. Python threads over GIL-free kernels, each FAISS call on one OpenMP
+    thread, so a busy machine slows them down without the spin-waits of OpenMP."""
+    import os
+
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+def _thread_map(fn: Callable, items: list, threads: int) -> list:
+    """[fn(i) for i in items], on `threads` threads when more than one (order kept)."""
+    if threads <= 1 or len(items) <= 1:
+        return [fn(i) for i in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(items))) as ex:
+        return list(ex.map(fn, items))
+
+
+def pca_projection(x: np.ndarray, dims: int, *, seed: int = 0, sample: int = 20000,
+                   chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+    """x (N, d) float32 projected on its `dims` leading principal axes, estimated from a seeded
+    sample of `sample` rows: (N, dims) float32, C-contiguous. x itself when dims >= d."""
+    n, d = x.shape
+    if dims >= d or n == 0:
+        return x
+    rng = np.random.default_rng(seed)
+    s = x[np.sort(rng.choice(n, size=min(n, sample), replace=False))].astype(np.float64)
+    s -= s.mean(axis=0)
+    _, vec = np.linalg.eigh(s.T @ s)
+    w = np.ascontiguousarray(vec[:, ::-1][:, :dims], dtype=np.float32)
+    out = np.empty((n, dims), dtype=np.float32)
+    for a in range(0, n, chunk):
+        np.matmul(x[a : a + chunk], w, out=out[a : a + chunk])
+    return out
+
+
 def two_level_kmeans(x: np.ndarray, n_clusters: int, *, seed: int = 0, niter: int = 4, sample: int = 32,
-                     chunk: int = DEFAULT_CHUNK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     chunk: int = DEFAULT_CHUNK, threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cheap clustering of N points into about `n_clusters` groups (FAISS k-means, k-means++ seeds).
 
     A coarse k-means with ~sqrt(n_clusters) centroids, trained on `sample` points per
     centroid, assigns every point; each coarse group is then split by its own k-means into a
     share of `n_clusters` proportional to its size. Assigning N points costs N (sqrt(G) +
     G / sqrt(G)) d instead of N G d for a flat k-means. The clustering only decides how much
-    the bounded greedy can skip, never what it picks.
+    the bounded greedy can skip, never what it picks. `threads` splits the assignment and the
+    fine k-means over threads; the result does not depend on it.
 
     Returns:
         (labels (N,) int64 in 0..G-1, centroids (G, d) float32, approximate squared distance
@@ -189,26 +232,37 @@ def two_level_kmeans(x: np.ndarray, n_clusters: int, *, seed: int = 0, niter: in
     g1 = int(min(n, max(1, round(math.sqrt(n_clusters)))))
     pick = np.sort(rng.choice(n, size=min(n, g1 * sample), replace=False))
     coarse = _kmeans(x[pick], g1, seed, niter)
-    lab1, key1 = _nearest_centroid(x, coarse, chunk)
+    step = max(chunk, -(-n // max(1, threads)))
+    parts = _thread_map(lambda a: _nearest_centroid(x[a : a + step], coarse, chunk), list(range(0, n, step)), threads)
+    lab1 = np.concatenate([p[0] for p in parts])
+    key1 = np.concatenate([p[1] for p in parts])
+    del parts
     order = np.argsort(lab1, kind="stable")
     cuts = np.searchsorted(lab1[order], np.arange(len(coarse) + 1))
     labels = np.empty(n, dtype=np.int64)
     key = np.empty(n, dtype=np.float32)
-    cents: list[np.ndarray] = []
-    base = 0
+    # the fine k-means' samples are drawn here, in group order, so that threads do not
+    # change them
+    jobs = []
     for a in range(len(coarse)):
         idx = order[cuts[a] : cuts[a + 1]]
         m = len(idx)
         if m == 0:
             continue
         k2 = int(min(m, max(1, round(n_clusters * m / n))))
+        sub = None if k2 == 1 else np.sort(rng.choice(idx, size=min(m, k2 * sample), replace=False))
+        jobs.append((a, idx, k2, sub))
+
+    def fine_group(job):
+        a, idx, k2, sub = job
         if k2 == 1:
-            fine = coarse[a : a + 1]
-            lab2, key2 = np.zeros(m, dtype=np.int64), key1[idx]
-        else:
-            sub = np.sort(rng.choice(idx, size=min(m, k2 * sample), replace=False))
-            fine = _kmeans(x[sub], k2, seed + 1 + a, niter)
-            lab2, key2 = _nearest_centroid(x, fine, chunk, rows=idx)
+            return coarse[a : a + 1], np.zeros(len(idx), dtype=np.int64), key1[idx]
+        fine = _kmeans(x[sub], k2, seed + 1 + a, niter)
+        return (fine, *_nearest_centroid(x, fine, chunk, rows=idx))
+
+    cents: list[np.ndarray] = []
+    base = 0
+    for (a, idx, k2, sub), (fine, lab2, key2) in zip(jobs, _thread_map(fine_group, jobs, threads)):
         used, lab2 = np.unique(lab2, return_inverse=True)
         labels[idx] = base + lab2
         key[idx] = key2
@@ -217,7 +271,8 @@ def two_level_kmeans(x: np.ndarray, n_clusters: int, *, seed: int = 0, niter: in
     return labels, np.concatenate(cents), key
 
 
-def blocked_layout(x: np.ndarray, labels: np.ndarray, key: np.ndarray, n_clusters: int) -> BoundedLayout:
+def blocked_layout(x: np.ndarray, labels: np.ndarray, key: np.ndarray, n_clusters: int, *,
+                   threads: int = 1) -> BoundedLayout:
     """Order the candidates by cluster (inside a cluster by `key`, then by row) into whole
     blocks of `LANES` slots, take each cluster's mean as its centroid, and sketch each slot.
 
@@ -226,8 +281,9 @@ def blocked_layout(x: np.ndarray, labels: np.ndarray, key: np.ndarray, n_cluster
         labels: (N,) int64 cluster of each row in 0..n_clusters-1, every label used.
         key: (N,) sort key inside a cluster (e.g. the approximate distance to the centroid).
         n_clusters: G.
+        threads: threads of the sketch (same result for any number).
     """
-    from poolscout.kernels.kcenter import LANES, cluster_sums, quantize_rows, rounding_margin
+    from poolscout.kernels.kcenter import LANES, cluster_sums, quantize_rows_threaded, rounding_margin
 
     n, d = x.shape
     g = int(n_clusters)
@@ -254,8 +310,8 @@ def blocked_layout(x: np.ndarray, labels: np.ndarray, key: np.ndarray, n_cluster
     mu /= counts[:, None]
     q8 = np.empty((nb * LANES, d), dtype=np.int8)
     qa, qn2, qe, dist = (np.empty(nb * LANES) for _ in range(4))
-    quantize_rows(x, rows, mu, np.repeat(np.arange(g, dtype=np.int64), nblk), rounding_margin(d), q8, qa, qn2, qe,
-                  dist)
+    quantize_rows_threaded(x, rows, slot_of_row, mu, np.repeat(np.arange(g, dtype=np.int64), nblk),
+                           rounding_margin(d), q8, qa, qn2, qe, dist, threads=threads)
     real = (rows >= 0).reshape(nb, LANES)
     dist = dist.reshape(nb, LANES)
     b_lo = np.where(real, dist, np.inf).min(axis=1)
@@ -329,7 +385,7 @@ def _kcenter_plain(x, b, lab, first, rng, chunk, distance) -> KCenterResult:
     return KCenterResult(rows, score, init, {"path": "plain"})
 
 
-def _kcenter_bounded(x, b, lab, first, rng, chunk, clusters) -> KCenterResult:
+def _kcenter_bounded(x, b, lab, first, rng, chunk, clusters, threads) -> KCenterResult:
     from poolscout.kernels import kcenter as K
 
     n, d = x.shape
@@ -340,11 +396,16 @@ def _kcenter_bounded(x, b, lab, first, rng, chunk, clusters) -> KCenterResult:
     t1 = time.perf_counter()
     g = int(clusters) if clusters is not None else default_clusters(n)
     g = max(1, min(g, n))
+    threads = default_threads() if threads is None else max(1, int(threads))
     with faiss_threads(1):
-        labels, _, key = two_level_kmeans(x, g, chunk=chunk)
+        # clustered on 16 principal axes: the clusters only decide what the bounds skip, and
+        # the assignment of a million points costs a fraction of the full-dimension one
+        xp = pca_projection(x, CLUSTER_DIMS, chunk=chunk)
+        labels, _, key = two_level_kmeans(xp, g, chunk=chunk, threads=threads)
+        del xp
     g = int(labels.max()) + 1
     t2 = time.perf_counter()
-    lay = blocked_layout(x, labels, key, g)
+    lay = blocked_layout(x, labels, key, g, threads=threads)
     del labels, key
     t3 = time.perf_counter()
     slots = len(lay.rows)
@@ -391,7 +452,7 @@ def _kcenter_bounded(x, b, lab, first, rng, chunk, clusters) -> KCenterResult:
     c = counts[: max(b_rest - 1, 0)]
     steps = max(len(c), 1)
     layout_mb = sum(a.nbytes for a in lay.arrays()[1:]) / 2**20 + lay.slot_of_row.nbytes / 2**20
-    stats = {"path": "bounded", "clusters": ng, "blocks": nb, "lanes": K.LANES, "layout_mb": layout_mb,
+    stats = {"path": "bounded", "threads": threads, "clusters": ng, "blocks": nb, "lanes": K.LANES, "layout_mb": layout_mb,
              "padding_slots": int(pad.sum()), "labeled_init_s": t1 - t0, "cluster_s": t2 - t1, "layout_s": t3 - t2,
              "greedy_s": t4 - t3, "mean_clusters_refreshed": float(c[:, 0].sum() / steps),
              "mean_clusters_swept": float(c[:, 1].sum() / steps), "mean_blocks_swept": float(c[:, 2].sum() / steps),
@@ -403,12 +464,13 @@ def _kcenter_bounded(x, b, lab, first, rng, chunk, clusters) -> KCenterResult:
 def kcenter_greedy(x: np.ndarray, budget: int, *, labeled: np.ndarray | None = None, first: str = "farthest",
                    rng: np.random.Generator | None = None, chunk: int = DEFAULT_CHUNK,
                    distance: Callable | None = None, bounds: bool | str = "auto",
-                   clusters: int | None = None) -> KCenterResult:
+                   clusters: int | None = None, threads: int | None = None) -> KCenterResult:
     """Exact k-center greedy (the engine of the `coreset` selector; see there).
 
     Two paths with the same picks and scores: the plain one sweeps all N candidates per pick;
     the bounded one (`bounds`, built-in distance only) clusters the candidates once
-    (`two_level_kmeans`, `clusters` groups, default `default_clusters(N)`), keeps an int8
+    (`two_level_kmeans` on their CLUSTER_DIMS leading principal axes, `clusters` groups,
+    default `default_clusters(N)`; the bounds use the full-dimension cluster means), keeps an int8
     sketch of each candidate against its centroid (N d bytes; the float32 embeddings are
     not copied) and runs the lazy bounded greedy of
     `poolscout.kernels.kcenter.bounded_greedy`: a cluster is only brought up to date when
@@ -425,6 +487,8 @@ def kcenter_greedy(x: np.ndarray, budget: int, *, labeled: np.ndarray | None = N
         distance: custom squared-L2 kernel (plain path only), or None.
         bounds: "auto" (bounded from BOUNDS_MIN_N candidates), True or False.
         clusters: clusters of the bounded path (None: `default_clusters(N)`, 1.5 sqrt(N)).
+        threads: threads of the bounded path's set-up (None: `default_threads()`); the
+            picks do not depend on it.
 
     Returns:
         KCenterResult.
@@ -434,7 +498,7 @@ def kcenter_greedy(x: np.ndarray, budget: int, *, labeled: np.ndarray | None = N
     if labeled is not None and len(labeled) > 0:
         lab = np.ascontiguousarray(labeled, dtype=np.float32)
     if _use_bounds(bounds, len(x), distance):
-        return _kcenter_bounded(x, int(budget), lab, first, rng, int(chunk), clusters)
+        return _kcenter_bounded(x, int(budget), lab, first, rng, int(chunk), clusters, threads)
     return _kcenter_plain(x, int(budget), lab, first, rng, int(chunk), distance)
 
 
