@@ -16,8 +16,9 @@ their first lookup).
 | `cald` | CALD | signal `cald`, selector `cald_rerank` |
 | `huale` | HUALE | signals `huale_*`, selector `weighted_l2` |
 | `ppal` | PPAL | signal `dcus`, selector `ccms` |
+| `gsal` | GSAL (diffusion difficulty x concept-graph prior; D / V arithmetic, graph, greedy) | selector `gsal` |
 
 A new method is a new module here plus a line below.
 """
 from poolscout.engine.methods import (baseline, uncertainty, bald, coreset, cald, huale, ppal, herding,  # noqa: F401
-                                      typiclust, probcover, cluster_margin, badge)
+                                      typiclust, probcover, cluster_margin, badge, gsal)
