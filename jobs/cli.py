@@ -475,6 +475,32 @@ def synth(out_dir, n_images, size, seed, weights):
     _print(generate(out_dir, n_images=n_images, size=size, seed=seed, class_weights=cw or None))
 
 
+@cli.group()
+def diffusion() -> None:
+    """GSAL's diffusion model (the difficulty signals gsal_* and the gsal strategies)."""
+
+
+@diffusion.command("train")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--steps", type=int, default=None, help="Training steps (default gsal.train_steps).")
+@common
+def diffusion_train(run_dir, steps, configs, overrides, address, quiet):
+    """Train the in-domain diffusion model on the unlabeled pool (RUN/diffusion/model).
+
+    
+    A diffusers UNet2DModel (preset gsal.preset), DDPM noise schedule, EMA weights,
+    checkpointed every gsal.checkpoint_every steps; rerun to resume. Scoring then loads it
+    (or set gsal.model to any local diffusers directory instead of training)."""
+    from poolscout.jobs.diffusion import train_diffusion
+
+    run, cfg = _load(run_dir, configs, overrides)
+    if cfg.loop.executor == "ray":
+        _ray(cfg, address, quiet, run)
+    s = train_diffusion(run, cfg, steps=steps, progress=not quiet, overrides=list(overrides),
+                        log=lambda m: click.echo(m, err=True))
+    _print(s, ["model", "steps", "trained_steps", "images", "seconds", "loss_last100", "parameters", "executor"])
+
+
 @cli.command("strategies")
 @_guard
 def strategies_cmd():

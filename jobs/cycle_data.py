@@ -75,12 +75,12 @@ def load_embeddings(run: RunDir, k: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return t["image_id"].to_numpy(), np.asarray(t["state"].to_pylist(), dtype=object), emb
 
 
-BOX_COLUMNS = ("boxes", "scores", "labels", "probs", "roi_embedding", "box_var")
+BOX_COLUMNS = ("boxes", "scores", "labels", "probs", "roi_embedding", "box_var", "gsal_d", "gsal_v")
 
 
 def boxes_loader(run: RunDir, k: int, fields: tuple[str, ...] | None = None):
     """ids -> canonical batch (orig view: boxes, scores, labels, probs, roi_embedding,
-    box_var, or only `fields`) of those scored pool images, in that order.
+    box_var, gsal_d, gsal_v, or only `fields`) of those scored pool images, in that order.
 
     Reads the cycle's box store when scoring wrote one (memory-mapped Arrow IPC files
     beside the Parquet parts, `jobs.score.write_box_store`): an index from image id to

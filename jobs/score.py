@@ -43,7 +43,7 @@ class DetectorStage:
 
     def __init__(self, model_path: str, views: tuple[str, ...], max_boxes: int, roi_embeddings: bool,
                  threads: int, embedding_dtype: str = "float16", mc_passes: int = 0,
-                 view_params: dict | None = None):
+                 view_params: dict | None = None, gsal_eps: float = 1e-8):
         import torch
 
         from poolscout.engine.models.detectors import load_checkpoint
@@ -55,6 +55,7 @@ class DetectorStage:
         self.views, self.max_boxes, self.roi = tuple(views), max_boxes, roi_embeddings
         self.embedding_dtype = embedding_dtype
         self.mc_passes, self.view_params = int(mc_passes), dict(view_params or {})
+        self.gsal_eps = float(gsal_eps)
 
     def _widths(self) -> dict[str, int]:
         c1 = int(self.meta["num_classes"]) + 1
@@ -100,9 +101,16 @@ class DetectorStage:
             emb = np.zeros((n, int(getattr(self.model, "poolscout_embed_dim", 1))), np.float32)
         full = _scatter(parts, pool, n, self.views, self._widths())
         full.update(image_id=batch["image_id"], width=batch["width"], height=batch["height"], embedding=emb)
-        return P.to_arrow(full, self.embedding_dtype, extra={
-            "state": pa.array(list(batch["state"]), pa.string()),
-            "error": pa.array(list(batch["error"]), pa.string())})
+        extra = {"state": pa.array(list(batch["state"]), pa.string()),
+                 "error": pa.array(list(batch["error"]), pa.string())}
+        if "gsal_maps" in batch:  # the diffusion stage ran first: pool its maps over the boxes
+            from poolscout.engine.methods.gsal import pool_boxes
+
+            g = pool_boxes(batch["gsal_maps"], full["offsets"], full["boxes"], batch["width"], batch["height"],
+                           self.gsal_eps)
+            full["gsal_d"], full["gsal_v"] = g["gsal_d"], g["gsal_v"]
+            extra["gsal_d_image"], extra["gsal_v_image"] = g["gsal_d_image"], g["gsal_v_image"]
+        return P.to_arrow(full, self.embedding_dtype, extra=extra)
 
 
 def _scatter(pred: dict[str, np.ndarray], rows: np.ndarray, n: int, views: tuple[str, ...],
@@ -162,7 +170,10 @@ def scoring_plan(cfg: Config, model: Path | None = None) -> dict:
     from poolscout.engine.acquisition import strategies as St
 
     specs: list = []
-    for s in (*cfg.score.signals, *St.load_strategy(cfg.select.strategy).needs.signals):
+    strat = St.load_strategy(cfg.select.strategy)
+    # a strategy reading GSAL's per-box D / V (selector gsal) gets them through gsal_g
+    gsal_boxes = ("gsal_g:max",) if {"gsal_d", "gsal_v"} & set(strat.needs.box_fields or ()) else ()
+    for s in (*cfg.score.signals, *strat.needs.signals, *gsal_boxes):
         s = S.parse_spec(s)
         if s not in specs:
             specs.append(s)
@@ -177,7 +188,22 @@ def scoring_plan(cfg: Config, model: Path | None = None) -> dict:
     if model is not None:
         context["class_quality"] = model_class_quality(model)
     return {"specs": tuple(s.text for s in specs), "views": tuple(views), "mc_passes": mc, "params": params,
-            "context": context}
+            "context": context, "diffusion": S.needs_diffusion(specs)}
+
+
+def diffusion_model_dir(run: RunDir, cfg: Config) -> Path:
+    """The diffusers directory GSAL's diffusion stage loads: gsal.model, else the run's own."""
+    p = Path(cfg.gsal.model) if cfg.gsal.model else run.root / "diffusion" / "model"
+    if not (p / "config.json").is_file() and not (p / "unet" / "config.json").is_file():
+        raise RunError(f"{p}: no diffusion model; train one on the pool with `poolscout diffusion train {run.root}` "
+                       "or set gsal.model to a local diffusers UNet2DModel directory")
+    return p
+
+
+def diffusion_stage_kwargs(cfg: Config, model_dir: Path) -> dict:
+    g = cfg.gsal
+    return {"model_dir": str(model_dir), "channels": 1 if g.channels == "grey" else 3, "k": g.seeds, "t0": g.t0,
+            "steps": g.steps, "seed": cfg.seed, "batch": g.batch_size, "autocast": g.autocast, "threads": g.threads}
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -197,7 +223,7 @@ def _clean_stale(cdir: Path) -> None:
 
 
 def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: int, input_size: int, root: str | None,
-                 partial: Path, progress: bool) -> None:
+                 partial: Path, progress: bool, diffusion: Path | None = None) -> None:
     """The local executor: the same stages in this process, one Parquet part per chunk.
 
     Parts are written atomically into `partial` (named after the model's digest), so a run
@@ -221,7 +247,12 @@ def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: 
         plan = scoring_plan(cfg, model)
         stage = DetectorStage(str(model), plan["views"], cfg.detector.max_boxes, sc.store_roi_embeddings,
                               sc.torch_threads or torch.get_num_threads(), mc_passes=plan["mc_passes"],
-                              view_params=plan["params"])
+                              view_params=plan["params"], gsal_eps=cfg.gsal.eps)
+        dstage = None
+        if diffusion is not None:
+            from poolscout.engine.models.diffusion import DiffusionScorer
+
+            dstage = DiffusionScorer(**diffusion_stage_kwargs(cfg, diffusion))
         bar = None
         if progress:
             from tqdm import tqdm
@@ -234,6 +265,8 @@ def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: 
             rows = work.slice(st, chunk)
             parts = []
             for dec in decoded_batches(rows, sc.batch_size, WORK_COLUMNS, input_size, cfg.dataset.max_pixels, root):
+                if dstage is not None:
+                    dec = dstage(dec)
                 parts.append(signal_batch(stage(dec), plan["specs"], cfg.seed, k, num_classes, plan["context"]))
                 if bar is not None:
                     bar.update(int((dec["state"] == "pool").sum()))
@@ -266,13 +299,25 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     import torch
 
     input_size = int(torch.load(model, map_location="cpu", weights_only=True, mmap=True)["detector"]["input_size"])
-    specs = scoring_plan(cfg)["specs"]  # fails before starting Ray work on a bad spec or strategy
+    plan0 = scoring_plan(cfg)  # fails before starting Ray work on a bad spec or strategy
+    specs = plan0["specs"]
+    diffusion = diffusion_model_dir(run, cfg) if plan0["diffusion"] else None
     work = worklist(run, sc.embed_labeled)
     n_pool = int(pc.sum(pc.equal(work["state"], "pool")).as_py() or 0)
     if n_pool == 0:
         raise RunError(f"{run.ledger}: the pool is empty; nothing to score")
     cdir = run.cycle_dir(k)
     model_hash = _file_hash(model)
+    if diffusion is not None:  # another diffusion model (or its settings): other values
+        import hashlib
+
+        d = diffusion / "unet" if (diffusion / "unet" / "config.json").is_file() else diffusion
+        h = hashlib.sha256(model_hash)
+        for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")) + [d / "config.json"]:
+            h.update(_file_hash(f))
+        h.update(json.dumps(diffusion_stage_kwargs(cfg, diffusion) | {"model_dir": "", "threads": 0,
+                                                                      "eps": cfg.gsal.eps}).encode())
+        model_hash = h.digest()
     digest = _digest(model_hash, work["image_id"].to_numpy())
     done = _finished(run, k, digest, specs)
     if done is not None and not force:
@@ -289,11 +334,12 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
         for p in cdir.glob(".predictions.partial-*"):
             if p != partial:  # parts of another model (retrained) are worthless
                 shutil.rmtree(p, ignore_errors=True)
-        _score_local(work, model, cfg, k, run.num_classes(), input_size, root, partial, progress)
+        _score_local(work, model, cfg, k, run.num_classes(), input_size, root, partial, progress, diffusion)
         tmp_dir = partial
     elif executor == "ray":
         tmp_dir = cdir / f".predictions.tmp-{uuid.uuid4().hex[:8]}"
-        _score_ray(work, model, cfg, k, run.num_classes(), input_size, root, tmp_dir, blocks, progress, n_pool)
+        _score_ray(work, model, cfg, k, run.num_classes(), input_size, root, tmp_dir, blocks, progress, n_pool,
+                   diffusion)
     else:
         raise ValueError(f"loop.executor must be 'ray' or 'local', got {executor!r}")
     seconds = time.time() - t0
@@ -385,7 +431,8 @@ def _digest(model_hash: bytes, ids: np.ndarray) -> str:
 
 
 def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: int, input_size: int, root: str | None,
-               tmp_dir: Path, blocks: int | None, progress: bool = False, n_pool: int = 0) -> None:
+               tmp_dir: Path, blocks: int | None, progress: bool = False, n_pool: int = 0,
+               diffusion: Path | None = None) -> None:
     import ray
 
     sc = cfg.score
@@ -399,10 +446,18 @@ def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: in
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": input_size, "root": root,
                                                  "max_pixels": cfg.dataset.max_pixels},
                         batch_size=sc.decode_batch_size, batch_format="numpy", num_cpus=0.25)
+    if diffusion is not None:  # GSAL's diffusion actors, their own pool (GPU or CPU), before the detector
+        from poolscout.engine.models.diffusion import DiffusionScorer
+
+        g = cfg.gsal
+        ds = ds.map_batches(DiffusionScorer, fn_constructor_kwargs=diffusion_stage_kwargs(cfg, diffusion),
+                            batch_size=sc.batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=g.concurrency), num_cpus=g.num_cpus,
+                            num_gpus=g.num_gpus or None)
     ds = ds.map_batches(DetectorStage, fn_constructor_kwargs={
         "model_path": str(model), "views": plan["views"], "max_boxes": cfg.detector.max_boxes,
         "roi_embeddings": sc.store_roi_embeddings, "threads": sc.torch_threads, "mc_passes": plan["mc_passes"],
-        "view_params": plan["params"]},
+        "view_params": plan["params"], "gsal_eps": cfg.gsal.eps},
         batch_size=sc.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
         num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None)
     ds = ds.map_batches(signal_batch, fn_kwargs={"specs": plan["specs"], "seed": cfg.seed, "cycle": k,
@@ -423,6 +478,28 @@ def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: in
             bar.update(int(counts["pool_rows"].sum()))
     if bar is not None:
         bar.close()
+
+
+def pool_context_columns(dataset, parsed: list, seed: int, k: int) -> dict[str, np.ndarray]:
+    """The columns of signals that need the whole pool's statistics (meta `pool_context`,
+    e.g. GSAL's z-scored gsal_g): computed here over every scored pool image, in image_id
+    order, from the stored per-box / per-image fields (the stream wrote placeholders)."""
+    from poolscout.engine.acquisition import signals as S
+    from poolscout.engine.models import predictions as P
+
+    todo = [p for p in parsed if S.SIGNALS.entry(p.name).meta.get("pool_context") is not None]
+    if not todo:
+        return {}
+    fields = sorted({f for p in todo for f in S.SIGNALS.entry(p.name).meta["fields"]})
+    names = set(dataset.schema.names)
+    t = dataset.to_table(columns=["image_id", "num_boxes"] + [f for f in fields if f in names],
+                         filter=(pc.field("state") == "pool") & (pc.field("error") == "")).sort_by("image_id")
+    batch = P.from_arrow(t, views=["orig"], fields=fields)
+    out = {}
+    for p in todo:
+        ctx = S.SIGNALS.entry(p.name).meta["pool_context"](batch)
+        out[p.column] = S.compute_one(batch, p, seed=seed, cycle=k, context=ctx)
+    return out
 
 
 def finalize_scores(run: RunDir, cfg: Config, k: int, specs: tuple[str, ...]) -> dict:
@@ -452,8 +529,9 @@ def finalize_scores(run: RunDir, cfg: Config, k: int, specs: tuple[str, ...]) ->
     run.write_cycle_rejects(k, "score", rows)
     empty = good["num_boxes"].to_numpy() == 0
     out = {"image_id": good["image_id"], "num_boxes": good["num_boxes"]}
+    pooled = pool_context_columns(dataset, parsed, cfg.seed, k)
     for p, c in zip(parsed, cols):
-        v = good[f"sig__{c}"].to_numpy(zero_copy_only=False).astype(np.float64)
+        v = pooled[c] if c in pooled else good[f"sig__{c}"].to_numpy(zero_copy_only=False).astype(np.float64)
         out[c] = S.fill_empty(v, empty & np.isnan(v), parse_empty_rule(cfg.score.empty_value), S.direction(p))
     io.write_table(pa.table(out), run.scores_path(k))
     return {"scored": int(len(good)), "failed": int(len(bad)), "signals": cols, "empty_images": int(empty.sum())}

@@ -70,7 +70,7 @@ def model_class_quality(model: Path) -> np.ndarray | None:
 
 
 BOX_STORE_COLUMNS = ("image_id", "width", "height", "num_boxes", "boxes", "scores", "labels", "probs",
-                     "roi_embedding", "box_var")
+                     "roi_embedding", "box_var", "gsal_d", "gsal_v")
 
 
 def write_box_store(table: pa.Table, parquet_path: Path) -> None:

@@ -250,3 +250,50 @@ def test_box_store_reads_the_same_rows_as_the_parquet_scan(trained, tmp_path):
     assert "roi_embedding" not in fast_probs and np.array_equal(fast_probs["probs"], slow["probs"])
     with pytest.raises(Exception, match="expected one prediction row"):
         boxes_loader(run, 0)(np.array([10**9]))
+
+
+GSAL_TINY = ["gsal.resolution=16", "gsal.seeds=2", "gsal.steps=2", "gsal.train_batch_size=4",
+             "gsal.checkpoint_every=2", "gsal.batch_size=8"]
+
+
+def test_gsal_trains_a_diffusion_model_scores_and_selects(trained):
+    """diffusion train (resumed) -> score with the diffusion stage -> gsal and its ablations."""
+    from poolscout.jobs.diffusion import train_diffusion
+    from poolscout.jobs.score import score
+    from poolscout.jobs.select import select
+
+    run, files, overrides = trained
+    ov = [*overrides, *GSAL_TINY, "select.strategy=gsal", "score.signals=[entropy:max,gsal_d:max,gsal_v:mean,"
+                                                            "gsal_g:max,gsal_g_image]"]
+    cfg = run.config(files, ov)
+    with pytest.raises(Exception, match="diffusion train"):  # no model yet: says how to get one
+        score(run, cfg, progress=False, executor="local")
+    s1 = train_diffusion(run, cfg, steps=2, progress=False, executor="local", log=lambda m: None)
+    s2 = train_diffusion(run, cfg, steps=4, progress=False, executor="local", log=lambda m: None)
+    assert s1["steps"] == 2 and s2["steps"] == 4 and s2["trained_steps"] == 2  # resumed, not restarted
+    assert (run.root / "diffusion" / "model" / "config.json").is_file()
+    summary = score(run, cfg, progress=False, executor="local")
+    assert {"gsal_d_max", "gsal_v_mean", "gsal_g_max", "gsal_g_image"} <= set(summary["signals"])
+    sc = io.read_table(run.scores_path(0)).to_pydict()
+    # gsal_g is z-scored over the pool when scoring ends: the image values centre on 0
+    gi = np.asarray(sc["gsal_g_image"])
+    assert np.isfinite(gi).all() and abs(gi.mean()) < 1e-6
+    # the stored per-box D_b / V_b equal the pooling of maps recomputed here for one image
+    t = pads.dataset(str(run.predictions_dir(0))).to_table(
+        columns=["image_id", "state", "num_boxes", "gsal_d", "gsal_v", "gsal_d_image"]).to_pylist()
+    row = next(r for r in t if r["state"] == "pool" and r["num_boxes"] > 0)
+    assert len(row["gsal_d"]) == row["num_boxes"] and np.isfinite(row["gsal_d_image"])
+    assert select(run, cfg, budget=3)["selected"] == 3
+    sel = io.read_table(run.selection_path(0)).to_pydict()
+    rat = [json.loads(r)["gsal"] for r in sel["rationale"]]
+    assert [r["rank"] for r in rat] == [1, 2, 3]
+    assert all(r["dominant"] in ("difficulty", "coverage", "none") for r in rat)
+    assert any(r["path"] is not None and len(r["path"]) == 3 for r in rat)
+    for name in ("gsal_difficulty", "gsal_coverage"):
+        c2 = run.config(files, [*ov, f"select.strategy={name}"])
+        score(run, c2, progress=False, executor="local")  # same model, same signals: kept
+        assert select(run, c2, budget=2)["selected"] == 2
+    # the same models: kept; another diffusion model (trained on): scored again
+    assert score(run, cfg, progress=False, executor="local").get("skipped") is True
+    train_diffusion(run, cfg, steps=6, progress=False, executor="local", log=lambda m: None)
+    assert not score(run, cfg, progress=False, executor="local").get("skipped")

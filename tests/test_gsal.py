@@ -177,7 +177,8 @@ def test_prior_spreads_picks_over_classes():
 def test_selector_rationale_and_errors():
     ids = np.array([10, 11, 12], dtype=np.int64)
     boxes = {"image_id": ids, "offsets": np.array([0, 2, 2, 3]), "labels": np.array([1, 2, 1]),
-             "roi_embedding": np.eye(3, 4, dtype=np.float32), "gsal_g": np.array([0.5, -1.0, 2.0])}
+             "roi_embedding": np.eye(3, 4, dtype=np.float32), "gsal_d": np.array([1.5, 0.2, 3.0]),
+             "gsal_v": np.array([1.0, 0.5, 2.0])}
     ctx = SelectContext(boxes=boxes, labeled_class_counts=np.array([3, 0]))
     sel = G.gsal({"image_id": ids}, 3, ctx=ctx, supercategory=["defect", "defect"])
     assert len(set(sel.image_id.tolist())) == 3 and sel.image_id[-1] == 11  # no boxes: last
@@ -185,13 +186,18 @@ def test_selector_rationale_and_errors():
     assert r["path"][0] == "defect" and r["dominant"] in ("difficulty", "coverage") and r["rank"] == 1
     assert len(r["mass"]) == 3 and r["prior"] > 0
     assert sel.rationale[-1]["gsal"]["dominant"] == "none"
+    # g = z(D) + z(V) over the candidates' boxes, shifted to min 1
+    d, v = boxes["gsal_d"], boxes["gsal_v"]
+    g = (d - d.mean()) / d.std() + (v - v.mean()) / v.std()
+    assert sel.rationale[0]["gsal"]["g"] == pytest.approx((g - g.min() + 1.0)[sel.rationale[0]["gsal"]["box"]
+                                                                            + (0 if sel.image_id[0] == 10 else 2)])
     cov = G.gsal({"image_id": ids}, 2, ctx=ctx, difficulty=False)
     assert cov.rationale[0]["gsal"]["dominant"] == "coverage"
-    bad = dict(boxes, gsal_g=np.array([np.nan, 0.0, 0.0]))
+    bad = dict(boxes, gsal_d=np.array([np.nan, 0.0, 0.0]))
     with pytest.raises(ValueError, match="NaN"):
         G.gsal({"image_id": ids}, 1, ctx=SelectContext(boxes=bad))
-    with pytest.raises(ValueError, match="gsal_g"):
-        G.gsal({"image_id": ids}, 1, ctx=SelectContext(boxes={k: v for k, v in boxes.items() if k != "gsal_g"}))
+    with pytest.raises(ValueError, match="gsal_v"):
+        G.gsal({"image_id": ids}, 1, ctx=SelectContext(boxes={k: v for k, v in boxes.items() if k != "gsal_v"}))
     with pytest.raises(ValueError, match="shift"):
         G.gsal({"image_id": ids}, 1, ctx=ctx, shift="abs")
     with pytest.raises(ValueError, match="at least one"):

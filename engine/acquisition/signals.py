@@ -197,7 +197,8 @@ def required_fields(specs: Sequence[SignalSpec | str]) -> dict[str, list[str]]:
 
 
 def register_signal(name: str, *, direction: str, per_box: bool, fields: tuple[str, ...] = (),
-                    views: tuple[str, ...] = (), mc: bool = False, model_free: bool = False):
+                    views: tuple[str, ...] = (), mc: bool = False, model_free: bool = False,
+                    pool_context: Callable[[dict], dict] | None = None, diffusion: bool = False):
     """Decorator: register a signal function (see the module docstring for the two kinds).
 
     Args:
@@ -205,6 +206,11 @@ def register_signal(name: str, *, direction: str, per_box: bool, fields: tuple[s
             them whatever score.views says).
         mc: the signal reads MC-dropout moments (the score job then runs score.mc_passes).
         model_free: the signal reads no prediction (selection then needs no scored pool).
+        pool_context: the signal needs statistics of the whole pool (a z-score): fn(batch of
+            every scored pool image, `fields` only) -> extra keyword arguments. The scoring
+            stream then writes a placeholder and the column is computed when scoring ends.
+        diffusion: the signal reads GSAL's diffusion maps (the score job then runs the
+            diffusion stage).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"signal {name!r}: direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -212,7 +218,8 @@ def register_signal(name: str, *, direction: str, per_box: bool, fields: tuple[s
     if bad:
         raise ValueError(f"signal {name!r}: unknown views {bad}; known: {', '.join(P.VIEWS)}")
     return SIGNALS.register(name, direction=direction, per_box=per_box, fields=tuple(fields), views=tuple(views),
-                            mc=bool(mc), model_free=bool(model_free))
+                            mc=bool(mc), model_free=bool(model_free), pool_context=pool_context,
+                            diffusion=bool(diffusion))
 
 
 def required_views(specs: Sequence[SignalSpec | str]) -> list[str]:
@@ -229,6 +236,11 @@ def required_views(specs: Sequence[SignalSpec | str]) -> list[str]:
 def needs_mc(specs: Sequence[SignalSpec | str]) -> bool:
     """Whether any spec reads MC-dropout moments."""
     return any(SIGNALS.entry(parse_spec(s).name).meta.get("mc", False) for s in specs)
+
+
+def needs_diffusion(specs: Sequence[SignalSpec | str]) -> bool:
+    """Whether any spec reads GSAL's diffusion maps."""
+    return any(SIGNALS.entry(parse_spec(s).name).meta.get("diffusion", False) for s in specs)
 
 
 

@@ -296,6 +296,38 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
+class GsalConfig:
+    """GSAL's diffusion model and difficulty signals (docs/methods.md section 4)."""
+
+    # a local diffusers UNet2DModel directory; None = the run's own (`poolscout diffusion
+    # train`, saved in <run>/diffusion/model)
+    model: str | None = spec(None, NONEMPTY)
+    preset: str = spec("cpu-small", one_of("cpu-small", "gpu"))
+    resolution: int = spec(0, ge(0))  # 0 = the preset's (64 / 128)
+    channels: str = spec("grey", one_of("grey", "rgb"))
+    seeds: int = spec(5, ge(1))  # K noise seeds per image
+    t0: float = spec(0.25, within(0, 1, lo_open=True))  # noise level, a fraction of T
+    steps: int = spec(10, ge(1))  # DDIM steps from t0
+    batch_size: int = spec(32, ge(1))  # (image, seed) pairs per UNet call
+    autocast: str = spec("none", one_of("none", "fp16", "bf16"))  # CUDA only
+    eps: float = spec(1e-8, ge(0))  # of the median normalisation
+    # training on the pool (`poolscout diffusion train`)
+    train_steps: int = spec(3000, ge(1))
+    train_images: int = spec(20000, ge(0))  # a seeded sample of the pool (0 = all of it)
+    train_batch_size: int = spec(16, ge(1))
+    lr: float = spec(2e-4, within(0, 1, lo_open=True))
+    ema_decay: float = spec(0.999, within(0, 1, hi_open=True))
+    checkpoint_every: int = spec(250, ge(1))
+    train_threads: int = spec(0, ge(0))  # torch threads (0 = all cores)
+    # score-time stage (Ray Data actors): how many, and what each reserves (0.5 CPU: on a
+    # 2-core node it fits beside a 1-CPU detector actor and the 0.25-CPU tasks)
+    concurrency: int = spec(1, ge(1))
+    num_cpus: float = spec(0.5, ge(0))
+    num_gpus: float = spec(0.0, ge(0))
+    threads: int = spec(0, ge(0))  # torch threads of a score-time actor (0 = torch's default)
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str | None = spec(None, NONEMPTY)
     num_cpus: int = spec(0, ge(0))  # 0 = all cores, embedded local Ray only
@@ -312,6 +344,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    gsal: GsalConfig = field(default_factory=GsalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from poolscout.engine.acquisition.signals import register_signal
 from poolscout.engine.acquisition.selectors import (SELECTORS, SelectContext, Selection, candidate_boxes, check_budget,
                                                     json_float)
 
@@ -128,12 +129,104 @@ def normalised_values(d: np.ndarray, v: np.ndarray, boxes: np.ndarray, width: fl
             "d_image": float(np.mean(d)) / md, "v_image": float(np.mean(v)) / mv}
 
 
+def pool_boxes(maps: np.ndarray, offsets: np.ndarray, boxes: np.ndarray, width: np.ndarray, height: np.ndarray,
+               eps: float = EPS) -> dict[str, np.ndarray]:
+    """`normalised_values` of a batch: maps (N, 2, h, w) holding D and V of each image (NaN
+    for an image that was not scored), boxes of image i = rows offsets[i]:offsets[i + 1].
+
+    Returns:
+        {"gsal_d", "gsal_v": (M,) float32 per box; "gsal_d_image", "gsal_v_image": (N,)
+        float64 per image}; NaN where the image has no maps.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n = len(offsets) - 1
+    m = int(offsets[-1])
+    out = {"gsal_d": np.full(m, np.nan, np.float32), "gsal_v": np.full(m, np.nan, np.float32),
+           "gsal_d_image": np.full(n, np.nan), "gsal_v_image": np.full(n, np.nan)}
+    for i in range(n):
+        if not np.isfinite(maps[i]).all():
+            continue
+        a, b = offsets[i], offsets[i + 1]
+        vals = normalised_values(maps[i, 0], maps[i, 1], np.asarray(boxes[a:b]).reshape(-1, 4), float(width[i]),
+                                 float(height[i]), eps)
+        out["gsal_d"][a:b] = vals["d_box"]
+        out["gsal_v"][a:b] = vals["v_box"]
+        out["gsal_d_image"][i] = vals["d_image"]
+        out["gsal_v_image"][i] = vals["v_image"]
+    return out
+
+
 def zscore(values: np.ndarray, mean: float, std: float) -> np.ndarray:
     """(values - mean) / std with the pool's statistics; std 0 (or NaN) gives zeros."""
     values = np.asarray(values, dtype=np.float64)
     if not (std > 0.0) or not math.isfinite(std):
         return np.zeros_like(values)
     return (values - mean) / std
+
+
+# --------------------------------------------------------------------------- signals
+def _finite_stats(v: np.ndarray) -> tuple[float, float]:
+    v = np.asarray(v, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return (float(v.mean()), float(v.std())) if len(v) else (0.0, 0.0)
+
+
+def pool_stats(batch: dict[str, np.ndarray]) -> dict:
+    """Mean and standard deviation over the pool of the boxes' and the images' D and V (the
+    `pool_context` of gsal_g and gsal_g_image)."""
+    return {"gsal_stats": {k: _finite_stats(batch[k]) for k in ("gsal_d", "gsal_v", "gsal_d_image", "gsal_v_image")
+                           if k in batch}}
+
+
+def _field(batch: dict, key: str, n: int | None = None) -> np.ndarray:
+    if batch.get(key) is None:
+        raise KeyError(f"{key!r} is missing: score with a gsal signal (the diffusion stage) or a gsal strategy")
+    return np.asarray(batch[key], dtype=np.float64)
+
+
+def _z_sum(batch: dict, kd: str, kv: str, gsal_stats: dict | None) -> np.ndarray:
+    d, v = _field(batch, kd), _field(batch, kv)
+    if gsal_stats is None:  # in the stream: the pool's statistics come when scoring ends
+        return np.full(len(d), np.nan)
+    return zscore(d, *gsal_stats[kd]) + zscore(v, *gsal_stats[kv])
+
+
+@register_signal("gsal_d", direction="high", per_box=True, fields=("gsal_d",), diffusion=True)
+def gsal_d(batch: dict[str, np.ndarray], *, view: str = "orig") -> np.ndarray:
+    """Per-box diffusion discrepancy D_b (mean D over the box / the image's median D)."""
+    return _field(batch, "gsal_d")
+
+
+@register_signal("gsal_v", direction="high", per_box=True, fields=("gsal_v",), diffusion=True)
+def gsal_v(batch: dict[str, np.ndarray], *, view: str = "orig") -> np.ndarray:
+    """Per-box denoising variability V_b (mean V over the box / the image's median V)."""
+    return _field(batch, "gsal_v")
+
+
+@register_signal("gsal_g", direction="high", per_box=True, fields=("gsal_d", "gsal_v"), diffusion=True,
+                 pool_context=pool_stats)
+def gsal_g(batch: dict[str, np.ndarray], *, view: str = "orig", gsal_stats: dict | None = None) -> np.ndarray:
+    """Per-box difficulty g_b = z(D_b) + z(V_b), z over the pool's boxes."""
+    return _z_sum(batch, "gsal_d", "gsal_v", gsal_stats)
+
+
+@register_signal("gsal_d_image", direction="high", per_box=False, fields=("gsal_d_image",), diffusion=True)
+def gsal_d_image(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Whole-image D (mean D / median D)."""
+    return _field(batch, "gsal_d_image")
+
+
+@register_signal("gsal_v_image", direction="high", per_box=False, fields=("gsal_v_image",), diffusion=True)
+def gsal_v_image(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Whole-image V (mean V / median V)."""
+    return _field(batch, "gsal_v_image")
+
+
+@register_signal("gsal_g_image", direction="high", per_box=False, fields=("gsal_d_image", "gsal_v_image"),
+                 diffusion=True, pool_context=pool_stats)
+def gsal_g_image(batch: dict[str, np.ndarray], gsal_stats: dict | None = None) -> np.ndarray:
+    """Whole-image difficulty z(D_I) + z(V_I), z over the pool's images."""
+    return _z_sum(batch, "gsal_d_image", "gsal_v_image", gsal_stats)
 
 
 # --------------------------------------------------------------------------- concept graph
@@ -350,12 +443,13 @@ def greedy(offsets: np.ndarray, g: np.ndarray, graph: ConceptGraph, budget: int,
 
 # --------------------------------------------------------------------------- selector
 @SELECTORS.register("gsal", final=True, needs_embedding=False, needs_boxes=True,
-                    box_fields=("labels", "roi_embedding", "gsal_g"))
+                    box_fields=("labels", "roi_embedding", "gsal_d", "gsal_v"))
 def gsal(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, prior: bool = True,
          difficulty: bool = True, shift: str = "min", update: str = "all", supercategory: list | None = None,
          num_classes: int | None = None, seed: int = 0) -> Selection:
     """GSAL's greedy over the candidates' predicted boxes (`ctx.boxes`: labels,
-    roi_embedding and the per-box difficulty `gsal_g` written at scoring).
+    roi_embedding and the per-box D_b, V_b written at scoring). g_b = z(D_b) + z(V_b), z over
+    the candidates' boxes (the pool's, unless a query filters the candidates).
 
     Args:
         prior: use the concept-graph prior (False: `gsal_difficulty`, pi = 1).
@@ -380,7 +474,8 @@ def gsal(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, prior
     if not (prior or difficulty):
         raise ValueError("selector gsal: at least one of prior and difficulty must be on")
     ids = np.asarray(table["image_id"], dtype=np.int64)
-    fields = ("offsets", "labels") + (("gsal_g",) if difficulty else ()) + (("roi_embedding",) if prior else ())
+    fields = (("offsets", "labels") + (("gsal_d", "gsal_v") if difficulty else ())
+              + (("roi_embedding",) if prior else ()))
     bx = candidate_boxes("gsal", ctx, ids, fields)
     n = len(ids)
     if n == 0:
@@ -395,9 +490,12 @@ def gsal(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, prior
     emb = np.asarray(bx["roi_embedding"], dtype=np.float32) if prior and bx.get("roi_embedding") is not None else None
     graph = build_concept_graph(labels, emb, c, supercategory=supercategory, seed=int(seed))
     if difficulty:
-        g = np.asarray(bx["gsal_g"], dtype=np.float64).reshape(-1)
-        if not np.isfinite(g).all():
-            raise ValueError("selector gsal: gsal_g holds NaN or inf values")
+        d = np.asarray(bx["gsal_d"], dtype=np.float64).reshape(-1)
+        v = np.asarray(bx["gsal_v"], dtype=np.float64).reshape(-1)
+        if not (np.isfinite(d).all() and np.isfinite(v).all()):
+            raise ValueError("selector gsal: gsal_d / gsal_v hold NaN or inf values (boxes scored without the "
+                             "diffusion stage?)")
+        g = zscore(d, *_finite_stats(d)) + zscore(v, *_finite_stats(v))
         if shift == "min" and len(g):
             g = g - g.min() + 1.0
     else:
@@ -420,4 +518,5 @@ def gsal(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, prior
 
 
 __all__ = ["ConceptGraph", "GreedyResult", "box_means", "build_concept_graph", "difficulty_maps", "greedy",
-           "gsal", "labeled_masses", "node_prior", "normalised_values", "zscore"]
+           "gsal", "gsal_d", "gsal_d_image", "gsal_g", "gsal_g_image", "gsal_v", "gsal_v_image", "labeled_masses",
+           "node_prior", "normalised_values", "pool_boxes", "pool_stats", "zscore"]

@@ -221,7 +221,7 @@ def load_model(path: Path):
         p = p / "unet"
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{p}: not a diffusers UNet2DModel directory (no config.json)")
-    return UNet2DModel.from_pretrained(str(p))
+    return UNet2DModel.from_pretrained(str(p), low_cpu_mem_usage=False)
 
 
 def load_training(path: Path, model, opt) -> TrainState:
@@ -241,10 +241,73 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).float().div(127.5).sub(1.0)
 
 
+def canvas_to_model(images: np.ndarray, content_w: np.ndarray, content_h: np.ndarray, resolution: int,
+                    channels: int) -> torch.Tensor:
+    """Letterboxed detector canvases (N, S, S, 3) uint8 (content top-left, content_w x
+    content_h) -> the model's input (N, C, R, R) in [-1, 1]: the content region resized to
+    R x R (bilinear, antialiased), grey = the channel mean."""
+    out = torch.zeros((len(images), int(channels), resolution, resolution))
+    for i in range(len(images)):
+        w, h = int(content_w[i]), int(content_h[i])
+        if w <= 0 or h <= 0:
+            continue
+        im = torch.from_numpy(np.ascontiguousarray(images[i, :h, :w])).permute(2, 0, 1).float()[None]
+        im = torch.nn.functional.interpolate(im, size=(resolution, resolution), mode="bilinear", antialias=True,
+                                             align_corners=False)[0]
+        if channels == 1:
+            im = im.mean(0, keepdim=True)
+        out[i] = im.div(127.5).sub(1.0).clamp(-1.0, 1.0)
+    return out
+
+
+class DiffusionScorer:
+    """The diffusion stage of scoring: D and V maps of the pool images of a decoded batch.
+
+    Called on the decode stage's numpy batch (image = detector canvas); returns the batch
+    with "gsal_maps" (N, 2, R, R) float32 added: D and V of each pool image that decoded,
+    NaN for the other rows (labeled images, errors). No Ray import: a Ray Data actor or the
+    local executor holds one.
+    """
+
+    def __init__(self, model_dir: str, *, channels: int = 1, k: int = 5, t0: float = 0.25, steps: int = 10,
+                 seed: int = 0, batch: int = 32, autocast: str = "none", threads: int = 0):
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.unet = load_model(Path(model_dir)).to(self.device).eval()
+        self.resolution = int(self.unet.config.sample_size)
+        self.channels = int(self.unet.config.in_channels)
+        if self.channels != int(channels):
+            raise ValueError(f"{model_dir}: the diffusion model takes {self.channels} channels, gsal.channels "
+                             f"asks for {channels}")
+        self.k, self.t0, self.steps, self.seed, self.batch = int(k), float(t0), int(steps), int(seed), int(batch)
+        self.autocast = None if autocast == "none" else autocast
+
+    def maps(self, x: torch.Tensor, keys) -> np.ndarray:
+        from poolscout.engine.methods.gsal import difficulty_maps
+
+        rec = reconstruct(unet_denoiser(self.unet), x, keys, k=self.k, t0_frac=self.t0, steps=self.steps,
+                          seed=self.seed, batch=self.batch, device=self.device, autocast=self.autocast)
+        d, v = difficulty_maps(x.numpy(), rec.numpy())
+        return np.stack([d, v], axis=1).astype(np.float32)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["image_id"])
+        r = self.resolution
+        out = np.full((n, 2, r, r), np.nan, np.float32)
+        ok = (np.asarray(batch["error"], dtype=object) == "") & (np.asarray(batch["state"]) == "pool")
+        idx = np.flatnonzero(ok)
+        if len(idx):
+            x = canvas_to_model(batch["image"][idx], batch["content_w"][idx], batch["content_h"][idx], r,
+                                self.channels)
+            out[idx] = self.maps(x, batch["image_id"][idx])
+        return {**batch, "gsal_maps": out}
+
+
 def parameter_count(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-__all__ = ["PRESETS", "TrainState", "build_unet", "ddim_scheduler", "ddim_step", "ema_update", "load_model", "load_training",
+__all__ = ["PRESETS", "DiffusionScorer", "TrainState", "canvas_to_model", "build_unet", "ddim_scheduler", "ddim_step", "ema_update", "load_model", "load_training",
            "parameter_count", "reconstruct", "save_model", "start_timestep", "to_model_range", "train_scheduler",
            "train_steps", "unet_denoiser"]

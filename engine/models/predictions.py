@@ -17,6 +17,8 @@ Every detector family produces, and every signal reads, this one contract
                                             T MC-dropout passes
     mc_entropy          (M,)        float32 optional, original view only: mean entropy of
                                             those passes (BALD = H(mc_probs) - mc_entropy)
+    gsal_d, gsal_v      (M,)        float32 optional, original view only: GSAL's diffusion
+                                            discrepancy / variability of the box (methods.md 4)
 
 with `{v}` = "" for the original view and "hflip_", "cutout_", ... for the others. In
 Parquet each per-box field is a list column (flattened row-major) plus `{v}num_boxes`.
@@ -40,9 +42,13 @@ BOX_FIELDS = {
     "box_var": np.float32,
     "mc_probs": np.float32,
     "mc_entropy": np.float32,
+    "gsal_d": np.float32,
+    "gsal_v": np.float32,
 }
-ORIG_ONLY_FIELDS = ("mc_probs", "mc_entropy")
-_WIDTH_FIXED = {"boxes": 4, "scores": 1, "labels": 1, "box_var": 4, "mc_entropy": 1}
+ORIG_ONLY_FIELDS = ("mc_probs", "mc_entropy", "gsal_d", "gsal_v")
+# optional per-image float64 columns some signals read (GSAL's whole-image difficulty)
+IMAGE_FIELDS = ("gsal_d_image", "gsal_v_image")
+_WIDTH_FIXED = {"boxes": 4, "scores": 1, "labels": 1, "box_var": 4, "mc_entropy": 1, "gsal_d": 1, "gsal_v": 1}
 
 
 def prefix(view: str) -> str:
@@ -128,7 +134,11 @@ def from_arrow(table: pa.Table, views: Iterable[str] | None = None,
         out["embedding"] = flat.astype(np.float32).reshape(n, -1) if n else np.zeros((0, 0), np.float32)
     names = set(table.column_names)
     views = list(views) if views is not None else [v for v in VIEWS if prefix(v) + "num_boxes" in names]
-    fields = list(fields) if fields is not None else list(BOX_FIELDS)
+    fields = list(fields) if fields is not None else list(BOX_FIELDS) + list(IMAGE_FIELDS)
+    for key in IMAGE_FIELDS:
+        if key in fields and key in names:
+            out[key] = table.column(key).to_numpy(zero_copy_only=False).astype(np.float64)
+    fields = [f for f in fields if f not in IMAGE_FIELDS]
     for view in views:
         p = prefix(view)
         if p + "num_boxes" not in names:
