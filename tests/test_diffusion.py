@@ -85,7 +85,7 @@ def test_tiny_unet_trains_saves_loads_and_resumes(tmp_path):
         return m, ema, torch.optim.AdamW(m.parameters(), lr=1e-3)
 
     m, ema, opt = fresh()
-    assert 0.5e6 < Df.parameter_count(m) < 3e6
+    assert 1e5 < Df.parameter_count(m) < 1e6
     st = Df.train_steps(m, ema, opt, batches, state=Df.TrainState(), steps=4, ema_decay=0.9)
     assert st.step == 4 and len(st.losses) == 4 and all(np.isfinite(st.losses))
     # 2 steps, save, load, 2 more = 4 straight

@@ -2,6 +2,7 @@
 and the lazy greedy against a brute-force recomputation."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -202,3 +203,25 @@ def test_selector_rationale_and_errors():
         G.gsal({"image_id": ids}, 1, ctx=ctx, shift="abs")
     with pytest.raises(ValueError, match="at least one"):
         G.gsal({"image_id": ids}, 1, ctx=ctx, prior=False, difficulty=False)
+
+
+def test_report_reads_gsal_rationales_as_a_sentence_and_a_tree():
+    from poolscout.engine.evaluation import report as R
+
+    rat = {"gsal": {"path": ["<metal>", 3, "3/1"], "mass": [12.0, 4.0, 0.5], "g": 2.5, "prior": 0.25,
+                    "score": 0.625, "box": 0, "dominant": "coverage", "rank": 1}}
+    text = R.rationale_sentence(rat, 1, 0.625)
+    assert text.startswith("rank 1: gsal picked it for its box 0 in <metal> (12 labeled) > class 3 (4) > cluster 3/1")
+    assert "difficulty 2.50 x coverage prior 0.25 = 0.625" in text and "few labels cover" in text
+    none = R.rationale_sentence({"gsal": {"path": None, "dominant": "none", "rank": 9}}, 9, None)
+    assert "without predicted boxes" in none
+    sel = [{"image_id": 1, "rank": 1, "rationale": json.dumps(rat)},
+           {"image_id": 2, "rank": 2, "rationale": json.dumps({"gsal": dict(rat["gsal"], path=["<metal>", 3, "3/0"],
+                                                                           dominant="difficulty")})},
+           {"image_id": 3, "rank": 3, "rationale": json.dumps({"entropy": 1})}]
+    ct = R.concept_tree(sel)
+    assert ct["tree"] == {"<metal>": {"3": {"3/1": 1, "3/0": 1}}}
+    assert ct["dominant"] == {"coverage": 1, "difficulty": 1}
+    html = R._concept_tree_html(sel)
+    assert "&lt;metal&gt;: 2 picks" in html and "<metal>" not in html and "cluster 3/1: 1 pick<" in html
+    assert R.concept_tree(sel[2:]) == {} and R._concept_tree_html(sel[2:]) == ""

@@ -144,3 +144,28 @@ def test_inspection_pool_knobs(tmp_path):
     for bad in ({"clean_fraction": 1.5}, {"contrast": 0}, {"defect_scale": float("nan")}, {"texture": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             generate(tmp_path / "bad", n_images=2, size=32, **bad)
+
+
+def test_optional_subtle_class(tmp_path):
+    """hairline joins only with a positive weight: as category 5, supercategory "subtle", a
+    thin low-contrast box; without it (or at weight 0) the pool is byte-identical to before."""
+    import hashlib
+
+    base = generate(tmp_path / "a", n_images=12, size=64, seed=4)
+    zero = generate(tmp_path / "b", n_images=12, size=64, seed=4, class_weights={"hairline": 0})
+
+    def digest(d):
+        return [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((d / "images").iterdir())]
+
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") and base["classes"] == zero["classes"] == list(CLASSES)
+    out = generate(tmp_path / "c", n_images=60, size=96, seed=4, class_weights={"hairline": 3.0})
+    assert out["classes"] == [*CLASSES, "hairline"]
+    coco = json.loads(out["annotations"].read_text())
+    cat = {c["name"]: c for c in coco["categories"]}
+    assert cat["hairline"]["id"] == 5 and cat["hairline"]["supercategory"] == "subtle"
+    hair = [a for a in coco["annotations"] if a["category_id"] == 5]
+    assert len(hair) >= 20
+    # long (a border may clip one): the typical longer side is over a quarter of the image
+    assert np.median([max(a["bbox"][2], a["bbox"][3]) for a in hair]) >= 0.25 * 96
+    with pytest.raises(ValueError, match="hairline"):
+        generate(tmp_path / "d", n_images=2, size=64, class_weights={"crack": 1.0})

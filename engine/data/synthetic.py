@@ -151,7 +151,30 @@ def _pit(rng, s, k=1.0):
     return y0, x0, wgt, -rng.uniform(40, 90)
 
 
-_DRAW = {"scratch": _scratch, "inclusion": _inclusion, "patch": _patch, "pit": _pit}
+def _hairline(rng, s, k=1.0):
+    """A subtle defect: a long, sub-pixel-thin, low-contrast crack (8-18 grey levels), the
+    kind that uncertainty-only acquisition tends to miss."""
+    L = rng.uniform(0.3, 0.9) * s
+    th = rng.uniform(0, math.pi)
+    w = rng.uniform(0.5, 0.9) * k
+    cx, cy = rng.uniform(0, s), rng.uniform(0, s)
+    dx, dy = math.cos(th) * L, math.sin(th) * L
+    g = _grid(cx, cy, abs(dx) / 2 + w + 1, abs(dy) / 2 + w + 1, s)
+    if g is None:
+        return None
+    y0, x0, yy, xx = g
+    px, py = xx - (cx - dx / 2), yy - (cy - dy / 2)
+    t = np.clip((px * dx + py * dy) / (L * L), 0, 1)
+    dist = np.hypot(px - t * dx, py - t * dy)
+    wgt = np.clip(1 - dist / (w / 2 + 0.5), 0, 1)
+    wgt *= 0.85 + 0.15 * np.sin(t * rng.uniform(2, 6) + rng.uniform(0, 6.3))
+    sign = 1.0 if rng.random() < 0.5 else -1.0
+    return y0, x0, wgt, sign * rng.uniform(8, 18)
+
+
+_DRAW = {"scratch": _scratch, "inclusion": _inclusion, "patch": _patch, "pit": _pit, "hairline": _hairline}
+# classes drawn only when class_weights gives them a positive weight (earlier pools unchanged)
+OPTIONAL_CLASSES = ("hairline",)
 
 
 def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
@@ -164,7 +187,7 @@ def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
 
 
 def _render(rng: np.random.Generator, s: int, probs: np.ndarray, max_defects: int, clean_fraction: float = 0.05,
-            contrast: float = 1.0, defect_scale: float = 1.0, texture: float = 1.0):
+            contrast: float = 1.0, defect_scale: float = 1.0, texture: float = 1.0, classes=CLASSES):
     """One image: (s, s) uint8 and [(class_index, x1, y1, x2, y2)] with exclusive x2, y2."""
     img = _background(rng, s, texture)
     if max_defects <= 0 or rng.random() < clean_fraction:
@@ -173,9 +196,9 @@ def _render(rng: np.random.Generator, s: int, probs: np.ndarray, max_defects: in
         k = int(rng.integers(1, max_defects + 1))
     boxes: list[tuple[int, int, int, int, int]] = []
     for _ in range(k):
-        c = int(rng.choice(len(CLASSES), p=probs))
+        c = int(rng.choice(len(classes), p=probs))
         for _try in range(_PLACEMENT_TRIES):
-            d = _DRAW[CLASSES[c]](rng, s, defect_scale)
+            d = _DRAW[classes[c]](rng, s, defect_scale)
             if d is None:
                 continue
             y0, x0, wgt, delta = d
@@ -195,19 +218,24 @@ def _render(rng: np.random.Generator, s: int, probs: np.ndarray, max_defects: in
 
 
 # --------------------------------------------------------------------------- files
-def _probs(class_weights: dict[str, float] | None) -> np.ndarray:
+def _probs(class_weights: dict[str, float] | None) -> tuple[list[str], np.ndarray]:
+    """(the pool's classes: CLASSES plus the optional ones given a positive weight, their
+    probabilities)."""
     w = {c: 1.0 for c in CLASSES}
+    known = (*CLASSES, *OPTIONAL_CLASSES)
     for name, v in (class_weights or {}).items():
-        if name not in w:
-            raise ValueError(f"class_weights: unknown class {name!r}; known: {', '.join(CLASSES)}")
+        if name not in known:
+            raise ValueError(f"class_weights: unknown class {name!r}; known: {', '.join(known)}")
         v = float(v)
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"class_weights[{name!r}] must be a finite number >= 0, got {v}")
-        w[name] = v
-    p = np.array([w[c] for c in CLASSES], np.float64)
+        if name in CLASSES or v > 0:
+            w[name] = v
+    classes = [c for c in known if c in w]
+    p = np.array([w[c] for c in classes], np.float64)
     if p.sum() <= 0:
         raise ValueError("class_weights: at least one class needs a positive weight")
-    return p / p.sum()
+    return classes, p / p.sum()
 
 
 def _encode(pixels: np.ndarray, fmt: str) -> bytes:
@@ -232,7 +260,10 @@ def generate(out_dir: str | Path, n_images: int = 200, size: int = 128, seed: in
         n_images: number of images N.
         size: side S of the square grey images.
         seed: the seed; the same seed gives byte-identical files.
-        class_weights: relative frequency per class name (unlisted classes weigh 1).
+        class_weights: relative frequency per class name (unlisted classes of CLASSES weigh
+            1); an OPTIONAL_CLASSES name with a positive weight adds that class (category id
+            5, supercategory "subtle"): "hairline", a long sub-pixel crack of 8-18 grey
+            levels, GSAL's rare subtle class.
         max_defects: at most this many defects per image.
         image_format: "png" or "jpg".
         clean_fraction: probability that an image has no defect at all (an inspection line
@@ -266,11 +297,11 @@ def generate(out_dir: str | Path, n_images: int = 200, size: int = 128, seed: in
         raise ValueError(f"defect_scale must be a finite number > 0, got {defect_scale}")
     if not (math.isfinite(float(texture)) and float(texture) >= 0):
         raise ValueError(f"texture must be a finite number >= 0, got {texture}")
-    probs = _probs(class_weights)
+    classes, probs = _probs(class_weights)
     out = Path(out_dir)
     img_dir, ann_path, gen_path = out / "images", out / "annotations.json", out / "generation.json"
     params = {"version": _VERSION, "n_images": int(n_images), "size": int(size), "seed": int(seed),
-              "class_weights": {c: float(p) for c, p in zip(CLASSES, probs)}, "max_defects": int(max_defects),
+              "class_weights": {c: float(p) for c, p in zip(classes, probs)}, "max_defects": int(max_defects),
               "image_format": fmt, "clean_fraction": float(clean_fraction),
               "contrast": float(contrast)}
     # Only non-default values are recorded, so earlier generations still match their record.
@@ -279,7 +310,7 @@ def generate(out_dir: str | Path, n_images: int = 200, size: int = 128, seed: in
     if float(texture) != 1.0:
         params["texture"] = float(texture)
     names = [f"syn_{i:05d}.{fmt}" for i in range(n_images)]
-    result = {"images": img_dir, "annotations": ann_path, "classes": list(CLASSES), "n_images": int(n_images)}
+    result = {"images": img_dir, "annotations": ann_path, "classes": list(classes), "n_images": int(n_images)}
     if gen_path.is_file() and ann_path.is_file():
         try:
             old = json.loads(gen_path.read_text())
@@ -294,7 +325,7 @@ def generate(out_dir: str | Path, n_images: int = 200, size: int = 128, seed: in
     for i, name in enumerate(names):
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, i])
         pixels, boxes = _render(rng, size, probs, max_defects, float(clean_fraction), float(contrast),
-                                float(defect_scale), float(texture))
+                                float(defect_scale), float(texture), classes)
         io.atomic_write_bytes(img_dir / name, _encode(pixels, fmt))
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
         for c, x1, y1, x2, y2 in boxes:
@@ -311,11 +342,12 @@ def generate(out_dir: str | Path, n_images: int = 200, size: int = 128, seed: in
         "licenses": [],
         "images": images,
         "annotations": anns,
-        "categories": [{"id": i + 1, "name": c, "supercategory": "defect"} for i, c in enumerate(CLASSES)],
+        "categories": [{"id": i + 1, "name": c, "supercategory": "subtle" if c in OPTIONAL_CLASSES else "defect"}
+                       for i, c in enumerate(classes)],
     }
     io.atomic_write_json(ann_path, coco)
     io.atomic_write_json(gen_path, {"params": params, "n_boxes": len(anns)})
     return {**result, "n_boxes": len(anns)}
 
 
-__all__ = ["CLASSES", "generate"]
+__all__ = ["CLASSES", "OPTIONAL_CLASSES", "generate"]

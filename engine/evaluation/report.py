@@ -764,8 +764,32 @@ def _ccms_phrase(d: dict, name: str, first: bool, alone: bool, last: bool, pool_
     return f"{name} {verb} it as the medoid of a cluster of {size} similar candidates{dist}"
 
 
+def _gsal_phrase(d: dict, name: str, first: bool, alone: bool, last: bool, pool_size: int | None) -> str:
+    """GSAL: the box's concept-graph node path with its labeled masses, and the dominant term."""
+    verb = "picked" if last else "kept"
+    path = d.get("path")
+    if not isinstance(path, (list, tuple)) or len(path) != 3:
+        return f"{name} {verb} it last, as an image without predicted boxes"
+    mass = d.get("mass") if isinstance(d.get("mass"), (list, tuple)) else [None] * 3
+    nodes = [f"{_plain(path[0])} ({_count_text(mass[0])} labeled)", f"class {_plain(path[1])} "
+             f"({_count_text(mass[1])})", f"cluster {_plain(path[2])} ({_count_text(mass[2])})"]
+    terms = []
+    if d.get("g") is not None:
+        terms.append(f"difficulty {_num_text(d.get('g'))}")
+    if d.get("prior") is not None:
+        terms.append(f"coverage prior {_num_text(d.get('prior'))}")
+    dom = d.get("dominant")
+    why = {"difficulty": "mostly for how hard the diffusion model found the box",
+           "coverage": "mostly because few labels cover its concepts"}.get(dom, "")
+    out = f"{name} {verb} it for its box {_plain(d.get('box'))} in " + " > ".join(nodes)
+    if terms:
+        out += " (" + " x ".join(terms) + f" = {_num_text(d.get('score'))})"
+    return out + (f", {why}" if why else "")
+
+
 _STAGE_PHRASES = {"topk": _ranked_phrase, "retrieve": _ranked_phrase, "coreset": _coreset_phrase,
-                  "cald_rerank": _cald_phrase, "weighted_l2": _weighted_l2_phrase, "ccms": _ccms_phrase}
+                  "cald_rerank": _cald_phrase, "weighted_l2": _weighted_l2_phrase, "ccms": _ccms_phrase,
+                  "gsal": _gsal_phrase}
 
 
 def _generic_phrase(key: str, v: Any, last: bool) -> str:
@@ -1225,6 +1249,53 @@ def _class_table(m: dict, names: dict[int, str]) -> str:
     return out
 
 
+def concept_tree(sel: list[dict]) -> dict:
+    """GSAL picks counted along their node paths: {L1: {class: {cluster: picks}}}, plus which
+    term dominated ({"difficulty": n, "coverage": n, "none": n}); empty without gsal picks."""
+    tree: dict = {}
+    dominant: dict[str, int] = {}
+    for r in sel:
+        rat = r.get("rationale")
+        if isinstance(rat, str):
+            try:
+                rat = json.loads(rat)
+            except json.JSONDecodeError:
+                continue
+        g = rat.get("gsal") if isinstance(rat, dict) else None
+        if not isinstance(g, dict):
+            continue
+        dom = str(g.get("dominant"))
+        dominant[dom] = dominant.get(dom, 0) + 1
+        path = g.get("path")
+        if isinstance(path, (list, tuple)) and len(path) == 3:
+            a, b, c = (str(x) for x in path)
+            node = tree.setdefault(a, {}).setdefault(b, {})
+            node[c] = node.get(c, 0) + 1
+    return {"tree": tree, "dominant": dominant} if dominant else {}
+
+
+def _concept_tree_html(sel: list[dict]) -> str:
+    ct = concept_tree(sel)
+    if not ct:
+        return ""
+
+    def total(v: Any) -> int:
+        return v if isinstance(v, int) else sum(total(x) for x in v.values())
+
+    def ul(d: dict, level: int) -> str:
+        label = ("", "class ", "cluster ")[level]
+        items = []
+        for k, v in sorted(d.items(), key=lambda kv: (-total(kv[1]), kv[0])):
+            n = total(v)
+            sub = ul(v, level + 1) if isinstance(v, dict) else ""
+            items.append(f"<li>{_e(label + k)}: {n} pick{'s' if n != 1 else ''}{sub}</li>")
+        return "<ul>" + "".join(items) + "</ul>"
+
+    dom = ", ".join(f"{_e(k)} {v}" for k, v in sorted(ct["dominant"].items()))
+    return (f'<div class="concept-tree"><p class="note">GSAL picks over the concept graph (super-category &gt; '
+            f'class &gt; visual cluster); dominant term: {dom}</p>{ul(ct["tree"], 0)}</div>')
+
+
 def _picks_table(sel: list[dict], man: dict[int, dict], shown: int, pool_size: int | None = None) -> str:
     rows = []
     for r in sel[:shown]:
@@ -1232,6 +1303,7 @@ def _picks_table(sel: list[dict], man: dict[int, dict], shown: int, pool_size: i
         rows.append([_e(_display_name(man.get(iid), iid)),
                      _e(rationale_sentence(r.get("rationale"), r.get("rank"), r.get("score"), pool_size=pool_size))])
     out = _table(["image", "why it was picked"], rows, left=(0, 1)) if rows else ""
+    out += _concept_tree_html(sel)
     rest = len(sel) - min(shown, len(sel))
     if rest > 0:
         out += (f'<p class="note">… and {rest} more pick{"s" if rest != 1 else ""} '
@@ -1419,5 +1491,5 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, montage
 
 
 __all__ = ["MIN_TEST_INSTANCES", "annotate_tile", "aulc", "class_test_instances", "curve_series", "group_runs",
-           "learning_curves", "load_run_metrics", "montage", "rare_share_ratio", "rationale_sentence", "run_settings", "run_summary",
+           "concept_tree", "learning_curves", "load_run_metrics", "montage", "rare_share_ratio", "rationale_sentence", "run_settings", "run_summary",
            "signal_words", "strategy_summary", "verdict", "write_report"]

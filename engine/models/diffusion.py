@@ -1,8 +1,10 @@
 """The in-domain diffusion model of GSAL (docs/methods.md section 4): a diffusers UNet2DModel
 trained with the DDPM noise schedule on the unlabeled pool itself, sampled with DDIM.
 
-* `build_unet(preset, ...)`: the presets ("cpu-small": 64 px, three resolution levels, no
-  attention, ~1.2 M parameters; "gpu": 128 px, four levels with attention at the lowest two).
+* `build_unet(preset, ...)`: the presets ("cpu-small": 64 px, three resolution levels of 16 /
+  32 / 32 channels, no attention, 0.27 M parameters: 0.54 s a training step of 16 images and
+  12 ms a denoising pass of an image on 2 cores; "gpu": 128 px, four levels with attention
+  at the lowest two).
 * `reconstruct`: for K seeds, noise x to t0 (t0_frac T rounded down to a multiple of
   `steps`) and denoise with `steps` deterministic DDIM steps t0, t0 - s, ..., s (s = t0 /
   steps, alphas of the diffusers DDIMScheduler); the last step's predicted x_0 is the
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 PRESETS = {
-    "cpu-small": dict(resolution=64, block_out_channels=(32, 64, 64), layers_per_block=1,
+    "cpu-small": dict(resolution=64, block_out_channels=(16, 32, 32), layers_per_block=1,
                       down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
                       up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8),
     "gpu": dict(resolution=128, block_out_channels=(64, 128, 256, 256), layers_per_block=2,
