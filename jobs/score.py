@@ -200,10 +200,28 @@ def diffusion_model_dir(run: RunDir, cfg: Config) -> Path:
     return p
 
 
-def diffusion_stage_kwargs(cfg: Config, model_dir: Path) -> dict:
+def diffusion_stage_kwargs(cfg: Config, model_dir: Path | tuple[Path, Path]) -> dict:
+    """DiffusionScorer's arguments; model_dir may be (model dir, map cache dir)."""
     g = cfg.gsal
+    model_dir, cache = model_dir if isinstance(model_dir, tuple) else (model_dir, None)
     return {"model_dir": str(model_dir), "channels": 1 if g.channels == "grey" else 3, "k": g.seeds, "t0": g.t0,
-            "steps": g.steps, "seed": cfg.seed, "batch": g.batch_size, "autocast": g.autocast, "threads": g.threads}
+            "steps": g.steps, "seed": cfg.seed, "batch": g.batch_size, "autocast": g.autocast, "threads": g.threads,
+            "cache_dir": str(cache) if cache is not None else None}
+
+
+def diffusion_key(cfg: Config, model_dir: Path, input_size: int) -> str:
+    """Hex digest of what a pool image's D / V maps depend on: the diffusion model's files, the
+    sampling settings and the detector canvas they are cut from (maps are cached under it)."""
+    import hashlib
+
+    d = model_dir / "unet" if (model_dir / "unet" / "config.json").is_file() else model_dir
+    h = hashlib.sha256()
+    for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")) + [d / "config.json"]:
+        h.update(_file_hash(f))
+    kw = {k: v for k, v in diffusion_stage_kwargs(cfg, model_dir).items()
+          if k not in ("model_dir", "threads", "batch", "cache_dir")}
+    h.update(json.dumps({**kw, "input_size": int(input_size)}, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -223,7 +241,7 @@ def _clean_stale(cdir: Path) -> None:
 
 
 def _score_local(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: int, input_size: int, root: str | None,
-                 partial: Path, progress: bool, diffusion: Path | None = None) -> None:
+                 partial: Path, progress: bool, diffusion: Path | tuple | None = None) -> None:
     """The local executor: the same stages in this process, one Parquet part per chunk.
 
     Parts are written atomically into `partial` (named after the model's digest), so a run
@@ -311,13 +329,10 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     if diffusion is not None:  # another diffusion model (or its settings): other values
         import hashlib
 
-        d = diffusion / "unet" if (diffusion / "unet" / "config.json").is_file() else diffusion
-        h = hashlib.sha256(model_hash)
-        for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")) + [d / "config.json"]:
-            h.update(_file_hash(f))
-        h.update(json.dumps(diffusion_stage_kwargs(cfg, diffusion) | {"model_dir": "", "threads": 0,
-                                                                      "eps": cfg.gsal.eps}).encode())
-        model_hash = h.digest()
+        dkey = diffusion_key(cfg, diffusion, input_size)
+        model_hash = hashlib.sha256(model_hash + dkey.encode() + str(cfg.gsal.eps).encode()).digest()
+        if cfg.gsal.cache_maps:
+            diffusion = (diffusion, run.root / "diffusion" / "maps" / dkey[:16])
     digest = _digest(model_hash, work["image_id"].to_numpy())
     done = _finished(run, k, digest, specs)
     if done is not None and not force:
@@ -432,7 +447,7 @@ def _digest(model_hash: bytes, ids: np.ndarray) -> str:
 
 def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: int, input_size: int, root: str | None,
                tmp_dir: Path, blocks: int | None, progress: bool = False, n_pool: int = 0,
-               diffusion: Path | None = None) -> None:
+               diffusion: Path | tuple | None = None) -> None:
     import ray
 
     sc = cfg.score

@@ -266,6 +266,7 @@ def test_gsal_on_ray_train_and_ray_data_matches_the_local_executor(run_dir, tmp_
     shutil.copytree(run_dir.root, copy)
     run = RunDir(copy)
     gs = ["gsal.resolution=16", "gsal.seeds=2", "gsal.steps=2", "gsal.train_batch_size=4", "gsal.batch_size=3",
+          "gsal.cache_maps=false",  # every chunking computes its own maps
           "score.signals=[gsal_d:max,gsal_v:mean,gsal_g:max,gsal_g_image]"]
     cfg = run.config(overrides=[*gs, "train.backend=ray_train"])
     s = train_diffusion(run, cfg, steps=2, progress=False, executor="ray", overrides=gs, log=lambda m: None)

@@ -293,7 +293,17 @@ def test_gsal_trains_a_diffusion_model_scores_and_selects(trained):
         c2 = run.config(files, [*ov, f"select.strategy={name}"])
         score(run, c2, progress=False, executor="local")  # same model, same signals: kept
         assert select(run, c2, budget=2)["selected"] == 2
+    # the maps are cached per (model, settings): a forced rescoring reads them, computes none
+    maps_dir = next((run.root / "diffusion" / "maps").iterdir())
+    parts = sorted(maps_dir.glob("part-*.arrow"))
+    before = io.read_table(run.scores_path(0)).to_pydict()
+    score(run, cfg, progress=False, executor="local", force=True)
+    assert sorted(maps_dir.glob("part-*.arrow")) == parts
+    after = io.read_table(run.scores_path(0)).to_pydict()
+    for col in ("gsal_d_max", "gsal_v_mean", "gsal_g_max", "gsal_g_image"):
+        np.testing.assert_array_equal(after[col], before[col])
     # the same models: kept; another diffusion model (trained on): scored again
     assert score(run, cfg, progress=False, executor="local").get("skipped") is True
     train_diffusion(run, cfg, steps=6, progress=False, executor="local", log=lambda m: None)
     assert not score(run, cfg, progress=False, executor="local").get("skipped")
+    assert len(list((run.root / "diffusion" / "maps").iterdir())) == 2  # a new cache for the new model

@@ -110,3 +110,18 @@ def test_tiny_unet_trains_saves_loads_and_resumes(tmp_path):
         Df.build_unet("cpu-small", resolution=18)
     with pytest.raises(ValueError, match="preset"):
         Df.build_unet("huge")
+
+
+def test_map_cache_round_trip(tmp_path):
+    c = Df.MapCache(tmp_path / "maps")
+    found, maps = c.get(np.array([1, 2]), 4)
+    assert not found.any() and maps.shape == (0, 2, 4, 4)
+    m = np.random.default_rng(0).random((3, 2, 4, 4)).astype(np.float32)
+    c.put(np.array([5, 6, 7]), m)
+    (tmp_path / "maps" / "part-broken.arrow").write_bytes(b"not arrow")  # a torn part is skipped
+    fresh = Df.MapCache(tmp_path / "maps")
+    found, got = fresh.get(np.array([7, 9, 5]), 4)
+    assert found.tolist() == [True, False, True]
+    np.testing.assert_array_equal(got, m[[2, 0]])
+    found8, _ = fresh.get(np.array([5]), 8)  # another resolution: missing
+    assert not found8.any()

@@ -311,6 +311,9 @@ class GsalConfig:
     batch_size: int = spec(32, ge(1))  # (image, seed) pairs per UNet call
     autocast: str = spec("none", one_of("none", "fp16", "bf16"))  # CUDA only
     eps: float = spec(1e-8, ge(0))  # of the median normalisation
+    # keep each pool image's D / V maps (RUN/diffusion/maps/<model+settings digest>/, 2 R^2
+    # float32 an image): later cycles' scorings skip the diffusion stage for those images
+    cache_maps: bool = True
     # training on the pool (`poolscout diffusion train`)
     train_steps: int = spec(2500, ge(1))  # cpu-small: ~25 min on 2 cores (0.59 s a step of 16)
     train_images: int = spec(20000, ge(0))  # a seeded sample of the pool (0 = all of it)

@@ -396,11 +396,14 @@ def greedy(offsets: np.ndarray, g: np.ndarray, graph: ConceptGraph, budget: int,
         return float(top), int(ties.min()) if len(ties) > 1 else int(bx[j])
 
     pri = prior_now()
-    heap = []
-    for i in range(n):
-        s, _ = best_of(i, pri)
-        heap.append((-s, i))
+    # the first S(I) of every image at once: max over its (image, node) pairs
+    s0 = np.full(n, -math.inf)
+    if len(pair_box):
+        has = pair_cut[1:] > pair_cut[:-1]
+        s0[has] = np.maximum.reduceat(gg[pair_box] * pri[graph.l3[pair_box]], pair_cut[:-1][has])
+    heap = list(zip((-s0).tolist(), range(n)))
     heapq.heapify(heap)
+    g_sorted = np.sort(gg)
     b = min(int(budget), n)
     rows, score, box, prior_at, masses, dom = [], [], [], [], [], []
     box_count = np.bincount(graph.l3, minlength=graph.n_l3)
@@ -426,7 +429,7 @@ def greedy(offsets: np.ndarray, g: np.ndarray, graph: ConceptGraph, budget: int,
             prior_at.append(float(pri[v]))
             masses.append((float(m1[graph.l1[bj]]), float(m2[graph.l2[bj]]), float(m3[v])))
             # percentile of the box's g among all boxes, of its prior among all boxes' priors
-            pg = float((gg <= gg[bj]).mean()) if use_difficulty else 0.0
+            pg = float(np.searchsorted(g_sorted, gg[bj], side="right") / max(len(gg), 1)) if use_difficulty else 0.0
             pp = float(box_count[pri <= pri[v]].sum() / max(len(gg), 1)) if use_prior else 0.0
             dom.append("difficulty" if pg >= pp and use_difficulty else "coverage")
             added = np.arange(offsets[i], offsets[i + 1]) if update == "all" else np.array([bj])

@@ -198,7 +198,8 @@ def train_steps(model, ema, opt, batches: Iterable[torch.Tensor], *, state: Trai
     return state
 
 
-def save_model(ema, out: Path, *, model=None, opt=None, state: TrainState | None = None, meta: dict | None = None) -> None:
+def save_model(ema, out: Path, *, model=None, opt=None, state: TrainState | None = None,
+               meta: dict | None = None) -> None:
     """The EMA weights as a diffusers directory `out` (+ `training.pt` with the raw weights
     and optimizer for a resume, and `poolscout.json`)."""
     out = Path(out)
@@ -272,7 +273,8 @@ class DiffusionScorer:
     """
 
     def __init__(self, model_dir: str, *, channels: int = 1, k: int = 5, t0: float = 0.25, steps: int = 10,
-                 seed: int = 0, batch: int = 32, autocast: str = "none", threads: int = 0):
+                 seed: int = 0, batch: int = 32, autocast: str = "none", threads: int = 0,
+                 cache_dir: str | None = None):
         if threads:
             torch.set_num_threads(int(threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -284,6 +286,7 @@ class DiffusionScorer:
                              f"asks for {channels}")
         self.k, self.t0, self.steps, self.seed, self.batch = int(k), float(t0), int(steps), int(seed), int(batch)
         self.autocast = None if autocast == "none" else autocast
+        self.cache = MapCache(Path(cache_dir)) if cache_dir else None
 
     def maps(self, x: torch.Tensor, keys) -> np.ndarray:
         from poolscout.engine.methods.gsal import difficulty_maps
@@ -299,17 +302,89 @@ class DiffusionScorer:
         out = np.full((n, 2, r, r), np.nan, np.float32)
         ok = (np.asarray(batch["error"], dtype=object) == "") & (np.asarray(batch["state"]) == "pool")
         idx = np.flatnonzero(ok)
+        if self.cache is not None and len(idx):
+            found, maps = self.cache.get(np.asarray(batch["image_id"])[idx], r)
+            out[idx[found]] = maps
+            idx = idx[~found]
         if len(idx):
             x = canvas_to_model(batch["image"][idx], batch["content_w"][idx], batch["content_h"][idx], r,
                                 self.channels)
             out[idx] = self.maps(x, batch["image_id"][idx])
+            if self.cache is not None:
+                self.cache.put(np.asarray(batch["image_id"])[idx], out[idx])
         return {**batch, "gsal_maps": out}
+
+
+class MapCache:
+    """D / V maps of images already scored with the same diffusion model and settings: Arrow
+    IPC parts (image_id, maps float32 flattened) in one folder per (model, settings) digest.
+    The maps of an image never change with the cycle, so only the first scoring of a run
+    pays for the diffusion stage. Parts are written atomically; concurrent writers (Ray
+    actors) write different parts; an image found in two parts has the same maps in both."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.index: dict[int, tuple[Path, int]] | None = None
+        self.tables: dict[Path, object] = {}
+
+    def _load_index(self) -> dict[int, tuple[Path, int]]:
+        import pyarrow as pa
+
+        if self.index is None:
+            self.index = {}
+            for f in sorted(self.root.glob("part-*.arrow")) if self.root.is_dir() else []:
+                try:
+                    t = pa.ipc.open_file(pa.memory_map(str(f), "r")).read_all()
+                except (OSError, pa.ArrowInvalid):
+                    continue  # a part that is not whole: its images are computed again
+                self.tables[f] = t
+                for row, iid in enumerate(t["image_id"].to_numpy().tolist()):
+                    self.index[int(iid)] = (f, row)
+        return self.index
+
+    def get(self, ids: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """(found (n,) bool, maps (found.sum(), 2, r, r) float32) for these image ids (maps of
+        another resolution count as missing)."""
+        index = self._load_index()
+        found = np.zeros(len(ids), dtype=bool)
+        maps = []
+        for j, iid in enumerate(np.asarray(ids).tolist()):
+            hit = index.get(int(iid))
+            if hit is None:
+                continue
+            flat = self.tables[hit[0]]["maps"][hit[1]].values.to_numpy(zero_copy_only=False)
+            if flat.size == 2 * r * r:
+                found[j] = True
+                maps.append(flat.reshape(2, r, r))
+        return found, (np.stack(maps).astype(np.float32) if maps else np.zeros((0, 2, r, r), np.float32))
+
+    def put(self, ids: np.ndarray, maps: np.ndarray) -> None:
+        import os
+        import uuid
+
+        import pyarrow as pa
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        flat = np.ascontiguousarray(maps, dtype=np.float32).reshape(len(maps), -1)
+        t = pa.table({"image_id": pa.array(np.asarray(ids, dtype=np.int64)),
+                      "maps": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])})
+        name = f"part-{uuid.uuid4().hex}.arrow"
+        tmp = self.root / f".{name}.tmp"
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+            w.write_table(t)
+        os.replace(tmp, self.root / name)
+        index = self._load_index()
+        f = self.root / name
+        self.tables[f] = t
+        for row, iid in enumerate(np.asarray(ids).tolist()):
+            index[int(iid)] = (f, row)
 
 
 def parameter_count(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-__all__ = ["PRESETS", "DiffusionScorer", "TrainState", "canvas_to_model", "build_unet", "ddim_scheduler", "ddim_step", "ema_update", "load_model", "load_training",
-           "parameter_count", "reconstruct", "save_model", "start_timestep", "to_model_range", "train_scheduler",
-           "train_steps", "unet_denoiser"]
+__all__ = ["PRESETS", "DiffusionScorer", "MapCache", "TrainState", "canvas_to_model", "build_unet",
+           "ddim_scheduler", "ddim_step", "ema_update", "load_model", "load_training", "parameter_count",
+           "reconstruct", "save_model", "start_timestep", "to_model_range", "train_scheduler", "train_steps",
+           "unet_denoiser"]
