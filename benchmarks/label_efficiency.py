@@ -233,7 +233,24 @@ def _curve(run_dir: Path) -> dict:
         "rarest_class": cyc[-1].get("acquisition", {}).get("rarest_class") if cyc else None,
         "seconds": {k: round(sum((m.get("timings_s") or {}).get(k, 0.0) for m in cyc), 1)
                     for k in ("train", "evaluate", "score", "select", "label")},
+        "dominant_terms": _dominant_terms(run_dir),
     }
+
+
+def _dominant_terms(run_dir: Path) -> dict | None:
+    """GSAL loops: how many picks (all cycles) were dominated by difficulty / coverage."""
+    import pyarrow.parquet as pq
+
+    counts: dict[str, int] = {}
+    for f in sorted((run_dir / "cycles").glob("*/selection.parquet")):
+        for r in pq.read_table(f, columns=["rationale"])["rationale"].to_pylist():
+            try:
+                g = json.loads(r).get("gsal") if r else None
+            except (ValueError, AttributeError):
+                g = None
+            if isinstance(g, dict):
+                counts[str(g.get("dominant"))] = counts.get(str(g.get("dominant")), 0) + 1
+    return counts or None
 
 
 def labels_to_reach(x, y, target: float) -> float | None:
@@ -345,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cycles", type=int, default=None)
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--seed-size", type=int, default=None)
+    ap.add_argument("--diffusion-steps", type=int, default=None,
+                    help="GSAL strategies: training steps of the pool's diffusion model (default gsal.train_steps)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="Extra config override (repeatable).")
     ap.add_argument("--workdir", default=None, help="Run directories (default benchmarks/runs/<dataset>_<preset>).")
     ap.add_argument("--out", default=None, help="Results JSON (default benchmarks/results/label_efficiency_...).")
@@ -396,6 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     files = ([str(configs_dir() / spec["config"])] if spec.get("config") else []) + \
         [str(configs_dir() / c) for c in preset["configs"]]
     base = [*preset["overrides"], f"select.budget={budget}", f"loop.seed_size={seed_size}", *args.extra]
+    # GSAL: one diffusion model for the pool, trained before the loops, and one map cache
+    # shared by every loop (an image's maps do not depend on the loop); set for all runs so
+    # that the gsal loops share cycle 0 with the others
+    gsal = any(variant(s)[0].startswith("gsal") for s in strategies)
+    diffusion = Path(args.workdir or REPO / "benchmarks" / "runs" / name) / "diffusion"
+    if gsal:
+        base += [f"gsal.model={diffusion / 'model'}", f"gsal.maps_dir={diffusion / 'maps'}"]
 
     from poolscout.jobs.ray_env import connect
 
@@ -421,6 +447,14 @@ def main(argv: list[str] | None = None) -> int:
         init_loop_run(runs[key].root, spec, files, ovs[key])  # no-op for an existing run
         if fractions is not None:
             subsample_classes(str(runs[key].root), fractions)  # before cycle 0, so shared too
+    if gsal and not (diffusion / "train.json").is_file():
+        from poolscout.jobs.diffusion import train_diffusion
+
+        key = next(iter(firsts.values()))
+        print(f"training the pool's diffusion model in {diffusion / 'model'} ...", flush=True)
+        s = train_diffusion(runs[key], runs[key].config(files, ovs[key]), steps=args.diffusion_steps,
+                            executor="local", out=diffusion / "model", progress=False)
+        print(f"diffusion model: {s['steps']} steps in {s['seconds']:.0f} s", flush=True)
     print(f"{len(runs)} loops on {info['cpus']:.0f} CPUs / {info['gpus']:.0f} GPUs; logs in {workdir}/*/loop.log",
           flush=True)
     t0 = time.time()

@@ -186,15 +186,16 @@ def _ray_worker(config: dict) -> None:
 
 def train_diffusion(run: RunDir, cfg: Config, *, steps: int | None = None, progress: bool = True,
                     executor: str | None = None, overrides: list[str] | None = None,
-                    log: Callable[[str], None] = print) -> dict:
+                    log: Callable[[str], None] = print, out: Path | None = None) -> dict:
     """Train GSAL's diffusion model on the run's pool (resumable); returns a summary that is
-    also written to RUN/diffusion/train.json."""
+    also written beside the model (train.json). `out`: the model folder (default
+    RUN/diffusion/model; a benchmark shares one between its loops)."""
     run.require()
     g = cfg.gsal
     steps = int(steps or g.train_steps)
     input_size = int(cfg.detector.input_size)
     settings = _settings(cfg, input_size)
-    out = model_dir(run)
+    out = Path(out) if out is not None else model_dir(run)
     out.parent.mkdir(parents=True, exist_ok=True)
     executor = executor or cfg.loop.executor
     t0 = time.time()
@@ -232,7 +233,7 @@ def train_diffusion(run: RunDir, cfg: Config, *, steps: int | None = None, progr
     else:
         raise ValueError(f"loop.executor must be 'ray' or 'local', got {executor!r}")
     summary.update(model=str(out), executor=executor, wall_seconds=round(time.time() - t0, 2), settings=settings)
-    io.atomic_write_json(run.root / "diffusion" / "train.json", summary)
+    io.atomic_write_json(out.parent / "train.json", summary)
     return summary
 
 

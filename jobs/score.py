@@ -332,7 +332,8 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
         dkey = diffusion_key(cfg, diffusion, input_size)
         model_hash = hashlib.sha256(model_hash + dkey.encode() + str(cfg.gsal.eps).encode()).digest()
         if cfg.gsal.cache_maps:
-            diffusion = (diffusion, run.root / "diffusion" / "maps" / dkey[:16])
+            maps = Path(cfg.gsal.maps_dir) if cfg.gsal.maps_dir else run.root / "diffusion" / "maps"
+            diffusion = (diffusion, maps / dkey[:16])
     digest = _digest(model_hash, work["image_id"].to_numpy())
     done = _finished(run, k, digest, specs)
     if done is not None and not force:

@@ -314,6 +314,9 @@ class GsalConfig:
     # keep each pool image's D / V maps (RUN/diffusion/maps/<model+settings digest>/, 2 R^2
     # float32 an image): later cycles' scorings skip the diffusion stage for those images
     cache_maps: bool = True
+    # where the maps are kept (None: RUN/diffusion/maps); runs that share a pool and a model
+    # (a benchmark's loops) may share one folder
+    maps_dir: str | None = spec(None, NONEMPTY)
     # training on the pool (`poolscout diffusion train`)
     train_steps: int = spec(2500, ge(1))  # cpu-small: ~25 min on 2 cores (0.59 s a step of 16)
     train_images: int = spec(20000, ge(0))  # a seeded sample of the pool (0 = all of it)
