@@ -155,6 +155,14 @@ class QuerySession:
         self._fields = t.replace_schema_metadata(None)
         return self._fields
 
+    def _categories(self) -> list[dict] | None:
+        if not hasattr(self, "_cats"):
+            try:
+                self._cats = list(self.run.read_categories())
+            except (OSError, ValueError):
+                self._cats = None
+        return self._cats
+
     def _derive_fields(self) -> pa.Table:
         import pyarrow.dataset as pads
 
@@ -287,7 +295,8 @@ class QuerySession:
         ctx = SelectContext(rng=np.random.default_rng([cfg.seed, k]), labeled_embedding=labeled_emb,
                             labeled_class_counts=self._class_counts,
                             boxes_loader=self._boxes_loader(strat.needs.box_fields) if strat.needs.boxes else None,
-                            cache_dir=str(run.cycle_dir(k) / "cache"), log=self.log)
+                            cache_dir=str(run.cycle_dir(k) / "cache"), log=self.log,
+                            categories=self._categories())
         classes = None
         if cfg.select.quota != "none":
             cls = self.image_fields()["class"].to_numpy(zero_copy_only=False)

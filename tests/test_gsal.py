@@ -192,6 +192,13 @@ def test_selector_rationale_and_errors():
     g = (d - d.mean()) / d.std() + (v - v.mean()) / v.std()
     assert sel.rationale[0]["gsal"]["g"] == pytest.approx((g - g.min() + 1.0)[sel.rationale[0]["gsal"]["box"]
                                                                             + (0 if sel.image_id[0] == 10 else 2)])
+    # the run's categories: class names in the path, super-categories as L1 (two or more)
+    cats = [{"id": 1, "name": "scratch", "supercategory": "line"}, {"id": 2, "name": "pit", "supercategory": "spot"}]
+    named = G.gsal({"image_id": ids}, 2, ctx=SelectContext(boxes=boxes, labeled_class_counts=np.array([3, 0]),
+                                                             categories=cats))
+    p0 = named.rationale[0]["gsal"]["path"]
+    assert p0[0] in ("line", "spot") and p0[1] in ("scratch", "pit") and p0[2].startswith(p0[1] + "/")
+    assert {"scratch": "line", "pit": "spot"}[p0[1]] == p0[0]
     cov = G.gsal({"image_id": ids}, 2, ctx=ctx, difficulty=False)
     assert cov.rationale[0]["gsal"]["dominant"] == "coverage"
     bad = dict(boxes, gsal_d=np.array([np.nan, 0.0, 0.0]))

@@ -77,6 +77,8 @@ class SelectContext:
             it is built once per cycle. None = no cache. Selectors that do register with
             meta `uses_cache=True` (scoring then warms them: `score.warm_queries`).
         log: progress messages of long steps (index builds), or None.
+        categories: the run's categories (categories.json: id, name, supercategory, ...), or
+            None; class c is categories[c - 1].
     """
 
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
@@ -87,6 +89,7 @@ class SelectContext:
     boxes_loader: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
     cache_dir: str | None = None
     log: Callable[[str], None] | None = None
+    categories: list[dict] | None = None
 
 
 def json_float(v: float) -> float | None:

@@ -459,7 +459,9 @@ def gsal(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, prior
         difficulty: use the diffusion difficulty (False: `gsal_coverage`, g = 1).
         shift: "min" (g+ = g - min g + 1 over the candidates' boxes) or "none".
         update: "all" or "best" (see `greedy`).
-        supercategory: L1 name of each class 1..C, or None (clusters of class prototypes).
+        supercategory: L1 name of each class 1..C; None: the run's categories'
+            `supercategory` (ctx.categories) when every class has one and there are at least
+            two, else clusters of class prototypes.
         num_classes: C (None: the largest predicted label, or the labeled counts' length).
         seed: of the graph's k-means.
 
@@ -491,7 +493,13 @@ def gsal(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, prior
     c = int(num_classes) if num_classes is not None else max(int(labels.max()) if len(labels) else 1,
                                                               len(counts) if counts is not None else 1)
     emb = np.asarray(bx["roi_embedding"], dtype=np.float32) if prior and bx.get("roi_embedding") is not None else None
+    cats = ctx.categories or []
+    if supercategory is None and len(cats) >= c:
+        sup = [str(x.get("supercategory") or "") for x in cats[:c]]
+        if all(sup) and len(set(sup)) >= 2:
+            supercategory = sup
     graph = build_concept_graph(labels, emb, c, supercategory=supercategory, seed=int(seed))
+    names = [str(x.get("name", i + 1)) for i, x in enumerate(cats[:c])] if len(cats) >= c else None
     if difficulty:
         d = np.asarray(bx["gsal_d"], dtype=np.float64).reshape(-1)
         v = np.asarray(bx["gsal_v"], dtype=np.float64).reshape(-1)
@@ -513,7 +521,8 @@ def gsal(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, prior
             continue
         k = int(graph.l2[bj])
         v = int(graph.l3[bj])
-        rat.append({"gsal": {"path": [graph.l1_names[int(graph.l1[bj])], k, f"{k}/{int(graph.l3_local[v])}"],
+        cname = names[k - 1] if names else k
+        rat.append({"gsal": {"path": [graph.l1_names[int(graph.l1[bj])], cname, f"{cname}/{int(graph.l3_local[v])}"],
                              "mass": [json_float(m) for m in res.masses[t]], "g": json_float(g[bj]),
                              "prior": json_float(res.prior[t]), "score": json_float(res.score[t]),
                              "box": int(bj - offsets[i]), "dominant": res.dominant[t], "rank": t + 1}})
