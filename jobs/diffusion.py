@@ -155,9 +155,13 @@ def _save(out: Path, ema, model, opt, state, settings: dict, steps: int) -> None
     """Checkpoint into a fresh folder, then swap it in (a kill leaves the old or the new)."""
     from poolscout.engine.models.diffusion import save_model
 
+    import copy
+
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(ema.to("cpu"), tmp, model=model.to("cpu"), opt=opt, state=state,
+    # a CPU copy of the EMA model is saved; the live models stay on their device (a GPU run
+    # goes on training there), and training.pt is read back with map_location="cpu"
+    save_model(copy.deepcopy(ema).to("cpu"), tmp, model=model, opt=opt, state=state,
                meta={"settings": settings, "steps": steps})
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
