@@ -203,7 +203,9 @@ def train_diffusion(run: RunDir, cfg: Config, *, steps: int | None = None, progr
     out.parent.mkdir(parents=True, exist_ok=True)
     executor = executor or cfg.loop.executor
     t0 = time.time()
-    if executor == "ray" and not _in_process(cfg):
+    from poolscout.jobs.train import in_process  # the detector's rule: see its docstring
+
+    if executor == "ray" and not in_process(cfg):
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
@@ -239,14 +241,6 @@ def train_diffusion(run: RunDir, cfg: Config, *, steps: int | None = None, progr
     summary.update(model=str(out), executor=executor, wall_seconds=round(time.time() - t0, 2), settings=settings)
     io.atomic_write_json(out.parent / "train.json", summary)
     return summary
-
-
-def _in_process(cfg: Config) -> bool:
-    """As the detector's training: on an embedded local Ray with one worker the loop runs in
-    this process unless train.backend is "ray_train" (a Ray Train job costs a minute to start)."""
-    from poolscout.jobs.train import in_process
-
-    return in_process(cfg)
 
 
 __all__ = ["StepBatches", "fit", "load_pool_tensor", "model_dir", "train_diffusion"]

@@ -81,10 +81,15 @@ def _grid(cx: float, cy: float, rx: float, ry: float, s: int):
     return y0, x0, yy, xx
 
 
-def _scratch(rng, s, k=1.0):
-    L = rng.uniform(0.25, 0.8) * s
+def _line(rng, s, k, length, width, wobble, freq, amp):
+    """A straight crack of random length, angle and position: (y0, x0, weight, delta) or None.
+
+    length, width, freq and amp are (low, high) ranges (length in image sides, width in
+    pixels before the scale k, amp in grey levels); the weight is 1 on the centre line,
+    falls off over half the width and is modulated by (1 - wobble) + wobble * sin(...)."""
+    L = rng.uniform(*length) * s
     th = rng.uniform(0, math.pi)
-    w = rng.uniform(0.8, 2.4) * k
+    w = rng.uniform(*width) * k
     cx, cy = rng.uniform(0, s), rng.uniform(0, s)
     dx, dy = math.cos(th) * L, math.sin(th) * L
     g = _grid(cx, cy, abs(dx) / 2 + w + 1, abs(dy) / 2 + w + 1, s)
@@ -95,9 +100,13 @@ def _scratch(rng, s, k=1.0):
     t = np.clip((px * dx + py * dy) / (L * L), 0, 1)
     dist = np.hypot(px - t * dx, py - t * dy)
     wgt = np.clip(1 - dist / (w / 2 + 0.5), 0, 1)
-    wgt *= 0.75 + 0.25 * np.sin(t * rng.uniform(3, 12) + rng.uniform(0, 6.3))
+    wgt *= (1 - wobble) + wobble * np.sin(t * rng.uniform(*freq) + rng.uniform(0, 6.3))
     sign = 1.0 if rng.random() < 0.5 else -1.0
-    return y0, x0, wgt, sign * rng.uniform(25, 70)
+    return y0, x0, wgt, sign * rng.uniform(*amp)
+
+
+def _scratch(rng, s, k=1.0):
+    return _line(rng, s, k, length=(0.25, 0.8), width=(0.8, 2.4), wobble=0.25, freq=(3, 12), amp=(25, 70))
 
 
 def _inclusion(rng, s, k=1.0):
@@ -154,22 +163,7 @@ def _pit(rng, s, k=1.0):
 def _hairline(rng, s, k=1.0):
     """A subtle defect: a long, sub-pixel-thin, low-contrast crack (8-18 grey levels), the
     kind that uncertainty-only acquisition tends to miss."""
-    L = rng.uniform(0.3, 0.9) * s
-    th = rng.uniform(0, math.pi)
-    w = rng.uniform(0.5, 0.9) * k
-    cx, cy = rng.uniform(0, s), rng.uniform(0, s)
-    dx, dy = math.cos(th) * L, math.sin(th) * L
-    g = _grid(cx, cy, abs(dx) / 2 + w + 1, abs(dy) / 2 + w + 1, s)
-    if g is None:
-        return None
-    y0, x0, yy, xx = g
-    px, py = xx - (cx - dx / 2), yy - (cy - dy / 2)
-    t = np.clip((px * dx + py * dy) / (L * L), 0, 1)
-    dist = np.hypot(px - t * dx, py - t * dy)
-    wgt = np.clip(1 - dist / (w / 2 + 0.5), 0, 1)
-    wgt *= 0.85 + 0.15 * np.sin(t * rng.uniform(2, 6) + rng.uniform(0, 6.3))
-    sign = 1.0 if rng.random() < 0.5 else -1.0
-    return y0, x0, wgt, sign * rng.uniform(8, 18)
+    return _line(rng, s, k, length=(0.3, 0.9), width=(0.5, 0.9), wobble=0.15, freq=(2, 6), amp=(8, 18))
 
 
 _DRAW = {"scratch": _scratch, "inclusion": _inclusion, "patch": _patch, "pit": _pit, "hairline": _hairline}

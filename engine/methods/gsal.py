@@ -390,10 +390,8 @@ def greedy(offsets: np.ndarray, g: np.ndarray, graph: ConceptGraph, budget: int,
         if len(bx) == 0:
             return -math.inf, -1
         s = gg[bx] * pri[graph.l3[bx]]
-        j = int(np.argmax(s))  # first maximum: pairs are in node order, boxes tie to the lowest row below
-        top = s[j]
-        ties = bx[s == top]
-        return float(top), int(ties.min()) if len(ties) > 1 else int(bx[j])
+        top = s.max()
+        return float(top), int(bx[s == top].min())  # ties go to the lowest box row
 
     pri = prior_now()
     # the first S(I) of every image at once: max over its (image, node) pairs
