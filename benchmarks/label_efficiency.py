@@ -68,6 +68,17 @@ DATASETS = {
     },
 }
 
+# Generated pools (`--pool NAME`): written under the workdir on first use; the test split is
+# the last `test_images` images by name; `rare` is the class whose share the summary reports.
+SYNTHETIC = {
+    "synthetic_subtle": {
+        "generate": {"n_images": 1600, "size": 128, "seed": 0, "class_weights": {"hairline": 0.25},
+                     "clean_fraction": 0.3, "max_defects": 2, "contrast": 1.5, "defect_scale": 2.0,
+                     "texture": 0.5},
+        "test_images": 400, "config": "synthetic_subtle.yaml", "rare": "hairline",
+    },
+}
+
 PRESETS = {
     # 2-core laptop, no GPU: EfficientNet-Lite0 Faster R-CNN at 160 px (configs/cpu-small.yaml),
     # 100 seed images + 4 rounds of 50 (300 labeled at the end); warm-started rounds train 5
@@ -187,6 +198,20 @@ def pool_spec(arg: str, data_root: Path) -> dict:
         return spec
     raise SystemExit(f"error: --pool {arg!r} is neither a dataset ({', '.join(DATASETS)}), a pool YAML nor a run "
                      f"directory")
+
+
+def synthetic_spec(name: str, out: Path) -> dict:
+    """A SYNTHETIC pool, generated into `out` (a no-op when it is there) -> a spec dict."""
+    from poolscout.engine.core import io
+    from poolscout.engine.data.synthetic import generate
+
+    d = SYNTHETIC[name]
+    pool = generate(out, **d["generate"])
+    names = sorted(p.name for p in Path(pool["images"]).iterdir())
+    test = out / "test_ids.txt"
+    io.atomic_write_bytes(test, "".join(f"{n}\n" for n in names[len(names) - d["test_images"]:]).encode())
+    return {"name": name, "images": Path(pool["images"]), "annotations": Path(pool["annotations"]), "test": test,
+            "format": "coco", "config": d["config"], "rare": d["rare"]}
 
 
 def init_loop_run(run_dir: Path, spec: dict, config_files: list[str], overrides: list[str]) -> None:
@@ -316,6 +341,16 @@ def summarise(results: dict, rarest: str | None, rare_class: str | None = None) 
             rec = [c.get("recall50") for r in per_seed.values() for c in (r["per_class_final"] or [])
                    if c["name"] == rare_class and c.get("recall50") is not None]
             out[strat]["rare_class_recall50"] = float(np.mean(rec)) if rec else None
+            ap = [c.get("ap50") for r in per_seed.values() for c in (r["per_class_final"] or [])
+                  if c["name"] == rare_class and c.get("ap50") is not None]
+            out[strat]["rare_class_ap50"] = float(np.mean(ap)) if ap else None
+        terms: dict[str, int] = {}
+        for r in per_seed.values():
+            for t, n in (r.get("dominant_terms") or {}).items():
+                terms[t] = terms.get(t, 0) + int(n)
+        if terms:  # GSAL: the share of picks whose rationale each term dominated (all seeds)
+            total = sum(terms.values())
+            out[strat]["dominant_term_shares"] = {t: n / total for t, n in sorted(terms.items())}
     return out
 
 
@@ -352,7 +387,8 @@ def plot(summary: dict, results: dict, path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pool", "--dataset", dest="pool", default="neu_det",
-                    help=f"A dataset name ({', '.join(DATASETS)}, read from --data-root), a pool YAML "
+                    help=f"A dataset name ({', '.join(DATASETS)}, read from --data-root), a generated pool "
+                         f"({', '.join(SYNTHETIC)}, written under the workdir), a pool YAML "
                          f"(images, annotations, format, test, config) or an initialised run directory.")
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"),
                     help="Folder holding the named datasets (default ../shared/data).")
@@ -374,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                          "dataset's classes in its config's class order; the last class is the rare one.")
     ap.add_argument("--rare", default=None, metavar="CLASS:FRACTION",
                     help="Keep only FRACTION of the pool images of CLASS (file-name prefix), e.g. pitted_surface:0.1.")
+    ap.add_argument("--rare-class", default=None, metavar="CLASS",
+                    help="Report the share ratio and AP50 of CLASS without subsampling the pool (a generated "
+                         "pool's rare class is the default).")
     args = ap.parse_args(argv)
     from poolscout.engine.core.config import configs_dir
     from poolscout.engine.core.run import RunDir
@@ -392,9 +431,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--longtail takes a ratio in (0, 1] and excludes --rare")
 
     preset = PRESETS[args.preset]
-    spec = pool_spec(args.pool, Path(args.data_root))
+    if args.pool in SYNTHETIC:
+        name = f"label_efficiency_{args.pool}_{args.preset}{('_' + args.tag) if args.tag else ''}"
+        spec = synthetic_spec(args.pool, Path(args.workdir or REPO / "benchmarks" / "runs" / name) / "pool")
+    else:
+        spec = pool_spec(args.pool, Path(args.data_root))
+    if (args.rare_class or spec.get("rare")) and rare is None and args.longtail is None:
+        rare = (args.rare_class or spec["rare"], 1.0)  # reported, not subsampled
     fractions = None
-    if rare is not None:
+    if rare is not None and rare[1] < 1.0:
         fractions = {rare[0]: rare[1]}
     elif args.longtail is not None:
         import yaml
@@ -491,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     for strat, s in summary.items():
         print(f"  {strat:16s} final mAP50 {s['final_map50']:.3f}  mAP {s['final_map']:.3f}  AULC {s['aulc']:.3f}  "
               f"to-reach-random {s['labels_to_reach_random_final']} images / {s['labels_to_reach_random_final_boxes']} boxes  {rarest} recall50 {s['rarest_class_recall50']}"
-              + (f"  {rare[0]} share ratio {s['rare_share_ratio']}" if rare else ""))
+              + (f"  {rare[0]} share ratio {s['rare_share_ratio']} AP50 {s['rare_class_ap50']}" if rare else "")
+              + (f"  dominant {s['dominant_term_shares']}" if s.get("dominant_term_shares") else ""))
     return 0
 
 

@@ -159,6 +159,8 @@ class QuerySession:
         if not hasattr(self, "_cats"):
             try:
                 self._cats = list(self.run.read_categories())
+                if not self.cfg.dataset.use_supercategories:
+                    self._cats = [{k: v for k, v in c.items() if k != "supercategory"} for c in self._cats]
             except (OSError, ValueError):
                 self._cats = None
         return self._cats

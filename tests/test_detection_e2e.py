@@ -289,6 +289,13 @@ def test_gsal_trains_a_diffusion_model_scores_and_selects(trained):
     assert [r["rank"] for r in rat] == [1, 2, 3]
     assert all(r["dominant"] in ("difficulty", "coverage", "none") for r in rat)
     assert any(r["path"] is not None and len(r["path"]) == 3 for r in rat)
+    # dataset.use_supercategories=false hides the annotations' super-categories from selectors
+    from poolscout.jobs.query import QuerySession
+
+    seen = QuerySession(run, cfg)._categories()
+    hidden = QuerySession(run, run.config(files, [*ov, "dataset.use_supercategories=false"]))._categories()
+    assert all(c.get("supercategory") for c in seen)
+    assert [c["name"] for c in hidden] == [c["name"] for c in seen] and not any("supercategory" in c for c in hidden)
     for name in ("gsal_difficulty", "gsal_coverage"):
         c2 = run.config(files, [*ov, f"select.strategy={name}"])
         score(run, c2, progress=False, executor="local")  # same model, same signals: kept

@@ -199,6 +199,12 @@ def test_selector_rationale_and_errors():
     p0 = named.rationale[0]["gsal"]["path"]
     assert p0[0] in ("line", "spot") and p0[1] in ("scratch", "pit") and p0[2].startswith(p0[1] + "/")
     assert {"scratch": "line", "pit": "spot"}[p0[1]] == p0[0]
+    # "clusters": the categories' super-categories are ignored (L1 from class prototypes)
+    clus = G.gsal({"image_id": ids}, 2, ctx=SelectContext(boxes=boxes, labeled_class_counts=np.array([3, 0]),
+                                                            categories=cats), supercategory="clusters")
+    assert clus.rationale[0]["gsal"]["path"][0].startswith("group")
+    with pytest.raises(ValueError, match="clusters"):
+        G.gsal({"image_id": ids}, 1, ctx=ctx, supercategory="metadata")
     cov = G.gsal({"image_id": ids}, 2, ctx=ctx, difficulty=False)
     assert cov.rationale[0]["gsal"]["dominant"] == "coverage"
     bad = dict(boxes, gsal_d=np.array([np.nan, 0.0, 0.0]))

@@ -43,6 +43,41 @@ def test_summarise_hand_case(bench):
     assert s["random"]["labels_to_reach_random_final_boxes"] == pytest.approx(120.0)
 
 
+def test_summarise_rare_class_ap50_and_dominant_term_shares(bench):
+    def run(hist, ap, terms):
+        return {"labeled": [10, 20], "labeled_boxes": [10, 20], "map50": [0.2, 0.4], "map": [0.1, 0.2],
+                "per_class_final": [{"name": "hairline", "recall50": 0.5, "ap50": ap}],
+                "new_class_hist": [{"scratch": 9, "hairline": 1}, hist],
+                "pool_prevalence": {"scratch": 0.9, "hairline": 0.1}, "dominant_terms": terms}
+
+    results = {"random": {"0": run({"scratch": 9, "hairline": 1}, 0.1, None)},
+               "gsal": {"0": run({"scratch": 6, "hairline": 4}, 0.3, {"difficulty": 3, "coverage": 1}),
+                        "1": run({"scratch": 8, "hairline": 2}, 0.5, {"difficulty": 1, "coverage": 3})}}
+    s = bench.summarise(results, "hairline", "hairline")
+    # after the seed set: share 0.4 / 0.1 and 0.2 / 0.1 -> mean 3.0; random 1.0
+    assert s["gsal"]["rare_share_ratio"] == pytest.approx(3.0) and s["random"]["rare_share_ratio"] == pytest.approx(1.0)
+    assert s["gsal"]["rare_class_ap50"] == pytest.approx(0.4)
+    assert s["gsal"]["dominant_term_shares"] == pytest.approx({"coverage": 0.5, "difficulty": 0.5})
+    assert "dominant_term_shares" not in s["random"]
+
+
+def test_synthetic_subtle_pool_spec(bench, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setitem(bench.SYNTHETIC["synthetic_subtle"], "generate",
+                        {**bench.SYNTHETIC["synthetic_subtle"]["generate"], "n_images": 30})
+    monkeypatch.setitem(bench.SYNTHETIC["synthetic_subtle"], "test_images", 8)
+    spec = bench.synthetic_spec("synthetic_subtle", tmp_path / "pool")
+    test = spec["test"].read_text().split()
+    assert len(test) == 8 and test == sorted(p.name for p in spec["images"].iterdir())[-8:]
+    cats = {c["name"] for c in json.loads(spec["annotations"].read_text())["categories"]}
+    assert cats == {"scratch", "inclusion", "patch", "pit", "hairline"} and spec["rare"] == "hairline"
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / spec["config"]).read_text())
+    assert cfg["dataset"]["classes"][-1] == "hairline" and cfg["dataset"]["use_supercategories"] is False
+
+
 def test_longtail_fractions_halve_in_class_order(bench):
     f = bench.longtail_fractions(["a", "b", "c", "d", "e", "f"])
     assert list(f) == ["a", "b", "c", "d", "e", "f"]

@@ -100,6 +100,10 @@ class DatasetConfig:
     # the image is rejected with the reason.
     box_tolerance_px: float = spec(2.0, ge(0))
     min_box_size: float = spec(1.0, ge(0))
+    # The annotations' `supercategory` of each class is a grouping selectors may use (GSAL's
+    # L1 level); false hides it from them (GSAL then clusters class prototypes), e.g. when
+    # a benchmark's rare class alone has its own super-category and would be singled out.
+    use_supercategories: bool = True
 
 
 @dataclass(frozen=True)

@@ -446,7 +446,7 @@ def greedy(offsets: np.ndarray, g: np.ndarray, graph: ConceptGraph, budget: int,
 @SELECTORS.register("gsal", final=True, needs_embedding=False, needs_boxes=True,
                     box_fields=("labels", "roi_embedding", "gsal_d", "gsal_v"))
 def gsal(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, prior: bool = True,
-         difficulty: bool = True, shift: str = "min", update: str = "all", supercategory: list | None = None,
+         difficulty: bool = True, shift: str = "min", update: str = "all", supercategory: list | str | None = None,
          num_classes: int | None = None, seed: int = 0) -> Selection:
     """GSAL's greedy over the candidates' predicted boxes (`ctx.boxes`: labels,
     roi_embedding and the per-box D_b, V_b written at scoring). g_b = z(D_b) + z(V_b), z over
@@ -457,9 +457,11 @@ def gsal(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, prior
         difficulty: use the diffusion difficulty (False: `gsal_coverage`, g = 1).
         shift: "min" (g+ = g - min g + 1 over the candidates' boxes) or "none".
         update: "all" or "best" (see `greedy`).
-        supercategory: L1 name of each class 1..C; None: the run's categories'
+        supercategory: L1 name of each class 1..C; None or "auto": the run's categories'
             `supercategory` (ctx.categories) when every class has one and there are at least
-            two, else clusters of class prototypes.
+            two, else clusters of class prototypes; "clusters": always clusters of class
+            prototypes (the graph learns no grouping from the dataset's metadata: a benchmark
+            whose rare class alone has its own super-category would otherwise be told it).
         num_classes: C (None: the largest predicted label, or the labeled counts' length).
         seed: of the graph's k-means.
 
@@ -492,7 +494,15 @@ def gsal(table: dict[str, np.ndarray], budget: int, *, ctx: SelectContext, prior
                                                               len(counts) if counts is not None else 1)
     emb = np.asarray(bx["roi_embedding"], dtype=np.float32) if prior and bx.get("roi_embedding") is not None else None
     cats = ctx.categories or []
-    if supercategory is None and len(cats) >= c:
+    if isinstance(supercategory, str):
+        if supercategory not in ("auto", "clusters"):
+            raise ValueError(f"selector gsal: supercategory must be a list of names, 'auto' or 'clusters', "
+                             f"got {supercategory!r}")
+        from_categories = supercategory == "auto"
+        supercategory = None
+    else:
+        from_categories = supercategory is None
+    if from_categories and len(cats) >= c:
         sup = [str(x.get("supercategory") or "") for x in cats[:c]]
         if all(sup) and len(set(sup)) >= 2:
             supercategory = sup
