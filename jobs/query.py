@@ -64,6 +64,18 @@ def default_name(strategy: str, budget: int, where: str | None) -> str:
     return base
 
 
+def categories_for_selectors(cats: list[dict], dataset) -> list[dict]:
+    """The run's categories as selectors see them: `dataset.supercategories` (one per name of
+    `dataset.classes`) replaces the annotations' `supercategory`; `dataset.use_supercategories:
+    false` removes it."""
+    if not dataset.use_supercategories:
+        return [{k: v for k, v in c.items() if k != "supercategory"} for c in cats]
+    if dataset.supercategories:
+        sup = dict(zip(dataset.classes, dataset.supercategories))
+        return [{**c, "supercategory": sup[c["name"]]} if c.get("name") in sup else c for c in cats]
+    return cats
+
+
 class QuerySession:
     """A scored cycle opened for queries (see the module docstring).
 
@@ -158,9 +170,7 @@ class QuerySession:
     def _categories(self) -> list[dict] | None:
         if not hasattr(self, "_cats"):
             try:
-                self._cats = list(self.run.read_categories())
-                if not self.cfg.dataset.use_supercategories:
-                    self._cats = [{k: v for k, v in c.items() if k != "supercategory"} for c in self._cats]
+                self._cats = categories_for_selectors(list(self.run.read_categories()), self.cfg.dataset)
             except (OSError, ValueError):
                 self._cats = None
         return self._cats
@@ -476,4 +486,4 @@ def read_batch(path: str | Path) -> list[dict]:
     return out
 
 
-__all__ = ["QuerySession", "read_batch", "default_name"]
+__all__ = ["QuerySession", "categories_for_selectors", "read_batch", "default_name"]

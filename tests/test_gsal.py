@@ -238,3 +238,19 @@ def test_report_reads_gsal_rationales_as_a_sentence_and_a_tree():
     html = R._concept_tree_html(sel)
     assert "&lt;metal&gt;: 2 picks" in html and "<metal>" not in html and "cluster 3/1: 1 pick<" in html
     assert R.concept_tree(sel[2:]) == {} and R._concept_tree_html(sel[2:]) == ""
+
+
+def test_supercategories_from_the_dataset_config_or_hidden():
+    from poolscout.engine.core.config import ConfigError, load_config
+    from poolscout.jobs.query import categories_for_selectors
+
+    cats = [{"id": 1, "name": "scratch", "supercategory": "defect"}, {"id": 2, "name": "hairline",
+                                                                        "supercategory": "subtle"}]
+    base = ["dataset.classes=[scratch,hairline]"]
+    assert categories_for_selectors(cats, load_config([], base).dataset) == cats
+    cfg = load_config([], [*base, "dataset.supercategories=[line,line]"])
+    assert [c["supercategory"] for c in categories_for_selectors(cats, cfg.dataset)] == ["line", "line"]
+    hidden = categories_for_selectors(cats, load_config([], [*base, "dataset.use_supercategories=false"]).dataset)
+    assert hidden == [{"id": 1, "name": "scratch"}, {"id": 2, "name": "hairline"}]
+    with pytest.raises(ConfigError, match="dataset.supercategories"):
+        load_config([], [*base, "dataset.supercategories=[line]"])

@@ -100,9 +100,12 @@ class DatasetConfig:
     # the image is rejected with the reason.
     box_tolerance_px: float = spec(2.0, ge(0))
     min_box_size: float = spec(1.0, ge(0))
-    # The annotations' `supercategory` of each class is a grouping selectors may use (GSAL's
-    # L1 level); false hides it from them (GSAL then clusters class prototypes), e.g. when
-    # a benchmark's rare class alone has its own super-category and would be singled out.
+    # A super-category for each name of `classes` (same order): a grouping selectors may use
+    # (GSAL's L1 level); it replaces the annotations' `supercategory` (COCO's field). Empty:
+    # the annotations' own, if any.
+    supercategories: tuple[str, ...] = spec((), each(NONEMPTY))
+    # false hides every super-category from selectors (GSAL then clusters class prototypes),
+    # e.g. when a benchmark's rare class alone has its own and would be singled out.
     use_supercategories: bool = True
 
 
@@ -367,6 +370,9 @@ class Config:
 # Constraints between settings, known at load: (keys involved, ok(cfg), message after the
 # first key).
 CROSS_CHECKS: tuple[tuple[tuple[str, ...], Callable[[Config], bool], str], ...] = (
+    (("dataset.supercategories", "dataset.classes"),
+     lambda c: not c.dataset.supercategories or len(c.dataset.supercategories) == len(c.dataset.classes),
+     "needs one name per entry of dataset.classes (same order)"),
     (("train.aware_loss", "detector.box_var_head"), lambda c: not c.train.aware_loss or c.detector.box_var_head,
      "true needs detector.box_var_head: true (the uncertainty-aware loss reads the box variance head)"),
 )
