@@ -169,3 +169,34 @@ def test_optional_subtle_class(tmp_path):
     assert np.median([max(a["bbox"][2], a["bbox"][3]) for a in hair]) >= 0.25 * 96
     with pytest.raises(ValueError, match="hairline"):
         generate(tmp_path / "d", n_images=2, size=64, class_weights={"crack": 1.0})
+
+
+def test_masks_add_segmentation_without_changing_the_pool(tmp_path):
+    """masks=True writes class-id PNGs; images and annotations stay byte-identical; every
+    mask pixel of class c lies in a box of class c, and nearly every box has mask pixels."""
+    plain = generate(tmp_path / "a", n_images=30, size=64, seed=2, class_weights={"hairline": 1.0})
+    seg = generate(tmp_path / "b", n_images=30, size=64, seed=2, class_weights={"hairline": 1.0}, masks=True)
+    fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert {k: v for k, v in fb.items() if k.startswith("images/")} == {k: v for k, v in fa.items()
+                                                                      if k.startswith("images/")}
+    assert fa["annotations.json"] == fb["annotations.json"] and "masks" not in plain
+    coco = json.loads(seg["annotations"].read_text())
+    by_image = {}
+    for a in coco["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    with_pixels, classes_seen = 0, set()
+    for im in coco["images"]:
+        m = np.asarray(Image.open(seg["masks"] / (im["file_name"].rsplit(".", 1)[0] + ".png")))
+        assert m.shape == (64, 64) and m.dtype == np.uint8
+        inside = np.zeros_like(m, dtype=bool)
+        for a in by_image.get(im["id"], []):
+            x, y, w, h = a["bbox"]
+            box_of_class = np.zeros_like(inside)
+            box_of_class[y:y + h, x:x + w] = True
+            with_pixels += bool((m[box_of_class] == a["category_id"]).any())
+            inside |= box_of_class & (m == a["category_id"])
+        assert np.array_equal(inside, m > 0)  # no mask pixel outside a box of its class
+        classes_seen |= set(np.unique(m).tolist())
+    assert with_pixels >= 0.9 * len(coco["annotations"]) and classes_seen == {0, 1, 2, 3, 4, 5}
+    again = generate(tmp_path / "b", n_images=30, size=64, seed=2, class_weights={"hairline": 1.0}, masks=True)
+    assert again["masks"] == seg["masks"] and _files(tmp_path / "b") == fb  # a rerun rewrites nothing

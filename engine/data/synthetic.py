@@ -180,9 +180,17 @@ def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
+# a pixel belongs to a defect's mask where the defect changes it by at least this share of
+# its full intensity (the box keeps every touched pixel, weight > 0.02)
+MASK_WEIGHT = 0.25
+
+
 def _render(rng: np.random.Generator, s: int, probs: np.ndarray, max_defects: int, clean_fraction: float = 0.05,
-            contrast: float = 1.0, defect_scale: float = 1.0, texture: float = 1.0, classes=CLASSES):
-    """One image: (s, s) uint8 and [(class_index, x1, y1, x2, y2)] with exclusive x2, y2."""
+            contrast: float = 1.0, defect_scale: float = 1.0, texture: float = 1.0, classes=CLASSES,
+            mask: np.ndarray | None = None):
+    """One image: (s, s) uint8 and [(class_index, x1, y1, x2, y2)] with exclusive x2, y2.
+    `mask` ((s, s) uint8, zeros): filled with class_index + 1 where a defect's weight is at
+    least MASK_WEIGHT (a later defect overwrites an earlier one); no random draw depends on it."""
     img = _background(rng, s, texture)
     if max_defects <= 0 or rng.random() < clean_fraction:
         k = 0
@@ -206,6 +214,8 @@ def _render(rng: np.random.Generator, s: int, probs: np.ndarray, max_defects: in
                 continue
             wgt = np.where(wgt > 0.02, wgt, 0.0)
             img[y0:y0 + wgt.shape[0], x0:x0 + wgt.shape[1]] += (delta * contrast) * wgt
+            if mask is not None:
+                mask[y0:y0 + wgt.shape[0], x0:x0 + wgt.shape[1]][wgt >= MASK_WEIGHT] = c + 1
             boxes.append((c, *box))
             break
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), boxes
@@ -245,8 +255,8 @@ def _encode(pixels: np.ndarray, fmt: str) -> bytes:
 def generate(out_dir: str | Path, n_images: int = 200, size: int = 128, seed: int = 0,
              class_weights: dict[str, float] | None = None, max_defects: int = 3,
              image_format: str = "png", clean_fraction: float = 0.05, contrast: float = 1.0,
-             defect_scale: float = 1.0, texture: float = 1.0) -> dict:
-    """Write a synthetic defect pool: images + COCO annotations.
+             defect_scale: float = 1.0, texture: float = 1.0, masks: bool = False) -> dict:
+    """Write a synthetic defect pool: images + COCO annotations (+ segmentation masks).
 
     Args:
         out_dir: destination; gets ``images/syn_00000.png ...``, ``annotations.json``
@@ -268,10 +278,13 @@ def generate(out_dir: str | Path, n_images: int = 200, size: int = 128, seed: in
             keep their size; 1.0: the original look).
         texture: multiplies the background's shading, rolling streaks and grain around its
             base grey level (1.0: the original look; smaller is a calmer surface).
+        masks: also write ``masks/<image stem>.png``: uint8 class ids (0 background, c for
+            the c-th class) where a defect changes the pixel by at least MASK_WEIGHT of its
+            intensity; the images and annotations do not change.
 
     Returns:
         {"images": Path, "annotations": Path, "classes": list[str], "n_images": N,
-        "n_boxes": B}. If ``out_dir`` already holds this exact generation, nothing is
+        "n_boxes": B} (+ "masks": Path). If ``out_dir`` already holds this exact generation, nothing is
         rewritten.
 
     Raises:
@@ -303,24 +316,36 @@ def generate(out_dir: str | Path, n_images: int = 200, size: int = 128, seed: in
         params["defect_scale"] = float(defect_scale)
     if float(texture) != 1.0:
         params["texture"] = float(texture)
+    if masks:
+        params["masks"] = True
     names = [f"syn_{i:05d}.{fmt}" for i in range(n_images)]
+    mask_dir = out / "masks"
+    mask_names = [f"syn_{i:05d}.png" for i in range(n_images)] if masks else []
     result = {"images": img_dir, "annotations": ann_path, "classes": list(classes), "n_images": int(n_images)}
+    if masks:
+        result["masks"] = mask_dir
     if gen_path.is_file() and ann_path.is_file():
         try:
             old = json.loads(gen_path.read_text())
         except json.JSONDecodeError:
             old = {}
-        if old.get("params") == params and all((img_dir / n).is_file() for n in names):
+        if (old.get("params") == params and all((img_dir / n).is_file() for n in names)
+                and all((mask_dir / n).is_file() for n in mask_names)):
             return {**result, "n_boxes": int(old.get("n_boxes", 0))}
     if gen_path.exists():
         gen_path.unlink()  # the folder is being rewritten: no longer a finished generation
     img_dir.mkdir(parents=True, exist_ok=True)
+    if masks:
+        mask_dir.mkdir(parents=True, exist_ok=True)
     images, anns = [], []
     for i, name in enumerate(names):
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, i])
+        mask = np.zeros((size, size), np.uint8) if masks else None
         pixels, boxes = _render(rng, size, probs, max_defects, float(clean_fraction), float(contrast),
-                                float(defect_scale), float(texture), classes)
+                                float(defect_scale), float(texture), classes, mask=mask)
         io.atomic_write_bytes(img_dir / name, _encode(pixels, fmt))
+        if mask is not None:
+            io.atomic_write_bytes(mask_dir / mask_names[i], _encode(mask, "png"))
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
         for c, x1, y1, x2, y2 in boxes:
             w, h = x2 - x1, y2 - y1
