@@ -501,6 +501,71 @@ def diffusion_train(run_dir, steps, configs, overrides, address, quiet):
     _print(s, ["model", "steps", "trained_steps", "images", "seconds", "loss_last100", "parameters", "executor"])
 
 
+@cli.group()
+def segment() -> None:
+    """Pixel-level active learning for segmentation (two-stage eDALD on diffusion features)."""
+
+
+@segment.command("init")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of images (searched recursively).")
+@click.option("--masks", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of PNG masks, at each image's relative path with .png.")
+@click.option("--mask-format", type=click.Choice(["ids", "folder"]), default=None,
+              help="ids: pixel = class id (255 ignore); folder: binary, class = the image's top folder.")
+@click.option("--test", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="File of image ids held out for evaluation (they need masks).")
+@click.option("--force", is_flag=True, help="Re-initialise a run whose inputs differ.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--config", "configs", multiple=True, type=click.Path(dir_okay=False))
+@_guard
+def segment_init(run_dir, images, masks, mask_format, test, force, overrides, configs):
+    """Create a segmentation run: the image tables plus masks.parquet (bad masks rejected)."""
+    from poolscout.jobs.segment import init_segmentation
+
+    ov = list(overrides) + ([f"segment.mask_format={mask_format}"] if mask_format else [])
+    cfg = load_config(list(configs), ov)
+    _print(init_segmentation(RunDir(Path(run_dir)), images=images, masks=masks, test=test, cfg=cfg, force=force))
+
+
+@segment.command("run")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--rounds", type=int, default=None, help="Acquisition rounds after round 0 (default segment.rounds).")
+@click.option("--budget", type=int, default=None, help="Pixels labeled per round (default segment.budget).")
+@click.option("--strategy", type=click.Choice(["two_stage", "random", "entropy", "herding", "edald"]), default=None)
+@click.option("--executor", type=click.Choice(["ray", "local"]), default=None)
+@common
+def segment_run(run_dir, rounds, budget, strategy, executor, configs, overrides, address, quiet):
+    """Run (or resume) the pixel loop: candidates -> select -> label -> train the head -> mIoU."""
+    from poolscout.jobs.segment import run_segmentation
+
+    ov = list(overrides) + ([f"segment.budget={budget}"] if budget else []) + (
+        [f"segment.strategy={strategy}"] if strategy else [])
+    run, cfg = _load(run_dir, configs, ov)
+    ex = executor or cfg.loop.executor
+    if ex == "ray":
+        _ray(cfg, address, quiet, run)
+    res = run_segmentation(run, cfg, rounds=rounds, executor=ex, progress=not quiet, overrides=ov,
+                           log=lambda m: click.echo(m, err=True))
+    _print({"rounds": [{"round": m["round"], "labeled_pixels": m["labeled_pixels"], "miou": m["eval"]["miou"]}
+                       for m in res["rounds"]], **({"pending": res["pending"]} if "pending" in res else {})})
+
+
+@segment.command("import")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--points", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="CSV (image, x, y, class) or COCO keypoints JSON of labeled pixels.")
+@click.option("--cycle", type=int, default=None, help="Round the labels answer (default: the newest).")
+@common
+def segment_import(run_dir, points, cycle, configs, overrides, address, quiet):
+    """Add people's point labels to the pixel ledger (a pixel labeled already is skipped)."""
+    from poolscout.jobs.segment import import_points
+
+    run, cfg = _load(run_dir, configs, overrides)
+    _print(import_points(run, cfg, points, cycle=cycle))
+
+
 @cli.command("strategies")
 @_guard
 def strategies_cmd():

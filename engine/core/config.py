@@ -341,6 +341,37 @@ class GsalConfig:
 
 
 @dataclass(frozen=True)
+class SegmentConfig:
+    """Pixel-level active learning for segmentation (two-stage eDALD, docs/methods.md
+    section 5; `poolscout segment`)."""
+
+    # masks: "ids" (pixel = class id, 255 ignore) or "folder" (binary, class = top folder)
+    mask_format: str = spec("ids", one_of("ids", "folder"))
+    mask_threshold: int = spec(127, ge(0))
+    # "two_stage" (eDALD), or the baselines "random", "entropy", "herding", "edald"
+    strategy: str = spec("two_stage", one_of("two_stage", "random", "entropy", "herding", "edald"))
+    rounds: int = spec(4, ge(0))  # acquisition rounds after round 0
+    budget: int = spec(100, ge(1))  # B pixels labeled per round (round 0 too)
+    candidates: int = spec(1000, ge(1))  # N_c random candidate pixels per image and round
+    local_budget: int = spec(20, ge(1))  # b, stage 1a's picks per image
+    keep: float = spec(0.5, within(0, 1, lo_open=True))  # stage 1b keeps this share of the local picks
+    noises: int = spec(5, ge(0))  # K fixed noises of eDALD's MI
+    timesteps: tuple[int, ...] = spec((50, 150, 250), NONEMPTY, each(ge(0)))
+    blocks: tuple[int, ...] = spec((), each(ge(0)))  # UNet up blocks read (empty = all)
+    knn_k: int = spec(64, ge(2))  # neighbours of the sparse herding graph (beyond 4096 points)
+    head_epochs: int = spec(50, ge(1))
+    head_lr: float = spec(1e-3, within(0, 1, lo_open=True))
+    head_batch_size: int = spec(256, ge(1))
+    eval_max_side: int = spec(256, ge(0))  # evaluation grid's longer side (0 = full resolution)
+    batch_size: int = spec(4, ge(1))  # images per feature batch
+    # feature stage (Ray Data actors)
+    concurrency: int = spec(1, ge(1))
+    num_cpus: float = spec(1.0, ge(0))
+    num_gpus: float = spec(0.0, ge(0))
+    threads: int = spec(0, ge(0))
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str | None = spec(None, NONEMPTY)
     num_cpus: int = spec(0, ge(0))  # 0 = all cores, embedded local Ray only
@@ -358,6 +389,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     gsal: GsalConfig = field(default_factory=GsalConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def fixed_noise(shape: tuple[int, ...], seed: int, k: int) -> torch.Tensor:
 def image_to_model(img: np.ndarray, resolution: int, channels: int) -> torch.Tensor:
     """One uint8 image (H, W) or (H, W, 3) -> (C, R, R) in [-1, 1] (bilinear, antialiased;
     grey = the channel mean)."""
-    a = np.asarray(img)
+    a = np.array(img)  # a writable copy: torch refuses read-only arrays
     if a.ndim == 2:
         a = a[..., None]
     t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float()[None]
@@ -97,6 +97,45 @@ class UNetFeatures:
         return self._noises[k]
 
     @torch.no_grad()
+    def maps(self, x: torch.Tensor, k: int = 0) -> list[torch.Tensor]:
+        """The decoder blocks' outputs for a batch (N, C, R, R) at noise k: one (N, C_b, h, w)
+        tensor per (timestep, block), in that order. A few MB an image at R = 64."""
+        n = x.shape[0]
+        x = x.to(self.device).float()
+        eps = self.noise(int(k))[None].expand(n, -1, -1, -1)
+        out: list[torch.Tensor] = []
+        caught: list[torch.Tensor] = []
+        hooks = [self.unet.up_blocks[b].register_forward_hook(lambda m, a, o: caught.append(o)) for b in self.blocks]
+        try:
+            for t in self.timesteps:
+                ab = self._ab[t]
+                caught.clear()
+                self.unet(ab.sqrt() * x + (1 - ab).sqrt() * eps, torch.full((n,), t, dtype=torch.long,
+                                                                             device=self.device))
+                out += [m.float() for m in caught]
+        finally:
+            for h in hooks:
+                h.remove()
+        return out
+
+    @torch.no_grad()
+    def sample(self, maps: list[torch.Tensor], coords: Sequence[torch.Tensor], rows: Sequence[int] | None = None
+               ) -> list[np.ndarray]:
+        """Features of pixels from `maps`: coords[j] (P_j, 2) belong to batch row rows[j]
+        (default j). Returns float32 (P_j, dim) arrays with L2-normalised rows."""
+        rows = list(range(len(coords))) if rows is None else [int(r) for r in rows]
+        out = []
+        for r, c in zip(rows, coords):
+            if len(c) == 0:
+                out.append(np.zeros((0, self.dim), np.float32))
+                continue
+            grid = c.to(self.device).float()[None, None]  # (1, 1, P, 2)
+            parts = [torch.nn.functional.grid_sample(m[r : r + 1], grid, mode="bilinear", padding_mode="border",
+                                                     align_corners=False)[0, :, 0, :] for m in maps]
+            f = torch.nn.functional.normalize(torch.cat(parts, dim=0).T, dim=1)
+            out.append(f.cpu().numpy().astype(np.float32))
+        return out
+
     def __call__(self, x: torch.Tensor, coords: Sequence[torch.Tensor], k: int = 0) -> list[np.ndarray]:
         """Features of the requested pixels of a batch.
 
@@ -108,34 +147,9 @@ class UNetFeatures:
         Returns:
             N float32 arrays (P_i, dim), L2-normalised rows.
         """
-        n = x.shape[0]
-        if len(coords) != n:
-            raise ValueError(f"{len(coords)} coordinate sets for {n} images")
-        x = x.to(self.device).float()
-        eps = self.noise(int(k))[None].expand(n, -1, -1, -1)
-        pmax = max((len(c) for c in coords), default=0)
-        grid = torch.zeros((n, 1, max(pmax, 1), 2), device=self.device)
-        for i, c in enumerate(coords):
-            grid[i, 0, : len(c)] = c.to(self.device)
-        parts: list[torch.Tensor] = []
-        caught: list[torch.Tensor] = []
-        hooks = [self.unet.up_blocks[b].register_forward_hook(lambda m, a, o: caught.append(o)) for b in self.blocks]
-        try:
-            for t in self.timesteps:
-                ab = self._ab[t]
-                xt = ab.sqrt() * x + (1 - ab).sqrt() * eps
-                caught.clear()
-                self.unet(xt, torch.full((n,), t, dtype=torch.long, device=self.device))
-                for fmap in caught:
-                    s = torch.nn.functional.grid_sample(fmap.float(), grid, mode="bilinear", padding_mode="border",
-                                                      align_corners=False)
-                    parts.append(s[:, :, 0, :])  # (N, C_b, Pmax)
-        finally:
-            for h in hooks:
-                h.remove()
-        f = torch.cat(parts, dim=1).permute(0, 2, 1)  # (N, Pmax, dim)
-        f = torch.nn.functional.normalize(f, dim=2)
-        return [f[i, : len(c)].cpu().numpy().astype(np.float32) for i, c in enumerate(coords)]
+        if len(coords) != x.shape[0]:
+            raise ValueError(f"{len(coords)} coordinate sets for {x.shape[0]} images")
+        return self.sample(self.maps(x, k), coords)
 
 
 # --------------------------------------------------------------------------- head
