@@ -466,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     gsal = any(variant(s)[0].startswith("gsal") for s in strategies)
     diffusion = Path(args.workdir or REPO / "benchmarks" / "runs" / name) / "diffusion"
     if gsal:
-        base += [f"gsal.model={diffusion / 'model'}", f"gsal.maps_dir={diffusion / 'maps'}"]
+        # one torch thread per diffusion actor: loops run side by side, one CPU each, and two
+        # threads on a busy core spin (measured here: a UNet pass 15x slower)
+        base += [f"gsal.model={diffusion / 'model'}", f"gsal.maps_dir={diffusion / 'maps'}", "gsal.threads=1"]
 
     from poolscout.jobs.ray_env import connect
 
