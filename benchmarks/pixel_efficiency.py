@@ -1,0 +1,257 @@
+"""Pixel-level label efficiency on Magnetic Tile: two-stage eDALD against its parts and the
+baselines (docs/methods.md section 5), and the cost of its global herding stage.
+
+The authors' protocol scaled to 2 CPUs (every figure is a flag):
+
+* pool: Magnetic Tile's split_pool.txt (478 images), test: split_test.txt (114), five defect
+  classes and background (configs/magnetic_tile.yaml);
+* features: the cpu-small diffusion model (64 px, 0.27 M parameters) trained on the pool for
+  `--diffusion-steps` (2,500), timesteps 50 / 150 / 250, all three decoder blocks (240 dims);
+* per round: 1,000 random candidate pixels per image, local herding keeps b = 20, global
+  herding keeps half, K = 5 noises; B = 100 pixels per round, round 0 + 4 rounds (500
+  labeled pixels at the end: about one per pool image);
+* head: MLP 240-128-32-6, 50 epochs, Adam 1e-3, class-balanced cross-entropy;
+* evaluation: mIoU over the six classes on the test masks, 256 px on the longer side;
+* strategies: random, entropy, herding (stage 1 only), edald (stage 2 only), two_stage;
+  seeds 0 and 1; two loops at a time on the embedded Ray, one CPU and one thread each.
+
+    python benchmarks/pixel_efficiency.py
+    python benchmarks/pixel_efficiency.py --herding-cost   # after the loops: their round-0 candidates
+
+Results: benchmarks/results/pixel_efficiency_magnetic_tile.json and .png (mIoU against labeled
+pixels, mean and range over seeds); `--herding-cost` adds the global stage's time and memory,
+sparse (FAISS kNN graph) against a dense kernel, at the pool's real candidate count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+STRATEGIES = ["random", "entropy", "herding", "edald", "two_stage"]
+COPY = ("run.yaml", "manifest.parquet", "annotations.parquet", "categories.json", "ledger.parquet",
+        "rejects.parquet", "masks.parquet", "segment.json")
+
+
+def base_overrides(args) -> list[str]:
+    return [f"segment.rounds={args.rounds}", f"segment.budget={args.budget}", f"segment.candidates={args.candidates}",
+            f"segment.local_budget={args.local_budget}", f"segment.keep={args.keep}", f"segment.noises={args.noises}",
+            f"segment.eval_max_side={args.eval_max_side}", "segment.threads=1", "loop.executor=local",
+            f"gsal.resolution={args.resolution}"]
+
+
+def prepare(args, workdir: Path) -> tuple[Path, list[str], list[str]]:
+    """The shared base run (init with masks) and the pool's diffusion model."""
+    from poolscout.engine.core.config import configs_dir, load_config
+    from poolscout.engine.core.run import RunDir
+    from poolscout.jobs.diffusion import train_diffusion
+    from poolscout.jobs.segment import init_segmentation
+
+    data = Path(args.data_root) / "magnetic_tile"
+    if not data.is_dir():
+        raise SystemExit(f"error: Magnetic Tile not found at {data} (see --data-root)")
+    files = [str(configs_dir() / "magnetic_tile.yaml")]
+    ov = base_overrides(args)
+    base = RunDir(workdir / "base")
+    s = init_segmentation(base, images=data / "images", masks=data / "masks", test=data / "split_test.txt",
+                          cfg=load_config(files, ov), progress=False)
+    print(f"pool {s['pool']} images, test {s['test']}, masks {s['masks']}, rejected {s['rejected']}", flush=True)
+    model = workdir / "diffusion" / "model"
+    if not (workdir / "diffusion" / "train.json").is_file():
+        print(f"training the pool's diffusion model ({args.diffusion_steps} steps) ...", flush=True)
+        t = train_diffusion(base, base.config(files, [*ov, "gsal.train_threads=0"]), steps=args.diffusion_steps,
+                            executor="local", out=model, progress=False, log=lambda m: None)
+        print(f"diffusion model: {t['steps']} steps in {t['seconds']:.0f} s, loss {t['loss_last100']:.4f}", flush=True)
+    return base.root, files, [*ov, f"gsal.model={model}"]
+
+
+def _loop(base: str, run_dir: str, files: list[str], ov: list[str]) -> dict:
+    from poolscout.engine.core.run import RunDir
+    from poolscout.jobs.segment import run_segmentation
+
+    run = RunDir(Path(run_dir))
+    if not run.exists():
+        run.root.mkdir(parents=True, exist_ok=True)
+        for f in COPY:
+            if (Path(base) / f).is_file():
+                shutil.copy2(Path(base) / f, run.root / f)
+    t0 = time.time()
+    log = open(run.root / "loop.log", "a")
+    res = run_segmentation(run, run.config(files, ov), executor="local", progress=False, overrides=ov,
+                           log=lambda m: (log.write(m + "\n"), log.flush()))
+    return {"rounds": res["rounds"], "seconds": round(time.time() - t0, 1)}
+
+
+def aulc(x, y) -> float:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    return float(np.trapezoid(y, x) / (x[-1] - x[0])) if len(x) > 1 and x[-1] > x[0] else float(y[-1])
+
+
+def summarise(results: dict) -> dict:
+    out = {}
+    for strat, per_seed in results.items():
+        x = np.mean([[m["labeled_pixels"] for m in r["rounds"]] for r in per_seed.values()], 0)
+        y = np.array([[m["eval"]["miou"] for m in r["rounds"]] for r in per_seed.values()])
+        out[strat] = {"labeled_pixels": x.tolist(), "miou_mean": y.mean(0).tolist(), "miou_std": y.std(0).tolist(),
+                      "final_miou": float(y.mean(0)[-1]), "aulc": aulc(x, y.mean(0)),
+                      "final_per_class_iou": {c: float(np.mean([r["rounds"][-1]["eval"]["per_class_iou"][c] or 0.0
+                                                                for r in per_seed.values()]))
+                                              for c in next(iter(per_seed.values()))["rounds"][-1]["eval"]
+                                              ["per_class_iou"]}}
+    return out
+
+
+def plot(summary: dict, results: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for i, (s, v) in enumerate(sorted(summary.items(), key=lambda kv: -kv[1]["aulc"])):
+        ys = np.array([[m["eval"]["miou"] for m in r["rounds"]] for r in results[s].values()])
+        c = "k" if s == "random" else f"C{i}"
+        ax.plot(v["labeled_pixels"], ys.mean(0), "-o", color=c, ms=4, label=f"{s} (AULC {v['aulc']:.3f})",
+                lw=2.2 if s in ("random", "two_stage") else 1.4)
+        if len(ys) > 1:
+            ax.fill_between(v["labeled_pixels"], ys.min(0), ys.max(0), color=c, alpha=0.12)
+    ax.set_xlabel("labeled pixels")
+    ax.set_ylabel("test mIoU (6 classes)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def herding_cost(workdir: Path, args) -> dict:
+    """The global stage on the real local picks of round 0 (two_stage, seed 0): sparse kNN
+    graph against the dense kernel, same picks budget (keep x picks), time and memory."""
+    import resource
+    import tracemalloc
+
+    import pyarrow as pa
+
+    from poolscout.engine.core import io
+    from poolscout.engine.methods import edald as E
+    from poolscout.jobs.segment import _flat_candidates, _local_picks
+
+    d = workdir / "two_stage_s0" / "cycles" / "0" / "candidates"
+    if not (d / "_done").is_file():
+        raise SystemExit(f"error: {d} is not finished; run the loops first")
+    cand = pa.concat_tables([io.read_table(p) for p in sorted(d.glob("part-*.parquet"))])
+    _, feats = _local_picks(_flat_candidates(cand))
+    m = len(feats)
+    b = E.keep_count(m, args.keep)
+    h = E.bandwidth(feats, seed=0)
+    out = {"points": int(m), "dims": int(feats.shape[1]), "budget": int(b), "h": h}
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    sparse, _ = E.global_herding(feats, None, b, h=h, k=args.knn_k, dense_below=0)
+    out["sparse_s"] = round(time.perf_counter() - t0, 2)
+    out["sparse_peak_mb"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
+    tracemalloc.stop()
+    print(f"sparse: {out['sparse_s']} s, peak {out['sparse_peak_mb']} MB", flush=True)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    dense, _ = E.global_herding(feats, None, b, h=h, dense_below=m)
+    out["dense_s"] = round(time.perf_counter() - t0, 2)
+    out["dense_peak_mb"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
+    tracemalloc.stop()
+    print(f"dense: {out['dense_s']} s, peak {out['dense_peak_mb']} MB", flush=True)
+    kmat = E.kernel(E.sq_dists(feats, feats), h)
+
+    def objective(rows):
+        return float(kmat[:, rows].max(axis=1).mean()) if len(rows) else 0.0
+
+    out["objective_sparse_over_dense"] = objective(sparse) / max(objective(dense), 1e-12)
+    out["same_picks_share"] = len(set(sparse.tolist()) & set(dense.tolist())) / max(b, 1)
+    out["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--workdir", default=str(REPO / "benchmarks" / "runs" / "pixel_efficiency_magnetic_tile"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "pixel_efficiency_magnetic_tile.json"))
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--budget", type=int, default=100, help="Pixels labeled per round.")
+    ap.add_argument("--candidates", type=int, default=1000, help="Random candidate pixels per image and round.")
+    ap.add_argument("--local-budget", type=int, default=20, help="Stage 1a's picks per image.")
+    ap.add_argument("--keep", type=float, default=0.5, help="Stage 1b keeps this share of the local picks.")
+    ap.add_argument("--noises", type=int, default=5)
+    ap.add_argument("--knn-k", type=int, default=64)
+    ap.add_argument("--eval-max-side", type=int, default=256)
+    ap.add_argument("--resolution", type=int, default=64, help="The diffusion model's resolution.")
+    ap.add_argument("--diffusion-steps", type=int, default=2500)
+    ap.add_argument("--parallel", type=int, default=2, help="Loops at a time (one CPU each).")
+    ap.add_argument("--herding-cost", action="store_true")
+    args = ap.parse_args(argv)
+    workdir, out = Path(args.workdir), Path(args.out)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.herding_cost:
+        cost = herding_cost(workdir, args)
+        doc = json.loads(out.read_text()) if out.is_file() else {}
+        doc["herding_cost"] = cost
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2))
+        print(json.dumps(cost, indent=2))
+        return 0
+    base, files, ov = prepare(args, workdir)
+    import ray
+
+    from poolscout.jobs.ray_env import connect
+
+    info = connect(num_cpus=args.parallel, log_dir=workdir / "logs")
+    task = ray.remote(num_cpus=1, max_retries=2)(_loop)
+    strategies, seeds = args.strategies.split(","), [int(s) for s in args.seeds.split(",")]
+    t0 = time.time()
+    refs = {(s, seed): task.remote(str(base), str(workdir / f"{s}_s{seed}"), files,
+                                   [*ov, f"seed={seed}", f"segment.strategy={s}"])
+            for seed in seeds for s in strategies}
+    results: dict = {}
+    pending = dict(refs)
+    while pending:
+        done, _ = ray.wait(list(pending.values()), num_returns=1)
+        key = next(k for k, r in pending.items() if r == done[0])
+        res = ray.get(done[0])
+        del pending[key]
+        results.setdefault(key[0], {})[str(key[1])] = res
+        print(f"[pixel] {key[0]} seed {key[1]}: mIoU " + " ".join(f"{m['eval']['miou']:.3f}" for m in res["rounds"])
+              + f" ({res['seconds']:.0f} s; {time.time() - t0:.0f} s elapsed)", flush=True)
+    summary = summarise(results)
+    doc = json.loads(out.read_text()) if out.is_file() else {}
+    doc.update({"benchmark": "pixel_efficiency", "dataset": "magnetic_tile",
+                "settings": {**{k: v for k, v in vars(args).items() if k not in ("herding_cost",)},
+                             "overrides": ov, "configs": [Path(f).name for f in files]},
+                "machine": {"cpus": info["cpus"], "gpus": info["gpus"], "platform": platform.platform()},
+                "wall_seconds": round(time.time() - t0, 1), "summary": summary, "runs": results})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, out)
+    plot(summary, results, out.with_suffix(".png"),
+         f"Magnetic Tile pixels: {args.budget} per round, {args.rounds + 1} rounds, seeds {seeds}")
+    for s, v in sorted(summary.items(), key=lambda kv: -kv[1]["aulc"]):
+        print(f"  {s:10s} final mIoU {v['final_miou']:.3f}  AULC {v['aulc']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
