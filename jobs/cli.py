@@ -566,6 +566,18 @@ def segment_import(run_dir, points, cycle, configs, overrides, address, quiet):
     _print(import_points(run, cfg, points, cycle=cycle))
 
 
+@segment.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("--images", "max_images", type=int, default=8, show_default=True, help="Images per round's overlay.")
+@_guard
+def segment_report(run_dir, out_dir, max_images):
+    """mIoU against labeled pixels, per-class IoU per round, and each round's picks on the images."""
+    from poolscout.engine.evaluation.seg_report import write_report
+
+    click.echo(str(write_report(run_dir, out_dir, max_images=max_images)))
+
+
 @cli.command("strategies")
 @_guard
 def strategies_cmd():

@@ -6,6 +6,8 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401
 import pytest
 
 from poolscout.engine.core import io
@@ -81,6 +83,27 @@ def test_rounds_label_distinct_pixels_and_report_miou(seg_run, strategy, tmp_pat
     assert any("[round 2] evaluate done: mIoU" in m for m in logs)
     head = json.loads((run.cycle_dir(2) / "head.json").read_text())
     assert head["pixels"] == 36 and sum(head["class_counts"]) == 36
+    if strategy == "two_stage":  # the report: curve, table, overlays with the labels' colours
+        from PIL import Image
+
+        from poolscout.engine.evaluation import seg_report as R
+
+        page = R.write_report(run.root, tmp_path / "report")
+        text = page.read_text()
+        assert "mIoU" in text and text.count("<h3>Round") == 3 and "round_2.png" in text
+        assert (tmp_path / "report" / "curve.png").is_file()
+        info = R.overlay(run.root, 1, tmp_path / "o.png", max_images=4, thumb=96)
+        assert info["pixels"] >= 1 and 1 <= info["images"] <= 4
+        im = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"))
+        sel = io.read_table(run.cycle_dir(1) / "pixel_selection.parquet")
+        tile = info["tiles"][0]
+        mine = sel.filter(pa.compute.equal(sel["image_id"], tile["image_id"]))
+        x, y = mine["x"][0].as_py(), mine["y"][0].as_py()
+        lab = {(i, a, b): c for i, a, b, c in zip(*(led[n].to_pylist() for n in ("image_id", "x", "y", "class")))}
+        cx = int(tile["x0"] + (x + 0.5) * tile["scale"])
+        cy = int(tile["y0"] + (y + 0.5) * tile["scale"])
+        near = {tuple(p) for p in im[max(cy - 2, 0):cy + 3, max(cx - 2, 0):cx + 3].reshape(-1, 3)}
+        assert tuple(R.color(lab[(tile["image_id"], x, y)])) in near  # the dot has its label's colour
 
 
 def test_a_killed_round_resumes_to_the_same_result(seg_run, tmp_path):
