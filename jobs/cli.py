@@ -461,9 +461,10 @@ def demo_cmd(out_dir, n_images, size, cycles, budget, seed_size, strategies, see
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--class-weight", "weights", multiple=True, metavar="CLASS=W",
               help="Relative frequency of a defect class, e.g. --class-weight pit=0.1 (repeatable).")
+@click.option("--masks", is_flag=True, help="Also write segmentation masks (masks/<name>.png, class ids).")
 @_guard
-def synth(out_dir, n_images, size, seed, weights):
-    """Generate a seeded synthetic steel-defect pool (images + COCO annotations)."""
+def synth(out_dir, n_images, size, seed, weights, masks):
+    """Generate a seeded synthetic steel-defect pool (images + COCO annotations [+ masks])."""
     from poolscout.engine.data.synthetic import generate
 
     cw = {}
@@ -472,7 +473,7 @@ def synth(out_dir, n_images, size, seed, weights):
             raise ValueError(f"--class-weight {w!r}: expected CLASS=WEIGHT")
         name, val = w.split("=", 1)
         cw[name] = float(val)
-    _print(generate(out_dir, n_images=n_images, size=size, seed=seed, class_weights=cw or None))
+    _print(generate(out_dir, n_images=n_images, size=size, seed=seed, class_weights=cw or None, masks=masks))
 
 
 @cli.group()
