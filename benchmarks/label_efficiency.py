@@ -384,6 +384,58 @@ def plot(summary: dict, results: dict, path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
+# Settings that must match for finished loops of an earlier run of the benchmark (possibly
+# on another machine, in an earlier session) to be reused instead of rerun.
+PROTOCOL_KEYS = ("seed_size", "budget", "cycles", "configs", "overrides", "subsample", "rare", "cpus_per_run",
+                 "gpus_per_run")
+
+
+def git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def reusable_loops(doc: dict | None, settings: dict, strategies: list[str], seeds: list[int]) -> dict:
+    """Finished loops of an earlier results document that this run may take as they are.
+
+    A loop is reused when the earlier run's protocol (PROTOCOL_KEYS, the dataset and the
+    strategy's variant) equals this one's, its curve has every cycle, and it carries a
+    provenance (the commit and machine that ran it): results written before provenance
+    was recorded are never reused. Returns (strategy, seed) -> the stored loop.
+    """
+    if not doc or doc.get("benchmark") != "label_efficiency":
+        return {}
+    old = doc.get("settings") or {}
+    if doc.get("dataset") != settings["dataset"] or any(old.get(k) != settings[k] for k in PROTOCOL_KEYS):
+        return {}
+    out = {}
+    for strat in strategies:
+        if (old.get("variants") or {}).get(strat) != settings["variants"][strat]:
+            continue
+        for seed in seeds:
+            r = (doc.get("runs") or {}).get(strat, {}).get(str(seed))
+            if r and r.get("provenance") and len(r.get("labeled") or []) == settings["cycles"] + 1 \
+                    and None not in r.get("map50", [None]):
+                out[(strat, seed)] = r
+    return out
+
+
+def check_reproduced(reused: dict, fresh: dict) -> None:
+    """Mark each reused loop with whether this run's cycle 0 of the same seed reproduced
+    its cycle-0 mAP50 exactly (same code and machine behaviour); None when no loop of that
+    seed ran here."""
+    for (strat, seed), r in reused.items():
+        new = [v["map50"][0] for (s2, sd2), v in fresh.items() if sd2 == seed and v.get("map50")]
+        r["provenance"]["cycle0_reproduced"] = (None if not new else
+                                                bool(all(abs(m - r["map50"][0]) < 1e-9 for m in new)))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pool", "--dataset", dest="pool", default="neu_det",
@@ -413,10 +465,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rare-class", default=None, metavar="CLASS",
                     help="Report the share ratio and AP50 of CLASS without subsampling the pool (a generated "
                          "pool's rare class is the default).")
+    ap.add_argument("--no-reuse", action="store_true",
+                    help="Rerun every loop, even those the results file already holds from the same protocol.")
+    ap.add_argument("--collect", action="store_true",
+                    help="Run nothing: write the results file from the loops finished so far in --workdir (and "
+                         "those reused from it), marked incomplete, so that a later run goes on from there.")
     args = ap.parse_args(argv)
     from poolscout.engine.core.config import configs_dir
     from poolscout.engine.core.run import RunDir
-    from poolscout.jobs.compare import compare
 
     rare = None
     if args.rare:
@@ -470,15 +526,93 @@ def main(argv: list[str] | None = None) -> int:
         # threads on a busy core spin (measured here: a UNet pass 15x slower)
         base += [f"gsal.model={diffusion / 'model'}", f"gsal.maps_dir={diffusion / 'maps'}", "gsal.threads=1"]
 
+    settings = {"seed_size": seed_size, "budget": budget, "cycles": cycles, "strategies": strategies,
+                "seeds": seeds, "configs": [Path(f).name for f in files], "overrides": base,
+                "variants": {s: list(variant(s)) for s in strategies}, "rare": list(rare) if rare else None,
+                "subsample": fractions, "cpus_per_run": preset["cpus_per_run"], "gpus_per_run": preset["gpus_per_run"]}
+    earlier = None
+    if out.is_file() and not args.no_reuse:
+        try:
+            earlier = json.loads(out.read_text())
+        except ValueError:
+            earlier = None
+    reused = reusable_loops(earlier, {**settings, "dataset": spec["name"]}, strategies, seeds)
+    if reused:
+        print(f"reusing {len(reused)} finished loops from {out} "
+              f"({', '.join(f'{k[0]} seed {k[1]}' for k in sorted(reused))}); --no-reuse reruns them", flush=True)
+    provenance = {"commit": git_commit(), "platform": platform.platform()}
+
     from poolscout.jobs.ray_env import connect
 
-    info = connect(args.address, log_dir=workdir / "logs")
+    info = {"cpus": None, "gpus": None} if args.collect else connect(args.address, log_dir=workdir / "logs")
     runs, ovs = {}, {}
     for seed in seeds:
         for strat in strategies:
+            if (strat, seed) in reused:
+                continue
             strategy, extra = variant(strat)
             runs[(strat, seed)] = RunDir(workdir / f"{strat}_s{seed}")
             ovs[(strat, seed)] = [*base, *extra, f"seed={seed}", f"select.strategy={strategy}"]
+    t0 = time.time()
+    fresh: dict = {}
+    if args.collect:  # the loops that finished in the workdir so far
+        for key, run in runs.items():
+            if (run.root / "cycles").is_dir():
+                c = _curve(run.root)
+                if len(c["labeled"]) == cycles + 1 and None not in c["map50"]:
+                    fresh[key] = {**c, "loop_seconds": None}
+    elif runs:
+        fresh = run_loops(args, spec, files, runs, ovs, fractions, gsal, diffusion, workdir, info, cycles, preset, t0)
+    wall = time.time() - t0
+    for r in fresh.values():
+        r["provenance"] = {**provenance, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    check_reproduced(reused, fresh)
+
+    loops = {**reused, **fresh}
+    missing = [f"{s} seed {d}" for d in seeds for s in strategies if (s, d) not in loops]
+    results: dict = {}
+    for strat in strategies:  # in the order asked for (the plot's legend and colours)
+        for seed in seeds:
+            if (strat, seed) in loops:
+                results.setdefault(strat, {})[str(seed)] = loops[(strat, seed)]
+    if not results:
+        print("no finished loops yet: nothing written")
+        return 1
+    rarest = next(iter(next(iter(results.values())).values()))["rarest_class"]
+    summary = summarise(results, rarest, rare[0] if rare else None)
+    for strat, s in summary.items():
+        s["seeds_done"] = sorted(int(k) for k in results[strat])
+    doc = {
+        "benchmark": "label_efficiency", "dataset": spec["name"], "pool": str(args.pool), "preset": args.preset,
+        "complete": not missing, "missing": missing,
+        "settings": settings,
+        "machine": {"cpus": info["cpus"], "gpus": info["gpus"], "platform": platform.platform()},
+        "wall_seconds": round(wall, 1) + (float((earlier or {}).get("wall_seconds") or 0) if reused else 0.0),
+        "summary": summary,
+        "runs": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, out)
+    plot(summary, results, out.with_suffix(".png"),
+         f"{spec['name']} / {args.preset}: {seed_size} seed + {cycles} x {budget}, seeds {seeds}"
+         + (f" (incomplete: {len(missing)} loops missing)" if missing else ""))
+    print(f"wall {wall / 60:.1f} min -> {out}" + (f"; still missing: {', '.join(missing)}" if missing else ""))
+    for strat, s in summary.items():
+        print(f"  {strat:16s} final mAP50 {s['final_map50']:.3f}  mAP {s['final_map']:.3f}  AULC {s['aulc']:.3f}  "
+              f"to-reach-random {s['labels_to_reach_random_final']} images / {s['labels_to_reach_random_final_boxes']} boxes  {rarest} recall50 {s['rarest_class_recall50']}"
+              + (f"  {rare[0]} share ratio {s['rare_share_ratio']} AP50 {s['rare_class_ap50']}" if rare else "")
+              + (f"  dominant {s['dominant_term_shares']}" if s.get("dominant_term_shares") else "")
+              + (f"  (seeds {s['seeds_done']})" if len(s["seeds_done"]) < len(seeds) else ""))
+    return 0
+
+
+def run_loops(args, spec, files, runs, ovs, fractions, gsal, diffusion, workdir, info, cycles, preset, t0) -> dict:
+    """Initialise the first run of each cycle-0 group, train GSAL's diffusion model if
+    needed, and run every loop; returns (strategy, seed) -> its curve."""
+    from poolscout.jobs.compare import compare
+
     # the first run of every group that shares a cycle 0 (same seed and training settings)
     # (on a resumed benchmark, a run that already exists: the others were copied from it)
     def started(key) -> int:
@@ -504,44 +638,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffusion model: {s['steps']} steps in {s['seconds']:.0f} s", flush=True)
     print(f"{len(runs)} loops on {info['cpus']:.0f} CPUs / {info['gpus']:.0f} GPUs; logs in {workdir}/*/loop.log",
           flush=True)
-    t0 = time.time()
     res = compare(runs, config_files=files, overrides=ovs, cycles=cycles, cpus_per_run=preset["cpus_per_run"],
                   gpus_per_run=preset["gpus_per_run"], threads=preset.get("threads", 1),
                   log=lambda m: print(f"{m} ({time.time() - t0:.0f} s elapsed)", flush=True))
-    runs = {k: {**v} for k, v in res.items()}
-    wall = time.time() - t0
-
-    results: dict = {}
-    for (strat, seed), r in sorted(runs.items()):
-        results.setdefault(strat, {})[str(seed)] = {**_curve(Path(r["run"])), "loop_seconds": r["seconds"]}
-    rarest = next(iter(next(iter(results.values())).values()))["rarest_class"]
-    summary = summarise(results, rarest, rare[0] if rare else None)
-    doc = {
-        "benchmark": "label_efficiency", "dataset": spec["name"], "pool": str(args.pool), "preset": args.preset,
-        "settings": {"seed_size": seed_size, "budget": budget, "cycles": cycles, "strategies": strategies,
-                     "seeds": seeds, "configs": [Path(f).name for f in files], "overrides": base,
-                     "variants": {s: variant(s) for s in strategies}, "rare": list(rare) if rare else None,
-                     "subsample": fractions,
-                     "cpus_per_run": preset["cpus_per_run"], "gpus_per_run": preset["gpus_per_run"]},
-        "machine": {"cpus": info["cpus"], "gpus": info["gpus"], "platform": platform.platform()},
-        "wall_seconds": round(wall, 1),
-        "summary": summary,
-        "runs": results,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, out)
-    plot(summary, results, out.with_suffix(".png"),
-         f"{spec['name']} / {args.preset}: {seed_size} seed + {cycles} x {budget}, seeds {seeds}")
-    print(f"wall {wall / 60:.1f} min -> {out}")
-    for strat, s in summary.items():
-        print(f"  {strat:16s} final mAP50 {s['final_map50']:.3f}  mAP {s['final_map']:.3f}  AULC {s['aulc']:.3f}  "
-              f"to-reach-random {s['labels_to_reach_random_final']} images / {s['labels_to_reach_random_final_boxes']} boxes  {rarest} recall50 {s['rarest_class_recall50']}"
-              + (f"  {rare[0]} share ratio {s['rare_share_ratio']} AP50 {s['rare_class_ap50']}" if rare else "")
-              + (f"  dominant {s['dominant_term_shares']}" if s.get("dominant_term_shares") else ""))
-    return 0
-
+    return {key: {**_curve(Path(r["run"])), "loop_seconds": r["seconds"]} for key, r in res.items()}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -110,3 +110,53 @@ def test_harness_runs_any_pool_and_shares_cycle0(bench, tmp_path, tiny_pool, ray
         assert json.loads((r / "loop.json").read_text())["status"] == "done"
         assert json.loads((r / "cycles/1/metrics.json").read_text())["labeled_images"] == 10
     assert out.with_suffix(".png").stat().st_size > 5_000
+
+
+def _doc(bench, runs, **changes):
+    settings = {"seed_size": 10, "budget": 5, "cycles": 2, "strategies": ["random", "entropy"], "seeds": [0, 1],
+                "configs": ["neu_det.yaml"], "overrides": ["train.epochs=8"], "subsample": None, "rare": None,
+                "variants": {"random": ["random", []], "entropy": ["entropy", []]}, "cpus_per_run": 1,
+                "gpus_per_run": 0}
+    settings.update(changes)
+    return {"benchmark": "label_efficiency", "dataset": "neu_det", "settings": settings, "runs": runs}
+
+
+def _loop(m0=0.2, n=3, provenance=True):
+    r = {"labeled": [10, 15, 20][:n], "map50": [m0, 0.3, 0.4][:n]}
+    if provenance:
+        r["provenance"] = {"commit": "abc", "platform": "x"}
+    return r
+
+
+def test_reusable_loops_takes_only_finished_loops_of_the_same_protocol(bench):
+    runs = {"random": {"0": _loop(), "1": _loop(n=2)},          # seed 1 stopped after cycle 1
+            "entropy": {"0": _loop(provenance=False)}}          # written before provenance existed
+    doc = _doc(bench, runs)
+    now = {**doc["settings"], "dataset": "neu_det"}
+    assert set(bench.reusable_loops(doc, now, ["random", "entropy"], [0, 1])) == {("random", 0)}
+    # a strategy not asked for now, or a seed not asked for, is not taken
+    assert bench.reusable_loops(doc, now, ["entropy"], [0, 1]) == {}
+    assert bench.reusable_loops(doc, now, ["random"], [1]) == {}
+    # any protocol difference (training settings, budget, dataset, a strategy's variant) reuses nothing
+    assert bench.reusable_loops(doc, {**now, "overrides": ["train.epochs=9"]}, ["random"], [0]) == {}
+    assert bench.reusable_loops(doc, {**now, "budget": 6}, ["random"], [0]) == {}
+    assert bench.reusable_loops(doc, {**now, "dataset": "other"}, ["random"], [0]) == {}
+    other = {**now, "variants": {**now["variants"], "random": ["random", ["train.epochs=3"]]}}
+    assert bench.reusable_loops(doc, other, ["random"], [0]) == {}
+    assert bench.reusable_loops(None, now, ["random"], [0]) == {}
+
+
+def test_check_reproduced_compares_cycle0_of_the_same_seed(bench):
+    reused = {("random", 0): _loop(0.2), ("entropy", 1): _loop(0.25)}
+    fresh = {("coreset", 0): _loop(0.2), ("badge", 0): _loop(0.2)}
+    bench.check_reproduced(reused, fresh)
+    assert reused[("random", 0)]["provenance"]["cycle0_reproduced"] is True
+    assert reused[("entropy", 1)]["provenance"]["cycle0_reproduced"] is None  # no seed-1 loop ran here
+    fresh[("badge", 1)] = _loop(0.26)
+    bench.check_reproduced(reused, fresh)
+    assert reused[("entropy", 1)]["provenance"]["cycle0_reproduced"] is False
+
+
+def test_git_commit_names_this_checkout(bench):
+    c = bench.git_commit()
+    assert c is None or (len(c) == 12 and all(ch in "0123456789abcdef" for ch in c))
