@@ -579,6 +579,69 @@ def segment_report(run_dir, out_dir, max_images):
     click.echo(str(write_report(run_dir, out_dir, max_images=max_images)))
 
 
+@cli.command("refine")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--init", "init", type=click.Choice(["roi", "segmentation", "random"]), default="roi", show_default=True,
+              help="Initial masks: boxes filled (ROI), PNG masks from --init-masks, or uniform noise.")
+@click.option("--init-masks", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder of initial PNG masks for --init segmentation (image source key with .png).")
+@click.option("--mode", type=click.Choice(["a", "b", "c"]), default="c", show_default=True,
+              help="Feedback: a = update the mask, b = a user-refined set training draws from, c = both.")
+@click.option("--anchors", type=click.Choice(["entropy", "random"]), default="entropy", show_default=True)
+@click.option("--relabel", type=click.Choice(["centre", "patch"]), default="centre", show_default=True,
+              help="Mode a/c: relabel the centre pixel or the whole patch.")
+@click.option("--patch", type=int, default=32, show_default=True, help="Patch side in pixels.")
+@click.option("--per-image", type=int, default=32, show_default=True, help="Patch centres per pool image.")
+@click.option("--retrain-every", type=int, default=50, show_default=True, help="Answers between retrains.")
+@click.option("--steps", type=int, default=150, show_default=True, help="Training steps (batches of 128) per retrain.")
+@click.option("--max-images", type=int, default=0, help="Use at most this many pool images (0: all).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--ray-train", is_flag=True, help="Retrain as a Ray Train job (default: in this process).")
+@click.option("--restart", is_flag=True, help="Set an earlier session with other settings aside and start anew.")
+@click.option("--simulate", type=int, default=None, metavar="N",
+              help="No page: answer N anchors with the simulated expert (from the run's masks or boxes) and "
+                   "print the held-out F1 after each retrain.")
+@click.option("--shift/--no-shift", default=True, help="--simulate: let the simulated expert shift patches.")
+@click.option("--port", type=int, default=0, help="Port on 127.0.0.1 (0: a free one).")
+@click.option("--token", default=None, help="Access token (default: a random one, printed in the URL).")
+@click.option("--address", default=None, envvar="RAY_ADDRESS", help="Ray cluster for --ray-train.")
+@_guard
+def refine_cmd(run_dir, init, init_masks, mode, anchors, relabel, patch, per_image, retrain_every, steps, max_images,
+               seed, ray_train, restart, simulate, shift, port, token, address):
+    """Refine defect masks with active similarity learning: serve the page on 127.0.0.1.
+
+    \b
+    The page shows an anchor patch with its 5 hardest positives and 5 hardest negatives;
+    mark those that match the anchor, shift a patch onto the defect with the arrow keys,
+    undo, retrain. Every answer is stored in RUN/refine/answers.jsonl as it is given, so a
+    closed browser or a killed server loses nothing: the same command resumes.
+    """
+    from poolscout.jobs.refine import RefineSession
+
+    if ray_train:
+        from poolscout.jobs.ray_env import connect
+
+        connect(address, log_dir=Path(run_dir) / "logs")
+    session = RefineSession(run_dir, init=init, init_masks=init_masks, mode=mode, anchors=anchors, relabel=relabel,
+                            patch=patch, per_image=per_image, retrain_every=retrain_every, steps=steps,
+                            max_images=max_images, seed=seed, executor="ray" if ray_train else "local",
+                            restart=restart, log=click.echo)
+    st = session.state()
+    click.echo(f"refine: {st['patches']} patches of {len(st['images'])} images, model v{st['model_version']}, "
+               f"{st['answers']} answers so far" + (f", held-out F1 {st['f1']:.3f}" if st["f1"] is not None else ""))
+    if simulate is not None:
+        def show(r):
+            f1 = "-" if r["f1"] is None else f"{r['f1']:.3f}"
+            click.echo(f"  v{r['model_version']}: {r['answers_used']} answers, F1 {f1} ({r['seconds']:.1f} s)")
+
+        session.simulate(simulate, shift=shift, on_retrain=show)
+        _print(session.state(), ["answers", "model_version", "f1"])
+        return
+    from poolscout.jobs.refine_web import serve
+
+    serve(session, port=port, token=token)
+
+
 @cli.command("strategies")
 @_guard
 def strategies_cmd():

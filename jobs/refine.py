@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io as _io
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -41,7 +42,7 @@ from poolscout.engine.data.answers import AnswerLog
 from poolscout.engine.methods import refine as R
 
 SETTINGS = ("init", "mode", "anchors", "patch", "per_image", "retrain_every", "relabel", "steps", "seed",
-            "eval_per_image", "max_images", "init_masks", "width", "dim")
+            "eval_per_image", "eval_images", "max_images", "init_masks", "width", "dim")
 
 
 class RefineError(ValueError):
@@ -90,7 +91,9 @@ class RefineSession:
             background by the initial mask). eval_per_image: held-out patches per test image.
         retrain_every: answers between retrains (the page shows it; `simulate` retrains then).
         steps: training steps per retrain (batches of 128). seed: every random draw.
-        max_images: use at most this many pool images (0: all), the first by image id.
+        max_images: use at most this many pool images (0: all), the first by image id;
+            eval_images likewise for the held-out (test) images.
+        name: several sessions on one run (benchmarks): RUN/refine-<name>/ instead of RUN/refine/.
         init_masks: folder of PNG masks for init="segmentation".
         executor: "local" or "ray" (Ray Train) for retraining.
         threads: torch threads in this process (None: leave torch's default).
@@ -100,16 +103,17 @@ class RefineSession:
 
     def __init__(self, run: RunDir | str | Path, *, init: str = "roi", mode: str = "c", anchors: str = "entropy",
                  patch: int = 32, per_image: int = 32, retrain_every: int = 50, relabel: str = "centre",
-                 steps: int = 150, seed: int = 0, eval_per_image: int = 128, max_images: int = 0,
-                 init_masks: str | None = None, width: int = 16, dim: int = 32, executor: str = "local",
-                 threads: int | None = None, restart: bool = False, log: Callable[[str], None] = lambda m: None):
+                 steps: int = 150, seed: int = 0, eval_per_image: int = 128, eval_images: int = 0,
+                 max_images: int = 0, init_masks: str | None = None, width: int = 16, dim: int = 32,
+                 executor: str = "local", threads: int | None = None, restart: bool = False, name: str | None = None,
+                 log: Callable[[str], None] = lambda m: None):
         self.run = run if isinstance(run, RunDir) else RunDir(Path(run))
         self.run.require()
-        for name, value, allowed in (("init", init, R.INIT_KINDS), ("mode", mode, R.MODES),
+        for key, value, allowed in (("init", init, R.INIT_KINDS), ("mode", mode, R.MODES),
                                      ("anchors", anchors, R.ANCHORS), ("relabel", relabel, R.RELABEL),
                                      ("executor", executor, ("local", "ray"))):
             if value not in allowed:
-                raise RefineError(f"refine: {name} must be one of {', '.join(allowed)}, got {value!r}")
+                raise RefineError(f"refine: {key} must be one of {', '.join(allowed)}, got {value!r}")
         if init == "segmentation" and not init_masks:
             raise RefineError("refine: init 'segmentation' needs init_masks, a folder of PNG masks")
         if patch < 8 or patch % 2:
@@ -117,13 +121,15 @@ class RefineSession:
         self.settings = {"init": init, "mode": mode, "anchors": anchors, "patch": int(patch),
                          "per_image": int(per_image), "retrain_every": int(retrain_every), "relabel": relabel,
                          "steps": int(steps), "seed": int(seed), "eval_per_image": int(eval_per_image),
-                         "max_images": int(max_images),
+                         "eval_images": int(eval_images), "max_images": int(max_images),
                          "init_masks": str(Path(init_masks).resolve()) if init_masks else None,
                          "width": int(width), "dim": int(dim)}
         self.executor, self.log = executor, log
         if threads:
             torch.set_num_threads(int(threads))
-        self.dir = self.run.root / "refine"
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or name in (".", ".."):
+            raise RefineError(f"refine: a session name is 1-64 letters, digits, '_', '.', '-'; got {name!r}")
+        self.dir = self.run.root / ("refine" if name is None else f"refine-{name}")
         meta = self.dir / "session.json"
         if meta.is_file():
             old = json.loads(meta.read_text())
@@ -133,7 +139,7 @@ class RefineSession:
                                      if old.get(k) != self.settings.get(k))
                     raise RefineError(f"refine: {meta} holds a session with other settings ({diff}); "
                                       f"use the same settings, or --restart to set the old answers aside", 409)
-                aside = self.dir.with_name(f"refine.{time.strftime('%Y%m%d-%H%M%S')}")
+                aside = self.dir.with_name(f"{self.dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
                 shutil.move(str(self.dir), aside)
                 log(f"refine: the earlier session moved to {aside}")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -187,6 +193,8 @@ class RefineSession:
         if not pool:
             raise RefineError(f"refine: {self.run.root} has no pool images", 400)
         test = self._images("test")
+        if s["eval_images"]:
+            test = test[:s["eval_images"]]
         sizes = {i: (w, h) for i, _, w, h in pool + test}
         ids = np.array([i for i, *_ in pool + test], np.int64)
         self.truth = _load_truth(self.run, ids, sizes)
