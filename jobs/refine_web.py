@@ -491,8 +491,12 @@ async function api(method, path, body) {
   return data;
 }
 
-// Loads a PNG route into an <img>; a refusal raises the server's message instead of a broken image.
+// Loads a PNG route into an <img>; a refusal raises the server's message instead of showing a
+// broken image. When loads into one <img> overlap, the last one started wins (false for the others).
+let loadSeq = 0;
 async function loadPng(img, path, params) {
+  const seq = String(++loadSeq);
+  img.dataset.loading = seq;
   const res = await fetch(url(path, params), {cache: "no-store"});
   if (!res.ok) {
     let msg = "HTTP " + res.status + " from " + path;
@@ -502,9 +506,17 @@ async function loadPng(img, path, params) {
     throw err;
   }
   const blobUrl = URL.createObjectURL(await res.blob());
-  await new Promise((ok, bad) => { img.onload = ok; img.onerror = () => bad(new Error("bad PNG from " + path)); img.src = blobUrl; });
-  if (img.dataset.blob) URL.revokeObjectURL(img.dataset.blob);
+  const probe = new Image();
+  probe.src = blobUrl;
+  try { await probe.decode(); }
+  catch (e) { URL.revokeObjectURL(blobUrl); throw new Error("the server sent a broken PNG for " + path); }
+  if (img.dataset.loading !== seq) { URL.revokeObjectURL(blobUrl); return false; }
+  const old = img.dataset.blob;
+  img.src = blobUrl;
   img.dataset.blob = blobUrl;
+  try { await img.decode(); } catch (e) { /* replaced meanwhile */ }
+  if (old) URL.revokeObjectURL(old);
+  return true;
 }
 
 function showError(msg) { $("error").textContent = msg || ""; }
@@ -555,10 +567,12 @@ async function loadAnchor() {
   const img = $("anchor");
   img.dataset.anchorId = a.anchor_id;
   img.dataset.patchId = an.patch_id;
+  img.dataset.patch = a.patch;
   $("anchor-label").checked = an.label === 1;
   $("anchor-info").textContent = "patch " + an.patch_id + " · image " + an.image_id + " at (" + an.x + ", "
     + an.y + ") · p(defect) " + fmt(an.p_defect, 2) + " · now labelled " + (an.label === 1 ? "defect" : "background");
   const box = $("candidates");
+  for (const old of box.querySelectorAll("img")) if (old.dataset.blob) URL.revokeObjectURL(old.dataset.blob);
   box.replaceChildren();
   const loads = [loadPng(img, "/api/patch/" + encodeURIComponent(an.patch_id) + ".png")];
   for (const c of a.candidates) {
@@ -715,10 +729,11 @@ async function showContext() {
   if (!focusItem) return;
   $("context-caption").textContent = focusItem.what + " · image " + focusItem.image_id;
   const overlay = $("overlay").value;
-  await loadPng($("context"), "/api/image/" + encodeURIComponent(focusItem.image_id) + ".png",
-                {overlay: overlay});
-  Object.assign($("context").dataset, {imageId: focusItem.image_id, overlay: overlay});
-  placeBox();
+  if (await loadPng($("context"), "/api/image/" + encodeURIComponent(focusItem.image_id) + ".png",
+                    {overlay: overlay})) {
+    Object.assign($("context").dataset, {imageId: focusItem.image_id, overlay: overlay});
+    placeBox();
+  }
 }
 
 function placeBox() {

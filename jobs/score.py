@@ -370,6 +370,45 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
     return summary
 
 
+def warm_maps(run: RunDir, cfg: Config, *, input_size: int | None = None, progress: bool = True) -> dict:
+    """Fill GSAL's map cache with the D / V maps of every pool and labeled image, before
+    any loop scores (benchmarks run several loops of one pool side by side: without this,
+    each computes the same maps; with it, the first scoring of every loop reads them).
+
+    input_size: the detector canvas the maps are cut from (default detector.input_size, the
+    size every loop of a preset trains at). Returns {"images", "computed", "seconds", "cache"}.
+    """
+    from poolscout.engine.models.diffusion import DiffusionScorer
+
+    if not cfg.gsal.cache_maps:
+        raise ValueError("warm_maps needs gsal.cache_maps: true (nothing would be kept)")
+    diffusion = diffusion_model_dir(run, cfg)
+    size = int(input_size or cfg.detector.input_size)
+    maps = Path(cfg.gsal.maps_dir) if cfg.gsal.maps_dir else run.root / "diffusion" / "maps"
+    cache = maps / diffusion_key(cfg, diffusion, size)[:16]
+    work = worklist(run, True)
+    work = work.set_column(work.schema.get_field_index("state"), "state",
+                           pa.array(["pool"] * work.num_rows))  # every image's maps, seed set included
+    t0 = time.time()
+    stage = DiffusionScorer(**diffusion_stage_kwargs(cfg, (diffusion, cache)))
+    found, _ = stage.cache.get(work["image_id"].to_numpy(), stage.resolution) if stage.cache else (None, None)
+    todo = work.filter(pa.array(~found)) if found is not None else work
+    bar = None
+    if progress and todo.num_rows:
+        from tqdm import tqdm
+
+        bar = tqdm(total=todo.num_rows, desc="gsal: warm the map cache", unit="img", leave=False, dynamic_ncols=True)
+    root = run.fingerprint().get("images_root")
+    for dec in decoded_batches(todo, max(1, cfg.gsal.batch_size), WORK_COLUMNS, size, cfg.dataset.max_pixels, root):
+        stage(dec)
+        if bar is not None:
+            bar.update(len(dec["image_id"]))
+    if bar is not None:
+        bar.close()
+    return {"images": int(work.num_rows), "computed": int(todo.num_rows), "seconds": round(time.time() - t0, 1),
+            "cache": str(cache)}
+
+
 def warm_queries(run: RunDir, cfg: Config, k: int) -> dict:
     """Build the per-cycle caches of the `score.warm_queries` strategies (a one-image query
     each, saved nowhere), so that the cycle's queries find the kNN graph built. A failure

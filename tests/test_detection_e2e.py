@@ -312,5 +312,15 @@ def test_gsal_trains_a_diffusion_model_scores_and_selects(trained):
     # the same models: kept; another diffusion model (trained on): scored again
     assert score(run, cfg, progress=False, executor="local").get("skipped") is True
     train_diffusion(run, cfg, steps=6, progress=False, executor="local", log=lambda m: None)
+    # warm_maps fills the new model's cache for every pool and labeled image, once ...
+    from poolscout.jobs.score import warm_maps
+
+    w = warm_maps(run, cfg, progress=False)
+    n_images = len(run.ids_in_state("pool")) + len(run.ids_in_state("labeled"))
+    assert w["images"] == w["computed"] == n_images
+    assert warm_maps(run, cfg, progress=False)["computed"] == 0
+    warmed = sorted(Path(w["cache"]).glob("part-*.arrow"))
+    # ... so that scoring with the new model computes no map of its own
     assert not score(run, cfg, progress=False, executor="local").get("skipped")
     assert len(list((run.root / "diffusion" / "maps").iterdir())) == 2  # a new cache for the new model
+    assert sorted(Path(w["cache"]).glob("part-*.arrow")) == warmed

@@ -3,6 +3,7 @@ every call is recorded (the token gate, each route, refusals that must not reach
 session), and one round in a real headless Chromium against a real uvicorn server."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -421,10 +422,12 @@ def test_a_refinement_round_in_a_real_browser(tmp_path):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    driver = _driver(tmp_path)  # before the session: a missing browser skips at once
-    session = _browser_session(tmp_path)
-    url, stop = start_in_thread(session, TOKEN)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        driver = _driver(tmp_path)  # before the session: a missing browser skips at once
+        cleanup.callback(driver.quit)
+        session = _browser_session(tmp_path)
+        url, stop = start_in_thread(session, TOKEN)
+        cleanup.callback(stop)
         wait = WebDriverWait(driver, 30, poll_frequency=0.05)
         el = lambda id_: driver.find_element(By.ID, id_)  # noqa: E731
         idle = lambda: driver.execute_script("return document.body.dataset.busy") == "0"  # noqa: E731
@@ -466,6 +469,16 @@ def test_a_refinement_round_in_a_real_browser(tmp_path):
                 assert f"({5 * sx}, {sy})" in c.text
                 shifted = int(c.get_attribute("data-patch-id"))
                 shifts = {shifted: (5 * sx, sy)}
+            if i == 7:  # drag candidate 8's ring 2 image px sideways
+                c = cands[8]
+                img = c.find_element(By.CSS_SELECTOR, ".view img")
+                per_px = img.size["width"] / int(anchor.get_attribute("data-patch"))  # screen px per image px
+                sx = 1 if int(c.get_attribute("data-x")) <= 16 else -1
+                ActionChains(driver).click_and_hold(img).move_by_offset(round(sx * per_px), 0) \
+                    .move_by_offset(round(sx * per_px), 0).release().perform()
+                wait.until(lambda d: c.get_attribute("data-dx") == str(2 * sx))
+                assert c.get_attribute("data-same") == "0"  # the click that ends a drag is no toggle
+                shifts = {int(c.get_attribute("data-patch-id")): (2 * sx, 0)}
             expected.append((int(anchor.get_attribute("data-patch-id")), label, same, shifts))
             el("submit").click()
             answers_shown(i + 1)
@@ -480,9 +493,6 @@ def test_a_refinement_round_in_a_real_browser(tmp_path):
         wait.until(lambda d: idle() and el("context").get_attribute("data-overlay") == "pred")
         shot = tmp_path / "refine.png"
         assert driver.save_screenshot(str(shot))
-    finally:
-        driver.quit()
-        stop()
 
     assert shot.read_bytes().startswith(PNG_MAGIC) and shot.stat().st_size > 0
     got = session.answers()
