@@ -421,6 +421,15 @@ def import_points(run: RunDir, cfg: Config, path: str | Path, *, cycle: int | No
     """Human point labels (CSV or COCO keypoints) into the pixel ledger; a pixel labeled
     already is skipped and counted."""
     t = S.read_point_labels(path, io.read_table(run.manifest), list(cfg.dataset.classes))
+    # a label on a test image would train on what mIoU is measured against; a rejected image
+    # cannot be decoded or has a bad mask
+    for state in ("test", "rejected"):
+        bad = np.isin(t["image_id"].to_numpy(), run.ids_in_state(state))
+        if bad.any():
+            ids = sorted(set(t["image_id"].to_numpy()[bad].tolist()))
+            raise ValueError(f"{path}: {int(bad.sum())} point label(s) on {len(ids)} {state} image(s) (image_id "
+                             f"{', '.join(map(str, ids[:5]))}{' ...' if len(ids) > 5 else ''}); only pool and "
+                             f"labeled images take labels")
     k = int(cycle) if cycle is not None else _current_round(run)
     return S.PixelLedger(run.root).add(t["image_id"].to_numpy(), t["x"].to_numpy(), t["y"].to_numpy(),
                                        t["class"].to_numpy(), cycle=k, source=f"human:{Path(path).name}",

@@ -167,6 +167,12 @@ def test_human_points_wait_and_import(seg_run, tmp_path):
     r = import_points(run, cfg, f, cycle=0)
     assert r["added"] == 12 and r["skipped"] == 0
     assert import_points(run, cfg, f, cycle=0)["resumed"]  # the same file again: nothing twice
+    # a label on a test image is refused (it would train on what mIoU measures), naming the file
+    test_key = next(k for k, i in key_to_id.items() if i in set(run.ids_in_state("test").tolist()))
+    bad = tmp_path / "leak.csv"
+    bad.write_text(f"image,x,y,class\n{test_key},1,1,background\n")
+    with pytest.raises(ValueError, match=r"leak\.csv: 1 point label\(s\) on 1 test image"):
+        import_points(run, cfg, bad, cycle=0)
     res = run_segmentation(run, cfg, rounds=1, progress=False, log=lambda m: None)
     assert [m["round"] for m in res["rounds"]] == [0] and res["pending"].endswith("pixels_to_label.csv")
 
