@@ -384,8 +384,13 @@ def _read(path):
 def status_cmd(run_dir, as_json):
     """Where the loop stands: stage, labeled counts, mAP per cycle, pending labels."""
     from poolscout.jobs.loop import status
+    from poolscout.jobs.segment import is_segmentation, segment_status
 
-    st = status(RunDir(Path(run_dir)))
+    run = RunDir(Path(run_dir))
+    if is_segmentation(run):
+        _segment_status(segment_status(run), as_json)
+        return
+    st = status(run)
     if as_json:
         _print(st)
         return
@@ -408,6 +413,28 @@ def status_cmd(run_dir, as_json):
         b = st["batch"]
         click.echo(f"waiting  {b['labeled']} of {b['selected']} selected images labeled; "
                    f"answer with `poolscout import {st['run']} --labels FILE`")
+
+
+def _segment_status(st: dict, as_json: bool) -> None:
+    if as_json:
+        _print(st)
+        return
+    click.echo(f"run      {st['run']} (segmentation)")
+    click.echo("images   " + ", ".join(f"{k} {v}" for k, v in st["ledger"].items()))
+    click.echo(f"labeled  {st['labeled_pixels']} pixels")
+    if st["rounds"]:
+        click.echo(f"{'round':>5} {'pixels':>8} {'mIoU':>7}  steps done")
+        for r in st["rounds"]:
+            miou = f"{r['miou']:7.3f}" if isinstance(r["miou"], (int, float)) else f"{'-':>7}"
+            px = r["labeled_pixels"] if r["labeled_pixels"] is not None else "-"
+            click.echo(f"{r['round']:>5} {px:>8} {miou}  {', '.join(r['steps'])}")
+    if st["pending"]:
+        click.echo(f"waiting  label the pixels in {st['pending']}, then "
+                   f"`poolscout segment import {st['run']} --points FILE`")
+    for r in st["refine"]:
+        f1 = f", held-out F1 {r['f1']:.3f}" if isinstance(r["f1"], (int, float)) else ""
+        click.echo(f"refine   {r['dir']}: {r['answers']} answers, model v{r['model_version']}{f1} "
+                   f"(init {r['init']}, mode {r['mode']}, {r['anchors']} anchors)")
 
 
 @cli.command("report")

@@ -594,5 +594,45 @@ def run_segmentation(run: RunDir, cfg: Config, *, rounds: int | None = None, exe
     return {"rounds": out}
 
 
+def segment_status(run: RunDir) -> dict:
+    """Where a segmentation run stands (`poolscout status`): images by state, labeled pixels,
+    and per round the steps done, labeled pixels and mIoU; a pending CSV of pixels to label;
+    the refinement sessions (RUN/refine*/) with their answers, model version and F1."""
+    run.require()
+    st = np.asarray(run.read_ledger()["state"].to_pylist(), dtype=object)
+    counts = {s: int((st == s).sum()) for s in io.STATES}
+    rounds = []
+    root = run.root / "cycles"
+    ks = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+    led = S.PixelLedger(run.root)
+    for k in ks:
+        d = run.cycle_dir(k)
+        m = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
+        done = {"selection": (d / "pixel_selection.parquet").is_file(),
+                "label": any(p.name.startswith(f"part-{k:05d}-") for p in led.parts()),
+                "features": (run.root / "pixel_feats" / f"part-{k:05d}.parquet").is_file(),
+                "train": (d / "head.json").is_file(), "evaluate": (d / "metrics.json").is_file()}
+        rounds.append({"round": k, "steps": [n for n, ok in done.items() if ok],
+                       "labeled_pixels": m.get("labeled_pixels"), "miou": (m.get("eval") or {}).get("miou")})
+    pending = None
+    if ks:
+        csv_path = run.export_dir(ks[-1]) / "pixels_to_label.csv"
+        if csv_path.is_file() and not (run.cycle_dir(ks[-1]) / "metrics.json").is_file():
+            pending = str(csv_path)
+    refine = []
+    for d in sorted(run.root.glob("refine*")):
+        if not (d / "answers.jsonl").is_file() or not (d / "session.json").is_file():
+            continue
+        from poolscout.engine.data.answers import AnswerLog
+
+        log = AnswerLog(d / "answers.jsonl")
+        rt = log.retrains()
+        refine.append({"dir": str(d), "answers": len(log.live()), "model_version": rt[-1]["model_version"] if rt else 0,
+                       "f1": rt[-1].get("f1") if rt else None, **json.loads((d / "session.json").read_text())})
+    return {"run": str(run.root), "kind": "segmentation", "ledger": counts,
+            "labeled_pixels": int(led.read(columns=["class"]).num_rows), "rounds": rounds, "pending": pending,
+            "refine": refine}
+
+
 __all__ = ["STRATEGIES", "export_csv", "import_points", "init_segmentation", "is_segmentation", "labeled_features",
-           "run_pass", "run_round", "run_segmentation", "select_pixels", "train_pixel_head"]
+           "run_pass", "run_round", "run_segmentation", "segment_status", "select_pixels", "train_pixel_head"]

@@ -278,6 +278,11 @@ def test_session_answer_undo_retrain_and_reopen(session_dir, tmp_path, one_threa
     s3 = demo_session(tmp_path / "s", mode="a", relabel="centre")
     assert s3.state()["model_version"] == 1
     assert all(torch.equal(a_, b_) for a_, b_ in zip(s3.model.state_dict().values(), s2.model.state_dict().values()))
+    # `poolscout status` lists the session
+    from poolscout.jobs.segment import segment_status
+
+    r = segment_status(s3.run)["refine"]
+    assert len(r) == 1 and (r[0]["answers"], r[0]["model_version"], r[0]["mode"]) == (1, 1, "a")
     # other settings on the same folder: refused, naming the difference
     with pytest.raises(RefineError, match="mode"):
         demo_session(tmp_path / "s", mode="b")

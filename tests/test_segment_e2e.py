@@ -150,6 +150,11 @@ def test_human_points_wait_and_import(seg_run, tmp_path):
     assert res["rounds"] == [] and res["pending"].endswith("pixels_to_label.csv")
     lines = open(res["pending"]).read().splitlines()
     assert lines[0] == "image,x,y,class" and len(lines) == 13
+    from poolscout.jobs.segment import segment_status
+
+    st = segment_status(run)
+    assert st["pending"] == res["pending"] and st["rounds"][0]["steps"] == ["selection"]
+    assert st["labeled_pixels"] == 0 and st["ledger"]["test"] == 4
     # people answer every pick (here: from the masks)
     masks = io.read_table(run.root / "masks.parquet")
     man = io.read_table(run.manifest)
@@ -175,6 +180,15 @@ def test_human_points_wait_and_import(seg_run, tmp_path):
         import_points(run, cfg, bad, cycle=0)
     res = run_segmentation(run, cfg, rounds=1, progress=False, log=lambda m: None)
     assert [m["round"] for m in res["rounds"]] == [0] and res["pending"].endswith("pixels_to_label.csv")
+    # `poolscout status` on a segmentation run: rounds, mIoU, what it waits for
+    from click.testing import CliRunner
+
+    from poolscout.jobs.cli import cli
+
+    out = CliRunner().invoke(cli, ["status", str(run.root)])
+    assert out.exit_code == 0, out.output
+    assert "(segmentation)" in out.output and "labeled  12 pixels" in out.output
+    assert "selection, label, features, train, evaluate" in out.output and "waiting  label the pixels" in out.output
 
 
 @pytest.mark.ray
