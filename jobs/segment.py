@@ -40,6 +40,10 @@ from poolscout.engine.core.run import RunDir, RunError
 from poolscout.engine.data import segmentation as S
 
 STRATEGIES = ("two_stage", "random", "entropy", "herding", "edald")
+# what each strategy reads from the candidate pass (engine.models.pixel_stage.READS): the
+# pass computes nothing else (random needs no UNet pass; entropy no noisy passes)
+STRATEGY_READS = {"random": (), "entropy": ("features", "head"), "edald": ("features", "head", "noises"),
+                  "herding": ("features", "local"), "two_stage": ("features", "head", "noises", "local")}
 SELECTION_SCHEMA = pa.schema([("image_id", pa.int64()), ("x", pa.int32()), ("y", pa.int32()),
                               ("rank", pa.int32()), ("score", pa.float64()), ("stage", pa.string())])
 FEATS_SCHEMA = pa.schema([("image_id", pa.int64()), ("x", pa.int32()), ("y", pa.int32()),
@@ -116,7 +120,9 @@ def _stage_kwargs(run: RunDir, cfg: Config, mode: str, round_: int, head: Path |
             "local_budget": int(seg.local_budget), "round_": int(round_), "seed": int(cfg.seed),
             "images_root": run.fingerprint().get("images_root"), "max_pixels": int(cfg.dataset.max_pixels),
             "eval_max_side": int(seg.eval_max_side), "knn_k": int(seg.knn_k), "threads": int(seg.threads),
-            "mask_format": seg.mask_format, "mask_threshold": int(seg.mask_threshold)}
+            "mask_format": seg.mask_format, "mask_threshold": int(seg.mask_threshold),
+            **({"reads": list(STRATEGY_READS[seg.strategy])} if mode == "candidates" and seg.strategy in STRATEGY_READS
+               else {})}
 
 
 def run_pass(rows: pa.Table, kwargs: dict, out_dir: Path, *, cfg: Config, executor: str, progress: bool = True,

@@ -81,6 +81,18 @@ def test_rounds_label_distinct_pixels_and_report_miou(seg_run, strategy, tmp_pat
         assert s0 == "global herding (no head yet)"
         assert np.all(np.diff(sel["score"].to_numpy()) <= 0)  # ranked by eDALD
     assert any("[round 2] evaluate done: mIoU" in m for m in logs)
+    # the candidate pass computed only what the strategy reads: random nothing (no UNet pass),
+    # two_stage entropy, MI (the noisy passes) and local herding
+    from poolscout.jobs.segment import _read_dir
+
+    cand = _read_dir(run.cycle_dir(1) / "candidates")
+    ent = pa.compute.list_flatten(cand["entropy"]).to_numpy(zero_copy_only=False)
+    mi = pa.compute.list_flatten(cand["mi"]).to_numpy(zero_copy_only=False)
+    n_local = len(pa.compute.list_flatten(cand["local_idx"]))
+    if strategy == "random":
+        assert np.isnan(ent).all() and np.isnan(mi).all() and n_local == 0
+    else:
+        assert np.isfinite(ent).all() and np.isfinite(mi).all() and n_local > 0
     head = json.loads((run.cycle_dir(2) / "head.json").read_text())
     assert head["pixels"] == 36 and sum(head["class_counts"]) == 36
     if strategy == "two_stage":  # the report: curve, table, overlays with the labels' colours

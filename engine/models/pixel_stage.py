@@ -49,6 +49,10 @@ def candidate_pixels(width: int, height: int, n: int, *, seed: int, round_: int,
     return flat % int(width), flat // int(width)
 
 
+# what a candidate pass can compute, for the strategies that read it (jobs.segment.READS)
+READS = ("features", "head", "noises", "local")
+
+
 def _as_list(v) -> np.ndarray:
     return np.asarray(v if v is not None else [], np.int64)
 
@@ -67,6 +71,10 @@ class PixelStage:
         images_root: every image must lie inside it. max_pixels: decode limit.
         eval_max_side: "eval" at most this many pixels on the longer side (0 = full size).
         threads: torch threads (0 = torch's default).
+        reads: "candidates": what the strategy will read, a subset of READS ("features",
+            "head", "noises", "local"); None = everything. Nothing read (random) costs no
+            UNet pass; no "noises" skips the K extra passes (MI and eDALD stay NaN); no
+            "local" skips local herding. What is not computed is NaN / empty, never a guess.
     """
 
     def __init__(self, model_dir: str, *, mode: str, num_classes: int, head: str | None = None,
@@ -74,9 +82,13 @@ class PixelStage:
                  candidates: int = 1000, local_budget: int = 20, round_: int = 0, seed: int = 0,
                  images_root: str | None = None, max_pixels: int = 64_000_000, eval_max_side: int = 0,
                  batch_pixels: int = 65536, knn_k: int = 64, threads: int = 0, mask_format: str = "ids",
-                 mask_threshold: int = 127):
+                 mask_threshold: int = 127, reads: Sequence[str] | None = None):
         if mode not in MODES:
             raise ValueError(f"pixel stage mode must be one of {MODES}, got {mode!r}")
+        bad = set(reads or ()) - set(READS)
+        if bad:
+            raise ValueError(f"pixel stage reads: unknown {sorted(bad)} (known: {', '.join(READS)})")
+        self.reads = set(READS if reads is None else reads)
         if threads:
             torch.set_num_threads(int(threads))
         self.mode, self.num_classes = mode, int(num_classes)
@@ -115,27 +127,33 @@ class PixelStage:
             pix.append(candidate_pixels(w, h, self.candidates, seed=self.seed, round_=self.round, image_id=iid,
                                         exclude=ly * w + lx))
         wh = [(int(r["width"]), int(r["height"])) for r in rows]
-        maps = self.features.maps(X, 0)
-        f0 = [self._sample(maps, j, xs, ys, *wh[j]) for j, (xs, ys) in enumerate(pix)]
-        del maps
+        reads = self.reads
+        if reads & {"features", "head", "noises", "local"}:
+            maps = self.features.maps(X, 0)
+            f0 = [self._sample(maps, j, xs, ys, *wh[j]) for j, (xs, ys) in enumerate(pix)]
+            del maps
+        else:  # a strategy that reads no score (random): no UNet pass at all
+            f0 = [np.zeros((len(xs), 0), np.float32) for xs, _ in pix]
         p0 = pk = None
-        if self.head is not None:
+        if self.head is not None and reads & {"head", "noises"}:
             p0 = [F.predict_proba(self.head, f) for f in f0]
             pk = [[] for _ in rows]
-            for k in range(1, self.noises + 1):
+            for k in range(1, (self.noises if "noises" in reads else 0) + 1):
                 mk = self.features.maps(X, k)
                 for j, (xs, ys) in enumerate(pix):
                     pk[j].append(F.predict_proba(self.head, self._sample(mk, j, xs, ys, *wh[j])))
                 del mk
         out = []
         for j, (xs, ys) in enumerate(pix):
-            local = (E.local_herding(f0[j], self.local_budget, k=self.knn_k, seed=self.seed)[0] if len(f0[j])
-                     else np.zeros(0, np.int64))
+            local = (E.local_herding(f0[j], self.local_budget, k=self.knn_k, seed=self.seed)[0]
+                     if len(f0[j]) and "local" in reads else np.zeros(0, np.int64))
             nan = np.full(len(xs), np.nan, np.float32)
             ent, mi, ed = nan, nan, nan
             if p0 is not None and len(xs):
                 sc = E.edald_scores(p0[j], np.stack(pk[j]) if pk[j] else p0[j][None])
-                ent, mi, ed = (sc[n].astype(np.float32) for n in ("entropy", "mi", "edald"))
+                ent = sc["entropy"].astype(np.float32)
+                if pk[j]:  # MI (and eDALD = H + MI) only from the K noisy passes
+                    mi, ed = sc["mi"].astype(np.float32), sc["edald"].astype(np.float32)
             out.append({"cand_x": xs.astype(np.int32), "cand_y": ys.astype(np.int32), "entropy": ent, "mi": mi,
                         "edald": ed, "local_idx": local.astype(np.int32),
                         "local_feat": f0[j][local].astype(np.float16).reshape(-1)})
