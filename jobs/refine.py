@@ -158,9 +158,10 @@ class RefineSession:
     def _decode(self, uri: str, w: int, h: int) -> np.ndarray:
         from poolscout.engine.data.images import decode
 
-        cfg = self.run.config()
-        return decode(uri, int(cfg.dataset.max_pixels), root=self.run.fingerprint().get("images_root"),
-                      expect=(w, h))
+        if not hasattr(self, "_decode_args"):  # the run's config, read once
+            self._decode_args = (int(self.run.config().dataset.max_pixels), self.run.fingerprint().get("images_root"))
+        max_pixels, root = self._decode_args
+        return decode(uri, max_pixels, root=root, expect=(w, h))
 
     def _initial_mask(self, iid: int, source_key: str, shape: tuple[int, int], rng) -> np.ndarray:
         s = self.settings

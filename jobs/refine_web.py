@@ -30,8 +30,9 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -199,7 +200,8 @@ def make_app(session, token: str, *, title: str | None = None) -> Starlette:
             return fn(*args, **kwargs)
 
     async def call(fn: Callable, *args, **kwargs):
-        """`fn` under the session lock in a worker thread, or the error response it earns."""
+        """`fn` under the session lock in a worker thread; a RefineError becomes a BadRequest
+        with the session's status and message."""
         try:
             return await run_in_threadpool(locked, fn, *args, **kwargs)
         except RefineError as e:

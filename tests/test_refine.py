@@ -328,3 +328,21 @@ def test_simulated_rounds_in_each_mode(session_dir, tmp_path, mode, one_thread):
         p = a["anchor_patch"]
         x, y = s.centres[p]
         assert lab[p] == s.truth[int(s.owner[p])][y, x]
+
+
+@pytest.mark.ray
+def test_retrain_as_a_ray_train_job(session_dir, tmp_path, ray_session, one_thread):
+    """--ray-train: the same retraining as a Ray Train job (one worker); its weights come back."""
+    import shutil
+
+    from poolscout.jobs.refine import demo_session
+
+    shutil.copytree(session_dir, tmp_path / "s")
+    s = demo_session(tmp_path / "s", executor="ray")
+    before = {k: v.clone() for k, v in s.model.state_dict().items()}
+    s.simulate(3, retrain=False)
+    r = s.retrain()
+    assert r["model_version"] == 1 and (s.dir / "models" / "v1.pt").is_file()
+    after = s.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if after[k].dtype.is_floating_point)
+    assert not (s.dir / "ray_train").exists()  # Ray Train's storage is cleaned up

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import re
-import shutil
 import threading
 import time
 
@@ -208,7 +207,7 @@ def test_page_is_self_contained_and_escapes_what_it_embeds(fake):
     page = r.text
     assert "<img src=x" not in page and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in page
     assert "</script><script>alert" not in page
-    config = re.search(r'<script type="application/json" id="config">(.*?)</script>', page, re.S).group(1)
+    config = re.search(r'<script type="application/json" id="config">(.*?)</script>', page, re.DOTALL).group(1)
     assert json.loads(config) == {"token": token}
     # no external resources, and the stable ids the tests and people rely on
     assert not re.search(r'(src|href)="(https?:)?//', page)
@@ -429,8 +428,12 @@ def test_a_refinement_round_in_a_real_browser(tmp_path):
         url, stop = start_in_thread(session, TOKEN)
         cleanup.callback(stop)
         wait = WebDriverWait(driver, 30, poll_frequency=0.05)
-        el = lambda id_: driver.find_element(By.ID, id_)  # noqa: E731
-        idle = lambda: driver.execute_script("return document.body.dataset.busy") == "0"  # noqa: E731
+
+        def el(id_):
+            return driver.find_element(By.ID, id_)
+
+        def idle():
+            return driver.execute_script("return document.body.dataset.busy") == "0"
 
         def answers_shown(n):
             wait.until(lambda d: idle() and el("progress").get_attribute("data-answers") == str(n))
@@ -463,9 +466,10 @@ def test_a_refinement_round_in_a_real_browser(tmp_path):
                 kx, sx = (Keys.ARROW_RIGHT, 1) if x <= 16 else (Keys.ARROW_LEFT, -1)
                 ky, sy = (Keys.ARROW_DOWN, 1) if y <= 16 else (Keys.ARROW_UP, -1)
                 ActionChains(driver).send_keys(kx).perform()
-                wait.until(lambda d: c.get_attribute("data-dx") == str(sx))
+                wait.until(lambda d, c=c, sx=sx: c.get_attribute("data-dx") == str(sx))
                 ActionChains(driver).key_down(Keys.SHIFT).send_keys(kx).key_up(Keys.SHIFT).send_keys(ky).perform()
-                wait.until(lambda d: (c.get_attribute("data-dx"), c.get_attribute("data-dy")) == (str(5 * sx), str(sy)))
+                wait.until(lambda d, c=c, want=(str(5 * sx), str(sy)):
+                           (c.get_attribute("data-dx"), c.get_attribute("data-dy")) == want)
                 assert f"({5 * sx}, {sy})" in c.text
                 shifted = int(c.get_attribute("data-patch-id"))
                 shifts = {shifted: (5 * sx, sy)}
@@ -476,7 +480,7 @@ def test_a_refinement_round_in_a_real_browser(tmp_path):
                 sx = 1 if int(c.get_attribute("data-x")) <= 16 else -1
                 ActionChains(driver).click_and_hold(img).move_by_offset(round(sx * per_px), 0) \
                     .move_by_offset(round(sx * per_px), 0).release().perform()
-                wait.until(lambda d: c.get_attribute("data-dx") == str(2 * sx))
+                wait.until(lambda d, c=c, want=str(2 * sx): c.get_attribute("data-dx") == want)
                 assert c.get_attribute("data-same") == "0"  # the click that ends a drag is no toggle
                 shifts = {int(c.get_attribute("data-patch-id")): (2 * sx, 0)}
             expected.append((int(anchor.get_attribute("data-patch-id")), label, same, shifts))
@@ -489,6 +493,10 @@ def test_a_refinement_round_in_a_real_browser(tmp_path):
         wait.until(lambda d: idle() and el("retrain-result").get_attribute("data-model-version") == "1")
         assert "model v1" in el("retrain-result").text
         assert el("error").text == ""
+        assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []  # no CSP or JS errors
+        el("undo").click()  # the answers went into the model: the session refuses (409), the page says so
+        wait.until(lambda d: idle() and el("error").text.startswith("undo: "))
+        assert el("progress").get_attribute("data-answers") == "9"
         Select(el("overlay")).select_by_value("pred")  # the context image with the model's prediction
         wait.until(lambda d: idle() and el("context").get_attribute("data-overlay") == "pred")
         shot = tmp_path / "refine.png"
