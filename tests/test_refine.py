@@ -346,3 +346,24 @@ def test_retrain_as_a_ray_train_job(session_dir, tmp_path, ray_session, one_thre
     after = s.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if after[k].dtype.is_floating_point)
     assert not (s.dir / "ray_train").exists()  # Ray Train's storage is cleaned up
+
+
+def test_cli_refine_simulate_and_errors(session_dir, tmp_path, one_thread):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from poolscout.jobs.cli import cli
+
+    shutil.copytree(session_dir, tmp_path / "s")
+    run = str(tmp_path / "s" / "run")
+    args = ["refine", run, "--patch", "16", "--per-image", "8", "--steps", "5", "--retrain-every", "4"]
+    out = CliRunner().invoke(cli, [*args, "--simulate", "4"])
+    assert out.exit_code == 0, out.output
+    assert "refine: 128 patches of 16 images, model v0, 0 answers so far" in out.output
+    assert "v1: 4 answers, F1" in out.output and '"answers": 4' in out.output
+    # the same folder with another mode: one line naming what differs, exit code 2
+    out = CliRunner().invoke(cli, [*args, "--mode", "a", "--simulate", "1"])
+    assert out.exit_code == 2 and "mode: 'c' -> 'a'" in out.output and "--restart" in out.output
+    out = CliRunner().invoke(cli, [*args, "--init", "segmentation", "--simulate", "1"])
+    assert out.exit_code == 2 and "init_masks" in out.output
