@@ -378,10 +378,9 @@ def plot(summary: dict, results: dict, path: Path, title: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from poolscout.engine.core.io import atomic_savefig
+
+    atomic_savefig(fig, path)
 
 
 # Settings that must match for finished loops of an earlier run of the benchmark (possibly

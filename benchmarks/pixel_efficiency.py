@@ -131,10 +131,9 @@ def plot(summary: dict, results: dict, path: Path, title: str) -> None:
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from poolscout.engine.core.io import atomic_savefig
+
+    atomic_savefig(fig, path)
 
 
 def herding_cost(workdir: Path, args) -> dict:

@@ -146,10 +146,9 @@ def plot(results: dict, path: Path, title: str) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from poolscout.engine.core.io import atomic_savefig
+
+    atomic_savefig(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -263,21 +263,15 @@ class RefineSession:
     # ------------------------------------------------------------------ state from answers
     def _replay(self) -> None:
         """Masks, refined set and answered patches from the live answers."""
-        s = self.settings
         self.masks = {i: m.copy() for i, m in self.init_masks.items()}
         self.refined: list[tuple[int, int, int, int]] = []  # (image_id, x, y, label)
         self.answered: dict[int, int] = {}  # patch index -> label given
+        self.since_retrain = 0
         live = self.answers_log.live()
         for a in live:
-            for pid, label, (x, y) in self._points(a):
-                self.answered[pid] = label
-                if s["mode"] in ("a", "c"):
-                    R.relabel(self.masks[int(self.owner[pid])], x, y, label, scope=s["relabel"], size=s["patch"])
-                if s["mode"] in ("b", "c"):
-                    self.refined.append((int(self.owner[pid]), x, y, label))
-        self.since_retrain = len(live) - max((int(e["answers_used"]) for e in self.answers_log.retrains()),
-                                             default=0)
-        self.since_retrain = max(0, self.since_retrain)
+            self._apply(a)
+        self.since_retrain = max(0, len(live) - max((int(e["answers_used"]) for e in self.answers_log.retrains()),
+                                                    default=0))
         self._index = None
 
     def _points(self, a: dict) -> list[tuple[int, int, tuple[int, int]]]:

@@ -156,6 +156,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def atomic_savefig(fig, path: str | Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure as a PNG atomically (a hidden temp file beside it, then a
+    rename: a reader never sees half a picture) and close the figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def _json_default(o: Any) -> Any:
     import numpy as np
 
