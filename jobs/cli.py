@@ -404,11 +404,16 @@ def status_cmd(run_dir, as_json):
     click.echo(f"strategy {st['strategy']}   planned cycles {st['cycles_planned']}")
     click.echo("ledger   " + ", ".join(f"{k} {v}" for k, v in st["ledger"].items()))
     if st["cycles"]:
-        click.echo(f"{'cycle':>5} {'labeled':>8} {'mAP50':>7} {'mAP':>7}  stages done")
+        click.echo(f"{'cycle':>5} {'labeled':>8} {'mAP50':>7} {'mAP':>7} {'agree':>7}  stages done")
         for c in st["cycles"]:
             f = (lambda v: f"{v:7.3f}" if isinstance(v, (int, float)) else f"{'-':>7}")
             lab = c["labeled_images"] if c["labeled_images"] is not None else "-"
-            click.echo(f"{c['cycle']:>5} {lab:>8} {f(c['map50'])} {f(c['map'])}  {', '.join(c['stages'])}")
+            click.echo(f"{c['cycle']:>5} {lab:>8} {f(c['map50'])} {f(c['map'])} {f(c.get('agreement'))}  "
+                       f"{', '.join(c['stages'])}")
+    if st.get("stop"):
+        s = st["stop"]
+        click.echo(f"stopping cycle {s['cycle']}: consecutive models agree on {s['agreement']:.0%} of the stop set's "
+                   "boxes" + (": labels now buy little" if s["labels_buy_little"] else ""))
     if st.get("batch"):
         b = st["batch"]
         click.echo(f"waiting  {b['labeled']} of {b['selected']} selected images labeled; "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -174,11 +175,67 @@ def evaluate(run: RunDir, cfg: Config, k: int, *, progress: bool = True) -> dict
         res = evaluate_model(model, man, ann, run.read_categories(), input_size=int(meta["detector"]["input_size"]),
                              batch_size=cfg.loop.eval_batch_size, device=dev, max_pixels=cfg.dataset.max_pixels,
                              progress=progress)
+        stop = stop_signal(run, cfg, k, model, int(meta["detector"]["input_size"]), dev)
+        if stop is not None:
+            res["stop"] = stop
     finally:
         torch.set_num_threads(old_threads)
     res["cycle"] = k
     io.atomic_write_json(_marker(run, k, "evaluate"), res)
     return res
+
+
+def stop_set(run: RunDir, cfg: Config) -> np.ndarray:
+    """The stopping signal's fixed sample: `loop.stop_set` images drawn (seeded) from the
+    pool the first time it is asked for, kept in RUN/stop_set.json and read from there
+    after (whatever is labeled later: the sample measures the model, not the pool)."""
+    path = run.root / "stop_set.json"
+    if path.is_file():
+        return np.asarray(json.loads(path.read_text())["image_id"], np.int64)
+    pool = np.sort(run.ids_in_state("pool"))
+    n = min(int(cfg.loop.stop_set), len(pool))
+    ids = np.sort(np.random.default_rng([cfg.seed, 0x5709]).choice(pool, size=n, replace=False)) if n else pool[:0]
+    io.atomic_write_json(path, {"image_id": ids.tolist(), "drawn_from": "pool", "size": n})
+    return ids
+
+
+def _stop_predictions_path(run: RunDir, k: int) -> Path:
+    return run.cycle_dir(k) / "stop_predictions.npz"
+
+
+def stop_signal(run: RunDir, cfg: Config, k: int, model, input_size: int, device) -> dict | None:
+    """Cycle k's model on the stop set (saved, arrays only) and its agreement with cycle
+    k-1's there; None when loop.stop_set is 0 or the set is empty."""
+    from poolscout.engine.evaluation.metrics import prediction_agreement, predict_images
+
+    if int(cfg.loop.stop_set) <= 0:
+        return None
+    ids = stop_set(run, cfg)
+    if len(ids) == 0:
+        return None
+    path = _stop_predictions_path(run, k)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            cur = {key: z[key] for key in z.files}
+    else:
+        man = io.read_table(run.manifest, columns=["image_id", "uri", "width", "height"])
+        man = man.filter(pc.is_in(man["image_id"], pa.array(ids))).sort_by("image_id")
+        cur = predict_images(model, man, input_size=input_size, batch_size=cfg.loop.eval_batch_size, device=device,
+                             max_pixels=cfg.dataset.max_pixels, what="stop-set image")
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, **cur)
+        io.commit_file(tmp, path)
+    out = {"images": int(len(ids)), "threshold": float(cfg.loop.stop_agreement), "agreement": None,
+           "labels_buy_little": False}
+    prev = _stop_predictions_path(run, k - 1) if k > 0 else None
+    if prev is not None and prev.is_file():
+        with np.load(prev, allow_pickle=False) as z:
+            before = {key: z[key] for key in z.files}
+        if np.array_equal(before["image_id"], cur["image_id"]):
+            agree = prediction_agreement(before, cur, min_score=float(cfg.loop.stop_min_score))
+            out.update(agreement=agree["agreement"], identical_images=agree["identical_images"],
+                       labels_buy_little=bool(agree["agreement"] >= float(cfg.loop.stop_agreement)))
+    return out
 
 
 def label(run: RunDir, cfg: Config, k: int) -> dict:
@@ -217,6 +274,8 @@ def write_metrics(run: RunDir, cfg: Config, k: int, strategy: str) -> dict:
            "labeled_images": acq.pop("labeled_images"), "labeled_boxes": acq.pop("labeled_boxes"),
            "new_images": acq.pop("new_images"), "new_boxes": acq.pop("new_boxes"),
            "eval": ev, "acquisition": acq, "timings_s": timings}
+    if ev.get("stop") is not None:
+        out["stop"] = ev.pop("stop")
     io.atomic_write_json(run.cycle_dir(k) / "metrics.json", out)
     return out
 
@@ -350,11 +409,17 @@ def status(run: RunDir) -> dict:
         stages = [s for s in STAGES if _marker(run, k, s).is_file()]
         if (run.export_dir(k)).is_dir() and any(run.export_dir(k).iterdir()):
             stages.append("export")
+        stop = m.get("stop") or ev.get("stop") or {}
         cycles.append({"cycle": k, "stages": stages, "labeled_images": m.get("labeled_images"),
-                       "map50": ev.get("map50"), "map": ev.get("map")})
+                       "map50": ev.get("map50"), "map": ev.get("map"), "agreement": stop.get("agreement"),
+                       "labels_buy_little": bool(stop.get("labels_buy_little"))})
     out = {"run": str(run.root), "status": state.get("status", "not started"), "strategy": state.get("strategy"),
            "cycle": state.get("cycle"), "stage": state.get("stage"), "cycles_planned": state.get("cycles"),
            "ledger": counts, "cycles": cycles, "message": state.get("message")}
+    last = next((c for c in reversed(cycles) if c["agreement"] is not None), None)
+    if last is not None:  # the stopping signal of the latest cycle that has one
+        out["stop"] = {"cycle": last["cycle"], "agreement": last["agreement"],
+                       "labels_buy_little": last["labels_buy_little"]}
     done = [c for c in cycles if c["stages"]]
     if not state and done:  # no loop, but `poolscout train/score/select/export` ran
         out.update(status="stages run by hand", cycle=done[-1]["cycle"], stage=done[-1]["stages"][-1])

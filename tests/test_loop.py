@@ -110,6 +110,14 @@ def test_random_strategy_skips_scoring_and_status_reports(tmp_path, tiny_pool, t
     assert [c["cycle"] for c in st["cycles"]] == [0, 1]
     assert st["cycles"][1]["labeled_images"] == 10
     assert 0.0 <= st["cycles"][1]["map50"] <= 1.0
+    # the stopping signal: a fixed stop set drawn from the pool once, consecutive models
+    # compared on it from cycle 1 on
+    ss = json.loads((run.root / "stop_set.json").read_text())
+    assert ss["size"] == len(ss["image_id"]) > 0
+    assert st["cycles"][0]["agreement"] is None and 0.0 <= st["cycles"][1]["agreement"] <= 1.0
+    m1 = json.loads((run.cycle_dir(1) / "metrics.json").read_text())
+    assert m1["stop"]["images"] == ss["size"] and m1["stop"]["threshold"] == 0.9
+    assert m1["stop"]["labels_buy_little"] == (m1["stop"]["agreement"] >= 0.9) == st["stop"]["labels_buy_little"]
     m = json.loads((run.cycle_dir(0) / "metrics.json").read_text())
     assert set(m["timings_s"]) == {"train", "evaluate", "select", "label"}
     assert m["new_images"] == 6 and m["labeled_images"] == 6

@@ -342,3 +342,34 @@ def test_acquisition_stats_errors():
         acquisition_stats(ann, led.drop(["state"]), CATS4, 0)
     with pytest.raises(ValueError, match="annotations lacks column"):
         acquisition_stats(ann.drop(["category_id"]), led, CATS4, 0)
+
+
+def test_prediction_agreement_by_hand():
+    from poolscout.engine.evaluation.metrics import prediction_agreement
+
+    def dets(per_image):
+        boxes, scores, labels, offsets = [], [], [], [0]
+        for img in per_image:
+            for b, sc, lab in img:
+                boxes.append(b), scores.append(sc), labels.append(lab)
+            offsets.append(len(boxes))
+        return {"image_id": np.arange(len(per_image)), "offsets": np.array(offsets),
+                "boxes": np.array(boxes, float).reshape(-1, 4), "scores": np.array(scores, float),
+                "labels": np.array(labels)}
+
+    box = [0, 0, 10, 10]
+    shifted = [1, 0, 11, 10]  # IoU 90/110 = 0.82 with box
+    far = [50, 50, 60, 60]
+    a = dets([[(box, 0.9, 1)], [(box, 0.9, 1), (far, 0.8, 2)], [], [(box, 0.9, 1)], [(box, 0.2, 1)]])
+    b = dets([[(shifted, 0.7, 1)], [(box, 0.9, 1)], [], [(box, 0.9, 2)], []])
+    r = prediction_agreement(a, b, iou=0.5, min_score=0.3)
+    # image 0: 1 match of 2 boxes -> 1; image 1: 1 match of 3 -> 2/3; image 2: none on
+    # either -> 1; image 3: other class -> 0; image 4: a's box is below min_score -> 1
+    assert r["agreement"] == pytest.approx((1 + 2 / 3 + 1 + 0 + 1) / 5)
+    assert r["identical_images"] == pytest.approx(3 / 5) and r["images"] == 5
+    # a box is matched once: two boxes of a on one of b
+    a2 = dets([[(box, 0.9, 1), (shifted, 0.8, 1)]])
+    b2 = dets([[(box, 0.9, 1)]])
+    assert prediction_agreement(a2, b2)["agreement"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="same images"):
+        prediction_agreement(a, dets([[]]))

@@ -67,6 +67,8 @@ def _metrics(k: int, strategy: str, seed: int, names: list[str]) -> dict:
                         "rarest_class": names[3], "rarest_retrieval": None},
         "timings_s": {"train": 1.5, "evaluate": 0.5, "score": None if k == N_CYCLES else 0.7, "select": 0.1,
                       "label": 0.05},
+        **({"stop": {"images": 8, "threshold": 0.9, "agreement": 0.8 + 0.05 * k,
+                     "labels_buy_little": 0.8 + 0.05 * k >= 0.9}} if k else {}),
     }
 
 
@@ -193,6 +195,9 @@ def test_write_report(runs, tmp_path):
     assert (out / "curves.png").stat().st_size > 10_000
     text = index.read_text()
     assert len(text) > 20_000
+    # the stopping signal of each run's last cycle, in the runs table
+    last = 0.8 + 0.05 * N_CYCLES
+    assert f"{last:.3f}" in text and (("labels now buy little" in text) == (last >= 0.9))
     for run in ("ent_s0", "ent_s1", "rand_s0"):
         sec = text.split(f'<h2 id="run-{run}">', 1)[1].split("<h2 ", 1)[0]
         for k in range(N_CYCLES + 1):

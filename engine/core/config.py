@@ -300,6 +300,13 @@ class LoopConfig:
     eval_threads: int = spec(0, ge(0))
     # Score the pool even when the strategy needs no model signal (e.g. random).
     always_score: bool = False
+    # The stopping signal: a fixed sample of this many pool images (drawn once, at the first
+    # evaluation; 0 = off) on which each cycle's model predicts; the agreement of consecutive
+    # models' boxes there (engine.evaluation.metrics.prediction_agreement) at or above
+    # `stop_agreement` means new labels now change the model little.
+    stop_set: int = spec(200, ge(0))
+    stop_agreement: float = spec(0.9, within(0, 1))
+    stop_min_score: float = spec(0.3, within(0, 1))
 
 
 @dataclass(frozen=True)

@@ -295,26 +295,44 @@ def evaluate_model(model: Any, manifest_rows: pa.Table, annotations: pa.Table, c
         ValueError: missing columns, duplicate ids, batch_size < 1, or an image that cannot
             be decoded (the message names its uri and the reason).
     """
+    t0 = time.perf_counter()
+    cats = _category_list(categories)
+    dets = predict_images(model, manifest_rows, input_size=input_size, batch_size=batch_size, device=device,
+                          max_pixels=max_pixels, progress=progress, what="test image")
+    ids = dets["image_id"]
+    width = manifest_rows["width"].to_numpy().astype(np.int64)
+    height = manifest_rows["height"].to_numpy().astype(np.int64)
+    gt = gt_arrays(annotations, ids)
+    res = coco_eval(gt, dets, cats, image_sizes=(width, height))
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
+def predict_images(model: Any, manifest_rows: pa.Table, *, input_size: int, batch_size: int = 8, device: Any = "cpu",
+                   max_pixels: int = 64_000_000, progress: bool = False, what: str = "image") -> dict[str, np.ndarray]:
+    """The detector's boxes on the given images (view "orig"): {"image_id", "offsets",
+    "boxes" (n, 4) in image pixels, "scores", "labels"}, images in the rows' order.
+
+    Raises:
+        ValueError: missing columns, duplicate ids, batch_size < 1, no images, or an image
+            that cannot be decoded (the message names `what`, its uri and the reason).
+    """
     from tqdm import tqdm
 
     from poolscout.engine.data.images import load_batch
     from poolscout.engine.models.inference import predict
 
-    t0 = time.perf_counter()
     _require_columns(manifest_rows, "manifest_rows", ["image_id", "uri", "width", "height"])
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    cats = _category_list(categories)
     ids = manifest_rows["image_id"].to_numpy().astype(np.int64)
     if len(ids) == 0:
-        raise ValueError("evaluate_model needs at least one image")
+        raise ValueError(f"no {what} to predict on")
     if len(np.unique(ids)) != len(ids):
         raise ValueError("manifest_rows has duplicate image ids")
     uris = [str(u) for u in manifest_rows["uri"].to_pylist()]
     width = manifest_rows["width"].to_numpy().astype(np.int64)
     height = manifest_rows["height"].to_numpy().astype(np.int64)
-    gt = gt_arrays(annotations, ids)
-
     counts, boxes, scores, labels = [], [], [], []
     bs = int(batch_size)
     with tqdm(total=len(ids), desc="evaluate", unit="img", leave=False, disable=not progress) as bar:
@@ -323,7 +341,7 @@ def evaluate_model(model: Any, manifest_rows: pa.Table, annotations: pa.Table, c
             b = load_batch(uris[sl], int(input_size), int(max_pixels))
             for uri, err in zip(uris[sl], b["error"]):
                 if err:
-                    raise ValueError(f"test image {uri} cannot be decoded: {err}")
+                    raise ValueError(f"{what} {uri} cannot be decoded: {err}")
             pred = predict(model, b["image"], image_id=ids[sl], width=width[sl], height=height[sl],
                            scale=b["scale"], content_w=b["content_w"], content_h=b["content_h"],
                            views=("orig",), roi_embeddings=False, device=device)
@@ -334,11 +352,55 @@ def evaluate_model(model: Any, manifest_rows: pa.Table, annotations: pa.Table, c
             bar.update(len(b["image"]))
     offsets = np.zeros(len(ids) + 1, np.int64)
     np.cumsum(np.concatenate(counts), out=offsets[1:])
-    dets = {"image_id": ids, "offsets": offsets, "boxes": np.concatenate(boxes).reshape(-1, 4),
+    return {"image_id": ids, "offsets": offsets, "boxes": np.concatenate(boxes).reshape(-1, 4),
             "scores": np.concatenate(scores), "labels": np.concatenate(labels)}
-    res = coco_eval(gt, dets, cats, image_sizes=(width, height))
-    res["seconds"] = time.perf_counter() - t0
-    return res
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
+
+
+def prediction_agreement(a: dict, b: dict, *, iou: float = 0.5, min_score: float = 0.3) -> dict:
+    """How much two models' detections on the same images agree (the stopping signal: once
+    consecutive models agree on a fixed unlabeled sample, new labels change little).
+
+    Per image, the boxes with score >= `min_score` of each model are matched greedily (the
+    higher-scored first) to an unmatched box of the same class with IoU >= `iou`; the
+    image's agreement is 2 * matches / (boxes of a + boxes of b), 1 when neither has a box
+    (the detection analogue of the percent agreement of a stop set). Returns the mean over
+    images, and the share of images whose agreement is 1.
+    """
+    ids_a, ids_b = np.asarray(a["image_id"]), np.asarray(b["image_id"])
+    if not np.array_equal(ids_a, ids_b):
+        raise ValueError("prediction_agreement: both predictions must cover the same images in the same order")
+    per = np.ones(len(ids_a))
+    for i in range(len(ids_a)):
+        sa, sb = slice(a["offsets"][i], a["offsets"][i + 1]), slice(b["offsets"][i], b["offsets"][i + 1])
+        ka, kb = np.asarray(a["scores"][sa]) >= min_score, np.asarray(b["scores"][sb]) >= min_score
+        ba, la, pa_ = np.asarray(a["boxes"][sa])[ka], np.asarray(a["labels"][sa])[ka], np.asarray(a["scores"][sa])[ka]
+        bb, lb = np.asarray(b["boxes"][sb])[kb], np.asarray(b["labels"][sb])[kb]
+        n = len(ba) + len(bb)
+        if n == 0:
+            continue
+        m = _iou_matrix(ba, bb)
+        used = np.zeros(len(bb), bool)
+        matches = 0
+        for j in np.argsort(-pa_, kind="stable"):
+            ok = (~used) & (lb == la[j]) & (m[j] >= iou)
+            if ok.any():
+                used[int(np.argmax(np.where(ok, m[j], -1.0)))] = True
+                matches += 1
+        per[i] = 2 * matches / n
+    return {"agreement": float(per.mean()) if len(per) else 1.0, "identical_images": float((per == 1).mean())
+            if len(per) else 1.0, "images": int(len(per))}
 
 
 # --------------------------------------------------------------------------- acquisition

@@ -861,6 +861,8 @@ def run_summary(run: dict) -> dict:
         "labeled_images": last.get("labeled_images"), "labeled_boxes": last.get("labeled_boxes"),
         "map50": _metric(last, "map50"), "map": _metric(last, "map"),
         "aulc_map50": aulc([p[0] for p in pts], [p[1] for p in pts]) if len(pts) >= 2 else None,
+        "stop_agreement": (last.get("stop") or {}).get("agreement"),
+        "labels_buy_little": bool((last.get("stop") or {}).get("labels_buy_little")),
     }
 
 
@@ -1434,12 +1436,16 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, montage
     parts.append('<h2 id="runs">Runs</h2>')
     parts.append(_table(
         ["run", "strategy", "seed", "status", "cycles", "labeled images", "labeled boxes", "mAP50", "mAP",
-         "AULC mAP50"],
+         "AULC mAP50", "agreement"],
         [[f'<a href="#run-{_e(r["slug"])}">{_e(s["run"])}</a>', _e(s["strategy"]), _e(s["seed"]),
           _e(s["status"] or "–"), _cell(s["cycles"]), _cell(s["labeled_images"]), _cell(s["labeled_boxes"]),
-          _cell(s["map50"]), _cell(s["map"]), _cell(s["aulc_map50"])] for r, s in zip(runs, rows)],
+          _cell(s["map50"]), _cell(s["map"]), _cell(s["aulc_map50"]),
+          _cell(s["stop_agreement"]) + (" (labels now buy little)" if s["labels_buy_little"] else "")]
+         for r, s in zip(runs, rows)],
         left=(0, 1, 3)))
-    parts.append('<p class="note">Final = the last cycle with metrics.</p>')
+    parts.append('<p class="note">Final = the last cycle with metrics. Agreement: the stopping signal, how much '
+                 'the last two models\' boxes agree on a fixed unlabeled sample of the pool (loop.stop_set); at or '
+                 'above loop.stop_agreement, new labels now change the model little.</p>')
 
     parts.append('<h2 id="settings">Settings</h2>')
     parts.append(_settings_html(runs, settings))
