@@ -20,7 +20,7 @@ IoU 0.5 at the end.
 
 Variants: a name in VARIANTS runs a strategy with extra settings (bald trains the
 detector with box-head dropout; huale_losses trains with the HUALE losses and the
-variance head). `--rare CLASS:FRACTION` keeps only that fraction of the pool images whose
+variance head; entropy_pseudo adds pseudo labels, train.pseudo_labels=0.8). `--rare CLASS:FRACTION` keeps only that fraction of the pool images whose
 file name starts with CLASS (the others are marked rejected, reason "benchmark
 subsample"; the test split is untouched) and reports, per strategy, the class's share
 among the instances labeled after the seed set divided by its share in the pool
@@ -109,6 +109,9 @@ VARIANTS = {
     "coreset_cold": ("coreset", ["loop.seed_strategy=maxherding"]),
     "huale_losses": ("huale", ["detector.box_var_head=true", "train.emphasis_loss=true", "train.eiou_loss=true",
                                "train.aware_loss=true", "train.loss_lambda=0.5"]),
+    # auto-labeling: each cycle also trains on the previous model's boxes of confidence >= 0.8
+    # on pool images (compare with plain entropy on the same protocol)
+    "entropy_pseudo": ("entropy", ["train.pseudo_labels=0.8"]),
 }
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from poolscout.engine.core import io
 from poolscout.engine.core.config import Config
@@ -80,6 +81,52 @@ def _train_local(config: dict, out: Path) -> None:
     io.commit_file(tmp, out)  # 0666 & ~umask, fsynced before and after the rename
 
 
+PSEUDO_SCHEMA = pa.schema([*io.ANNOTATIONS_SCHEMA, pa.field("score", pa.float32())])
+
+
+def pseudo_labels(run: RunDir, cfg: Config, k: int) -> dict | None:
+    """Auto-labeling (train.pseudo_labels = t > 0): the previous cycle's detections with
+    confidence >= t on the images still in the pool, written once to
+    cycles/<k>/pseudo_labels.parquet (annotations' columns + score; apart from the ledger and
+    the annotations, so nothing exports them). None when off, at cycle 0, or when cycle k-1
+    scored nothing (a model-free strategy). Returns {"path", "images", "boxes", "threshold"}."""
+    import pyarrow.dataset as pads
+
+    t = float(cfg.train.pseudo_labels)
+    if t <= 0 or k == 0:
+        return None
+    out = run.cycle_dir(k) / "pseudo_labels.parquet"
+    if not out.is_file():
+        pdir = run.predictions_dir(k - 1)
+        if not pdir.is_dir():
+            return None
+        pred = pads.dataset(str(pdir), format="parquet").to_table(columns=["image_id", "boxes", "scores", "labels"])
+        pool = set(run.ids_in_state("pool").tolist())
+        rows: dict[str, list] = {n: [] for n in PSEUDO_SCHEMA.names}
+        conf = []
+        for iid, bx, sc, lb in zip(pred["image_id"].to_pylist(), pred["boxes"].to_pylist(), pred["scores"].to_pylist(),
+                                   pred["labels"].to_pylist()):
+            if int(iid) not in pool or not sc:
+                continue
+            keep = [j for j, v in enumerate(sc) if v >= t]
+            if keep:
+                conf.append((float(np.mean([sc[j] for j in keep])), int(iid), bx, sc, lb, keep))
+        conf.sort(key=lambda c: (-c[0], c[1]))  # the most confident images first, then by id
+        if cfg.train.pseudo_max_images:
+            conf = conf[:int(cfg.train.pseudo_max_images)]
+        ann_id = 0
+        for _, iid, bx, sc, lb, keep in sorted(conf, key=lambda c: c[1]):
+            for j in keep:
+                ann_id += 1
+                x1, y1, x2, y2 = bx[4 * j:4 * j + 4]
+                for name, v in zip(PSEUDO_SCHEMA.names, (iid, ann_id, int(lb[j]), x1, y1, x2, y2, sc[j])):
+                    rows[name].append(v)
+        io.write_table(pa.table(rows, schema=PSEUDO_SCHEMA), out, PSEUDO_SCHEMA)
+    tab = io.read_table(out, columns=["image_id"])
+    return {"path": out, "images": int(len(np.unique(tab["image_id"].to_numpy()))), "boxes": int(tab.num_rows),
+            "threshold": t}
+
+
 def train(run: RunDir, cfg: Config, *, cycle: int | None = None, force: bool = False,
           progress: bool = True, executor: str | None = None) -> dict:
     """Train the detector of cycle k on the labeled images (cycle <= k); returns a summary.
@@ -105,6 +152,7 @@ def train(run: RunDir, cfg: Config, *, cycle: int | None = None, force: bool = F
                        f"or import labels")
     if not run.annotations.is_file():
         raise RunError(f"{run.annotations} is missing: training needs annotations")
+    pseudo = pseudo_labels(run, cfg, k)
     warm = None
     if cfg.train.warm_start:
         prev = run.latest_model(upto=k - 1)
@@ -116,6 +164,7 @@ def train(run: RunDir, cfg: Config, *, cycle: int | None = None, force: bool = F
         "warm_start": warm, "progress": progress, "cycle": k, "desc": f"train cycle {k}",
         # files must lie inside the images root and keep the size init recorded
         "images_root": run.fingerprint().get("images_root"),
+        "pseudo": str(pseudo["path"]) if pseudo and pseudo["images"] else None,
     }
     executor = executor or cfg.loop.executor
     t0 = time.time()
@@ -145,6 +194,8 @@ def train(run: RunDir, cfg: Config, *, cycle: int | None = None, force: bool = F
     summary = {"cycle": k, "model": str(out), "labeled": int(len(labeled)), "warm_start": warm,
                "executor": executor, "seconds": round(time.time() - t0, 2), "failed_images": len(skipped),
                "history": history}
+    if pseudo is not None:
+        summary["pseudo_labels"] = {k_: v for k_, v in pseudo.items() if k_ != "path"}
     io.atomic_write_json(done, summary)
     return summary
 

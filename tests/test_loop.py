@@ -188,3 +188,26 @@ def test_evaluation_honours_its_thread_setting(tmp_path, tiny_pool, monkeypatch)
         assert seen == [1, 1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_pseudo_labels_train_on_confident_pool_detections(tmp_path, tiny_pool, torch_threads):
+    """train.pseudo_labels: cycle 1 also trains on cycle 0's confident boxes on pool images,
+    kept in their own file, never in the ledger or the annotations."""
+    from poolscout.engine.core import io
+    from poolscout.jobs.loop import loop_config, run_loop
+
+    run = _init(tmp_path, tiny_pool, "pseudo", ["select.strategy=entropy", "loop.cycles=1",
+                                                "train.pseudo_labels=0.01", "train.pseudo_max_images=3"])
+    ann_before = io.read_table(run.annotations)
+    state = run_loop(run, loop_config(run), progress=False, log=lambda m: None)
+    assert state["status"] == "done"
+    assert not (run.cycle_dir(0) / "pseudo_labels.parquet").exists()  # nothing to learn from at cycle 0
+    p = io.read_table(run.cycle_dir(1) / "pseudo_labels.parquet")
+    t = json.loads((run.cycle_dir(1) / "train.json").read_text())
+    ids = set(p["image_id"].to_pylist())
+    assert 1 <= t["pseudo_labels"]["images"] == len(ids) <= 3 and t["pseudo_labels"]["boxes"] == p.num_rows
+    assert t["pseudo_labels"]["threshold"] == 0.01 and (p["score"].to_numpy() >= 0.01).all()
+    # pseudo-labeled images are pool images, and stay so: the ledger and annotations are untouched
+    assert ids <= set(run.ids_in_state("pool").tolist())
+    assert io.read_table(run.annotations).equals(ann_before)
+    assert t["labeled"] == int((np.asarray(run.read_ledger()["state"].to_pylist()) == "labeled").sum())

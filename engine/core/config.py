@@ -166,6 +166,12 @@ class TrainConfig:
     # 0 = as many threads as the node has cores (Ray would otherwise give 1 per CPU slot).
     torch_threads: int = spec(0, ge(0))
     max_images: int = spec(0, ge(0))  # 0 = all labeled images; >0 caps them (smoke tests)
+    # Auto-labeling: > 0 also trains cycle k on the previous cycle's detections of at least
+    # this confidence on the images still in the pool (pseudo labels, kept in
+    # cycles/<k>/pseudo_labels.parquet: never in the ledger, the annotations or an export).
+    # Images with no such detection are not added. 0 = off.
+    pseudo_labels: float = spec(0.0, within(0, 1))
+    pseudo_max_images: int = spec(0, ge(0))  # 0 = every qualifying pool image; else the most confident
     # Epochs of a warm-started cycle (one that starts from the previous cycle's model);
     # 0 = `epochs`. Fine-tuning needs fewer passes than the first training.
     warm_epochs: int = spec(0, ge(0))

@@ -367,7 +367,8 @@ def fit_detector(spec: dict, *, rank: int = 0, device: Any = "cpu",
     Args:
         spec: {"train": TrainConfig dict, "detector": DetectorConfig dict, "seed", "manifest"
             (path), "annotations" (path), "labeled_ids", "num_classes", "max_pixels",
-            "warm_start" (checkpoint path or None)}.
+            "warm_start" (checkpoint path or None), optional "pseudo" (a pseudo-label table
+            in the annotations' columns: its images are trained on too)}.
         rank: worker rank (seeds differ per rank).
         device: where to train.
 
@@ -386,6 +387,13 @@ def fit_detector(spec: dict, *, rank: int = 0, device: Any = "cpu",
     annotations = pq.read_table(spec["annotations"])
     ids = np.asarray(spec["labeled_ids"], dtype=np.int64)
     items, boxes, labels = labeled_items(manifest, annotations, ids)
+    if spec.get("pseudo"):  # auto-labeling: pool images with the previous model's confident boxes
+        pseudo = pq.read_table(spec["pseudo"])
+        pids = np.setdiff1d(np.unique(pseudo["image_id"].to_numpy()), ids)
+        p_items, p_boxes, p_labels = labeled_items(manifest, pseudo, pids)
+        items += p_items
+        boxes.update(p_boxes)
+        labels.update(p_labels)
     ds = DetectionDataset(items, boxes, labels, dcfg.input_size, spec["max_pixels"],
                           hflip_prob=tcfg.hflip_prob, seed=int(spec["seed"]), root=spec.get("images_root"))
     loader = torch.utils.data.DataLoader(ds, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate,
