@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -234,6 +235,22 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def _ids_in_parts(d: Path) -> np.ndarray:
+    """Image ids of the finished parts in a partial predictions folder (a part that does not
+    read whole is removed with its box store: its images are scored again)."""
+    import pyarrow.parquet as pq
+
+    ids = []
+    for f in sorted(d.glob("part-*.parquet")) if d.is_dir() else []:
+        try:
+            ids.append(pq.read_table(f, columns=["image_id"])["image_id"].to_numpy())
+        except (OSError, pa.ArrowInvalid):
+            f.unlink(missing_ok=True)
+            for b in d.glob(f"_boxes.{f.stem}*"):
+                b.unlink(missing_ok=True)
+    return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+
+
 def _clean_stale(cdir: Path) -> None:
     """Remove temp prediction dirs a killed run left behind (never the resumable partial)."""
     for p in cdir.glob(".predictions.tmp-*"):
@@ -350,12 +367,25 @@ def score(run: RunDir, cfg: Config, *, cycle: int | None = None, blocks: int | N
         for p in cdir.glob(".predictions.partial-*"):
             if p != partial:  # parts of another model (retrained) are worthless
                 shutil.rmtree(p, ignore_errors=True)
+        if any(not re.fullmatch(r"part-\d{5}\.parquet", f.name) for f in partial.glob("part-*.parquet")):
+            shutil.rmtree(partial, ignore_errors=True)  # the Ray executor's parts (by ids): start over
         _score_local(work, model, cfg, k, run.num_classes(), input_size, root, partial, progress, diffusion)
         tmp_dir = partial
     elif executor == "ray":
-        tmp_dir = cdir / f".predictions.tmp-{uuid.uuid4().hex[:8]}"
-        _score_ray(work, model, cfg, k, run.num_classes(), input_size, root, tmp_dir, blocks, progress, n_pool,
-                   diffusion)
+        # parts are named by their image ids and written atomically, so a driver killed mid-
+        # scoring resumes with the images that no finished part holds
+        partial = cdir / f".predictions.partial-{digest}"
+        for p in cdir.glob(".predictions.partial-*"):
+            if p != partial:
+                shutil.rmtree(p, ignore_errors=True)
+        done_ids = _ids_in_parts(partial)
+        todo = work.filter(pc.invert(pc.is_in(work["image_id"], pa.array(done_ids, pa.int64())))) \
+            if len(done_ids) else work
+        if todo.num_rows:
+            n_todo = int(pc.sum(pc.equal(todo["state"], "pool")).as_py() or 0)
+            _score_ray(todo, model, cfg, k, run.num_classes(), input_size, root, partial, blocks, progress, n_todo,
+                       diffusion)
+        tmp_dir = partial
     else:
         raise ValueError(f"loop.executor must be 'ray' or 'local', got {executor!r}")
     seconds = time.time() - t0
@@ -528,9 +558,16 @@ def _score_ray(work: pa.Table, model: Path, cfg: Config, k: int, num_classes: in
         from tqdm import tqdm
 
         bar = tqdm(total=n_pool, desc=f"score cycle {k}", unit="img", leave=False, dynamic_ncols=True)
+    from poolscout.jobs.hooks import crash_point
+
+    seen, crashed = 0, False
     for counts in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        seen += int(counts["pool_rows"].sum())
         if bar is not None:
             bar.update(int(counts["pool_rows"].sum()))
+        if not crashed and seen * 2 >= n_pool:
+            crashed = True  # a test's kill point, half way through the pool
+            crash_point(f"{k}:score:mid")
     if bar is not None:
         bar.close()
 

@@ -80,3 +80,59 @@ def test_scoring_survives_killed_detector_actors(tmp_path, ray_session):
         if col != "image_id":
             np.testing.assert_allclose(np.asarray(got[col], float), np.asarray(ref, float), rtol=1e-5, atol=1e-6,
                                        equal_nan=True)
+
+
+@pytest.mark.ray
+def test_a_driver_killed_mid_scoring_on_ray_resumes_from_the_parts_written(tmp_path, ray_session):
+    """Under the Ray executor, the driver SIGKILLed half way through the pool: the next
+    `poolscout score` keeps the parts already written (same files, untouched) and scores only
+    the rest; every pool image ends up scored exactly once, as an undisturbed run scores it."""
+    import os
+    import subprocess
+    import sys
+
+    from poolscout.engine.data.pool import init_run
+    from poolscout.engine.data.synthetic import generate
+    from poolscout.jobs.score import score
+    from poolscout.jobs.train import train
+    from tests.conftest import REPO
+
+    pool = generate(tmp_path / "pool", n_images=72, size=64, seed=12)
+    ov = [*TINY_SETTINGS, "train.torch_threads=1", "score.torch_threads=1", "score.views=[orig]",
+          "score.batch_size=4", "score.decode_batch_size=4", "loop.executor=ray"]
+    cfg = load_config([], ov)
+    run = RunDir(tmp_path / "run")
+    init_run(run, images=pool["images"], annotations=pool["annotations"], seed_fraction=0.1, cfg=cfg, progress=False)
+    train(run, cfg, progress=False, executor="local")
+    n_pool = len(run.ids_in_state("pool"))
+
+    def job(crash: str | None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env.pop("RAY_ADDRESS", None)
+        env.pop("POOLSCOUT_CRASH_AT", None)
+        if crash:
+            env["POOLSCOUT_CRASH_AT"] = crash
+        cmd = [sys.executable, "-m", "poolscout.jobs", "score", str(run.root), "--quiet",
+               *[a for s in ov for a in ("--set", s)]]
+        return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    res = job("0:score:mid")
+    assert res.returncode == -9, res.stderr[-3000:]
+    partial = next(run.cycle_dir(0).glob(".predictions.partial-*"))
+    before = {f.name: f.stat().st_mtime_ns for f in partial.glob("part-*.parquet")}
+    assert before, "the killed driver left no finished part: nothing to resume from"
+    res = job(None)
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = {f.name: f.stat().st_mtime_ns for f in run.predictions_dir(0).glob("part-*.parquet")}
+    assert all(after.get(name) == t for name, t in before.items())  # kept, not rescored
+    assert len(after) > len(before)  # and the rest was scored
+    got = io.read_table(run.scores_path(0)).sort_by("image_id").to_pydict()
+    assert len(got["image_id"]) == len(set(got["image_id"])) == n_pool  # each pool image exactly once
+    # the same scores as an undisturbed scoring
+    score(run, cfg, progress=False, executor="ray", force=True)
+    ref = io.read_table(run.scores_path(0)).sort_by("image_id").to_pydict()
+    assert got["image_id"] == ref["image_id"]
+    for col, v in ref.items():
+        if col != "image_id":
+            np.testing.assert_allclose(np.asarray(got[col], float), np.asarray(v, float), rtol=1e-5, atol=1e-6,
+                                       equal_nan=True)
