@@ -8,8 +8,10 @@ must live on shared storage (NFS, a mounted bucket) — as it must for scoring.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -34,11 +36,42 @@ def _train_worker(config: dict) -> None:
 
     torch.set_num_threads(config["train"].get("torch_threads") or (os.cpu_count() or 1))
     rank = ray.train.get_context().get_world_rank()
+    # a restart after a lost worker (FailureConfig) goes on from the last epoch checkpoint
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if (Path(d) / "resume.pt").is_file():
+                resume = torch.load(Path(d) / "resume.pt", map_location="cpu", weights_only=True)
+                resume["history"] = json.loads((Path(d) / "history.json").read_text())
+
+    def on_epoch(rec, model, opt, history):
+        if not config["train"].get("checkpoint_epochs", True):
+            return
+        state = None
+        if rank == 0:
+            raw = model.module if hasattr(model, "module") else model
+            state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "epoch": rec["epoch"] + 1}
+        with tempfile.TemporaryDirectory() as tmp:
+            if state is not None:
+                torch.save(state, Path(tmp) / "resume.pt")
+                (Path(tmp) / "history.json").write_text(json.dumps(history))
+            ray.train.report({"loss": rec["loss"], "epoch": rec["epoch"]},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp) if state is not None else None)
+        # a test's kill point: a worker lost after this epoch's checkpoint, on the first attempt
+        # (after a few of the controller's polls, which is when a reported checkpoint counts)
+        if resume is None and config.get("crash_at") == f"{config['cycle']}:train:epoch{rec['epoch']}":
+            time.sleep(5.0)
+            os.kill(os.getpid(), signal.SIGKILL)
+
     model, history = fit_detector(config, rank=rank, device=ray.train.torch.get_device(),
                                   prepare_loader=ray.train.torch.prepare_data_loader,
                                   prepare_model=ray.train.torch.prepare_model,
                                   progress=config["progress"] and rank == 0,
-                                  log=(print if rank == 0 else (lambda *a, **k: None)))
+                                  log=(print if rank == 0 else (lambda *a, **k: None)), resume=resume,
+                                  on_epoch=on_epoch)
+    if resume is not None and history:
+        history[-1]["resumed_at_epoch"] = int(resume["epoch"])
     loss = {"loss": history[-1]["loss"] if history else float("nan")}
     if rank == 0:
         raw = model.module if hasattr(model, "module") else model
@@ -218,17 +251,20 @@ def in_process(cfg: Config) -> bool:
 
 
 def _train_ray(run: RunDir, cfg: Config, k: int, loop_cfg: dict, out: Path) -> None:
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage = run.root / "ray_train"
+    crash = os.environ.get("POOLSCOUT_CRASH_AT")
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config=loop_cfg,
+        train_loop_config={**loop_cfg, **({"crash_at": crash} if crash else {})},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.train.use_gpu else {})}),
-        run_config=RunConfig(name=f"cycle_{k}_{int(time.time())}", storage_path=str(storage)),
+        run_config=RunConfig(name=f"cycle_{k}_{int(time.time())}", storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=int(cfg.train.max_failures)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -136,3 +136,51 @@ def test_a_driver_killed_mid_scoring_on_ray_resumes_from_the_parts_written(tmp_p
         if col != "image_id":
             np.testing.assert_allclose(np.asarray(got[col], float), np.asarray(v, float), rtol=1e-5, atol=1e-6,
                                        equal_nan=True)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_node_lost_mid_scoring_changes_nothing(tmp_path):
+    """Two raylets (head 1 CPU, worker 2 CPUs); the worker node is removed once the first
+    part is written: scoring completes on the head, every pool image is scored exactly once,
+    and the scores and the selection equal the undisturbed run's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, str(REPO / "tests" / "multinode_fault.py"), str(tmp_path)], env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-4000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, f"no result line: {res.stdout[-2000:]} {res.stderr[-2000:]}"
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["removed"].get("at") is not None, "the worker node was never removed: the test checked nothing"
+    assert out["alive_nodes"] == 1
+    assert out["scored"] == out["unique"] == out["pool"]
+    assert out["same_scores"] and out["same_selection"]
+
+
+@pytest.mark.ray
+def test_ray_train_resumes_a_killed_training_from_its_last_epoch_checkpoint(tmp_path, ray_session, monkeypatch):
+    """The Ray Train worker dies right after epoch 1's checkpoint: FailureConfig restarts it,
+    the new worker loads that checkpoint and trains epochs 2 and 3 only."""
+    from poolscout.engine.data.pool import init_run
+    from poolscout.engine.data.synthetic import generate
+    from poolscout.jobs.train import train
+
+    pool = generate(tmp_path / "pool", n_images=24, size=64, seed=14)
+    cfg = load_config([], [*TINY_SETTINGS, "train.torch_threads=1", "train.backend=ray_train", "train.epochs=3",
+                           "train.cpus_per_worker=1"])
+    run = RunDir(tmp_path / "run")
+    init_run(run, images=pool["images"], annotations=pool["annotations"], seed_fraction=0.5, cfg=cfg, progress=False)
+    monkeypatch.setenv("POOLSCOUT_CRASH_AT", "0:train:epoch0")
+    s = train(run, cfg, progress=False, executor="ray")
+    hist = s["history"]
+    assert [h["epoch"] for h in hist] == [0, 1, 2]  # every epoch once: epoch 0 came from the checkpoint
+    assert hist[-1].get("resumed_at_epoch") == 1
+    assert run.model_path(0).is_file() and not (run.root / "ray_train").exists()

@@ -163,6 +163,10 @@ class TrainConfig:
     # (in the driver), or "auto": in-process when one worker is all there is on an embedded
     # local Ray (a Ray Train job would spend ~a minute starting up, every cycle).
     backend: str = spec("auto", one_of("auto", "ray_train", "in_process"))
+    # Ray Train: restarts after a lost worker (each resumes from the last epoch checkpoint,
+    # reported after every epoch when checkpoint_epochs is on).
+    max_failures: int = spec(2, ge(0))
+    checkpoint_epochs: bool = True
     # 0 = as many threads as the node has cores (Ray would otherwise give 1 per CPU slot).
     torch_threads: int = spec(0, ge(0))
     max_images: int = spec(0, ge(0))  # 0 = all labeled images; >0 caps them (smoke tests)

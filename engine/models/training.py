@@ -358,7 +358,10 @@ def train_epochs(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: Tra
 def fit_detector(spec: dict, *, rank: int = 0, device: Any = "cpu",
                  prepare_loader: Callable[[Any], Any] | None = None,
                  prepare_model: Callable[[nn.Module], nn.Module] | None = None,
-                 progress: bool = True, log: Callable[[str], Any] = print) -> tuple[nn.Module, list[dict]]:
+                 progress: bool = True, log: Callable[[str], Any] = print,
+                 resume: dict | None = None,
+                 on_epoch: Callable[[dict, nn.Module, torch.optim.Optimizer, list[dict]], Any] | None = None
+                 ) -> tuple[nn.Module, list[dict]]:
     """Build (or warm-start) a detector and train it on a run's labeled images.
 
     One function for both executors: Ray Train's workers call it with their
@@ -371,6 +374,11 @@ def fit_detector(spec: dict, *, rank: int = 0, device: Any = "cpu",
             in the annotations' columns: its images are trained on too)}.
         rank: worker rank (seeds differ per rank).
         device: where to train.
+        resume: a training interrupted after some epochs, {"model": state_dict, "optimizer":
+            state_dict, "epoch": the next epoch, "history": the records so far} (Ray Train's
+            restart after a lost worker): training goes on from there.
+        on_epoch: called after every epoch with (its record, the model, the optimizer, the
+            history so far), e.g. to checkpoint.
 
     Returns:
         (the trained model, the per-epoch history).
@@ -408,14 +416,29 @@ def fit_detector(spec: dict, *, rank: int = 0, device: Any = "cpu",
             tcfg = dataclasses.replace(tcfg, epochs=tcfg.warm_epochs or tcfg.epochs, lr=tcfg.warm_lr or tcfg.lr)
     else:
         model = build_detector(dcfg, int(spec["num_classes"]), load_pretrained=True)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
     model.train()
     if prepare_model is not None:
         model = prepare_model(model)
+    opt = make_optimizer(model, tcfg)
+    start, done = 0, []
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        start, done = int(resume["epoch"]), list(resume.get("history", []))
+        log(f"resuming at epoch {start + 1}/{tcfg.epochs} from a checkpoint")
+    history = list(done)
+    hook = None
+    if on_epoch is not None:
+        def hook(rec):
+            history.append(rec)
+            on_epoch(rec, model, opt, history)
     with warnings.catch_warnings():
         if rank != 0:  # one warning per training, not one per Ray Train worker
             warnings.simplefilter("ignore", WarmupWarning)
-        history = train_epochs(model, loader, tcfg, device, progress=progress, log=log,
-                               desc=spec.get("desc", "train"))
+        ran = train_epochs(model, loader, tcfg, device, progress=progress, log=log, desc=spec.get("desc", "train"),
+                           start_epoch=start, optimizer=opt, on_epoch=hook)
+    history = done + ran
     if ds.failed:
         if len(ds.failed) == len(ds):
             uri, why = next(iter(ds.failed.values()))
