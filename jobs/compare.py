@@ -24,8 +24,30 @@ _SHARED_ROOT = ("run.yaml", "manifest.parquet", "annotations.parquet", "categori
 _SHARED_CYCLE0 = ("model.pt", "eval.json", "train.json", "timings.json")
 
 
+def _rewind_ledger(path: Path) -> None:
+    """The ledger as cycle 0 left it: images labeled later (ledger cycle > 0, the answers to
+    cycle 0's selection and after) go back to the pool. A loop that has run on (a resumed
+    benchmark whose first run of a group finished first) must not hand its later labels to
+    the loops that share its cycle 0."""
+    import numpy as np
+    import pyarrow as pa
+
+    from poolscout.engine.core import io
+
+    led = io.read_table(path)
+    later = np.asarray(pa.compute.and_(pa.compute.equal(led["state"], "labeled"),
+                                       pa.compute.greater(led["cycle"], 0)).to_numpy(zero_copy_only=False), bool)
+    if not later.any():
+        return
+    cols = led.to_pydict()
+    for i in np.flatnonzero(later):
+        cols["state"][i], cols["cycle"][i], cols["selected_by"][i] = "pool", -1, ""
+    io.write_table(pa.table(cols, schema=led.schema), path, led.schema)
+
+
 def share_cycle0(src: RunDir, dst: RunDir) -> bool:
-    """Copy src's pool tables, seed set and cycle-0 model + evaluation into a fresh dst.
+    """Copy src's pool tables, seed set and cycle-0 model + evaluation into a fresh dst
+    (its ledger rewound to cycle 0's, should src have run on).
 
     Returns False (and copies nothing) when dst already exists or src has no evaluated
     cycle 0. loop.json is not copied: dst's loop pins its own strategy.
@@ -38,6 +60,7 @@ def share_cycle0(src: RunDir, dst: RunDir) -> bool:
     for name in _SHARED_ROOT:
         if (src.root / name).is_file():
             shutil.copy2(src.root / name, tmp / name)
+    _rewind_ledger(tmp / "ledger.parquet")
     for name in _SHARED_CYCLE0:
         if (src.cycle_dir(0) / name).is_file():
             shutil.copy2(src.cycle_dir(0) / name, tmp / "cycles" / "0" / name)

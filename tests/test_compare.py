@@ -31,11 +31,23 @@ def test_longest_first_fills_free_slots_in_rank_order():
     assert unlimited.take(running=3) == [0, 1, 2, 3, 4]
 
 
-def _fake_run(root, with_eval=True) -> RunDir:
+def _fake_run(root, with_eval=True, later_labels: bool = False) -> RunDir:
+    import pyarrow as pa
+
+    from poolscout.engine.core import io
+
     run = RunDir(root)
     (run.root / "cycles" / "0").mkdir(parents=True)
-    for name in ("run.yaml", "manifest.parquet", "ledger.parquet", "seed.json", "loop.json"):
+    for name in ("run.yaml", "manifest.parquet", "seed.json", "loop.json"):
         (run.root / name).write_text(name)
+    # a seed set of 2 (cycle 0), a test image, the pool; with later_labels the loop ran on:
+    # cycle 0's selection labeled as cycle 1, and cycle 1's as cycle 2
+    rows = [(1, "labeled", 0, "seed:random"), (2, "labeled", 0, "seed:random"), (3, "test", -1, ""),
+            (4, "pool", -1, ""), (5, "pool", -1, ""), (6, "pool", -1, "")]
+    if later_labels:
+        rows[3], rows[4] = (4, "labeled", 1, "random"), (5, "labeled", 2, "random")
+    io.write_table(pa.table({k: [r[i] for r in rows] for i, k in enumerate(io.LEDGER_SCHEMA.names)},
+                            schema=io.LEDGER_SCHEMA), run.ledger, io.LEDGER_SCHEMA)
     for name in ("model.pt", "train.json") + (("eval.json",) if with_eval else ()):
         (run.cycle_dir(0) / name).write_text(name)
     (run.cycle_dir(0) / "scores.parquet").write_text("x")  # strategy-specific: not shared
@@ -60,3 +72,20 @@ def test_share_cycle0_waits_for_an_evaluated_cycle0(tmp_path):
     dst = RunDir(tmp_path / "entropy-s0")
     assert not share_cycle0(src, dst)
     assert not dst.root.exists()
+
+
+def test_share_cycle0_from_a_loop_that_ran_on_hands_over_cycle0s_ledger(tmp_path):
+    """The first run of a group may have finished its whole loop (a benchmark resumed after
+    its random loops ran alone): the copy must not inherit that loop's later labels."""
+    from poolscout.engine.core import io
+
+    src = _fake_run(tmp_path / "random-s0", later_labels=True)
+    dst = RunDir(tmp_path / "entropy-s0")
+    assert share_cycle0(src, dst)
+    led = io.read_table(dst.ledger).to_pydict()
+    by_id = {i: (s, c, b) for i, s, c, b in zip(led["image_id"], led["state"], led["cycle"], led["selected_by"])}
+    assert by_id[1] == by_id[2] == ("labeled", 0, "seed:random")  # the seed set stays
+    assert by_id[4] == by_id[5] == ("pool", -1, "")  # the later labels go back to the pool
+    assert by_id[3] == ("test", -1, "")
+    # the source is untouched
+    assert io.read_table(src.ledger).to_pydict()["state"][3] == "labeled"
