@@ -85,8 +85,9 @@ PRESETS = {
     # epochs, the first 8. Two loops run at once, one thread each.
     "cpu-small": {
         "configs": ["cpu-small.yaml"],
+        # (loop.stop_set=0: the stopping signal's extra inference measures nothing here)
         "overrides": ["train.epochs=8", "train.warm_epochs=5", "train.torch_threads=1", "score.torch_threads=1",
-                      "score.views=[orig]", "score.batch_size=8", "loop.eval_batch_size=8"],
+                      "score.views=[orig]", "score.batch_size=8", "loop.eval_batch_size=8", "loop.stop_set=0"],
         "seed_size": 100, "budget": 50, "cycles": 4, "cpus_per_run": 1, "gpus_per_run": 0,
         "strategies": ["random", "entropy", "coreset"], "seeds": [0, 1],
     },
