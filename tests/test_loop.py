@@ -183,8 +183,10 @@ def test_evaluation_honours_its_thread_setting(tmp_path, tiny_pool, monkeypatch)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        evaluate(run, run.config(overrides=["loop.eval_threads=1"]), 0, progress=False)
-        evaluate(run, run.config(overrides=["loop.eval_threads=0", "score.torch_threads=1"]), 0, progress=False)
+        # (no stop set: the stub model cannot predict)
+        evaluate(run, run.config(overrides=["loop.eval_threads=1", "loop.stop_set=0"]), 0, progress=False)
+        evaluate(run, run.config(overrides=["loop.eval_threads=0", "score.torch_threads=1", "loop.stop_set=0"]), 0,
+                 progress=False)
         assert seen == [1, 1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
