@@ -674,6 +674,39 @@ def refine_cmd(run_dir, init, init_masks, mode, anchors, relabel, patch, per_ima
     serve(session, port=port, token=token)
 
 
+@cli.command("tune")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--strategy", required=True, help="Strategy name (configs/strategies) or YAML path.")
+@click.option("--space", default=None, help="Search space: a YAML path or a name in configs/tune "
+                                            "(default: the strategy's name).")
+@click.option("--trials", type=int, default=8, show_default=True)
+@click.option("--cycles", type=int, default=3, show_default=True, help="Simulated rounds per trial.")
+@click.option("--budget", type=int, default=None, help="Images per round (default: 15% of a split's pool).")
+@click.option("--seed-size", type=int, default=None, help="Seed set (default: 15% of a split's pool).")
+@click.option("--grace", type=int, default=1, show_default=True, help="Rounds before ASHA may stop a trial.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Splits, seed sets and the search.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: RUN/tune/<strategy>.")
+@common
+def tune_cmd(run_dir, strategy, space, trials, cycles, budget, seed_size, grace, seed, out, configs, overrides,
+             address, quiet):
+    """Tune a strategy's weights with Ray Tune by simulated loops on the run's labeled images.
+
+    \b
+    The labeled images are split in halves A and B. Trials (ASHA-stopped) search the space on
+    A, each a simulated loop scored by the AULC of mAP50; the best becomes a strategy file
+    (RUN/tune/<strategy>/best_<strategy>.yaml), and the defaults and the best are run on B,
+    which the search never saw.
+    """
+    from poolscout.jobs.tune import tune
+
+    run, cfg = _load(run_dir, configs, overrides)
+    _ray(cfg, address, quiet, run)
+    doc = tune(run, cfg, strategy=strategy, space=space or strategy, trials=trials, cycles=cycles, budget=budget,
+               seed_size=seed_size, grace=grace, seed=seed, out=out, config_files=list(configs),
+               extra_overrides=list(overrides), progress=not quiet, log=lambda m: click.echo(m, err=True))
+    _print({k: doc[k] for k in ("strategy", "best_params", "aulc", "verdict", "best_strategy_file", "seconds")})
+
+
 @cli.command("strategies")
 @_guard
 def strategies_cmd():

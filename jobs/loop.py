@@ -358,7 +358,7 @@ def run_loop(run: RunDir, cfg: Config, *, progress: bool = True, log: Callable[[
                 elif stage == "score":
                     res = score(run, cfg, cycle=k, progress=progress)
                 elif stage == "select":
-                    res = select(run, cfg, strategy=strat.name, cycle=k)
+                    res = select(run, cfg, strategy=cfg.select.strategy, cycle=k)  # a name or a YAML path
                 else:
                     res = label(run, cfg, k)
             except LabelsPending as e:
