@@ -29,6 +29,7 @@ parameters and curve, where ASHA stopped it; the best; defaults and best on both
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -335,14 +336,18 @@ def tune(run: RunDir, cfg: Config, *, strategy: str, space: str | Path | dict, t
                            threads=threads),
         {"cpu": threads})
     scheduler = ASHAScheduler(time_attr="cycle", max_t=cycles, grace_period=grace, reduction_factor=2)
+    bar = _Progress(trials, cycles, log, progress)
     tuner = rt.Tuner(
         trainable, param_space=_tune_space(sp),
         tune_config=rt.TuneConfig(metric="aulc", mode="max", num_samples=trials, scheduler=scheduler,
                                   search_alg=BasicVariantGenerator(random_state=seed),
                                   max_concurrent_trials=slots),
         run_config=rt.RunConfig(storage_path=str(root / "ray_tune"), name="search", verbose=0,
-                                callbacks=[_Progress(trials, cycles, log, progress)]))
-    grid = tuner.fit()
+                                callbacks=[bar]))
+    # Ray Tune prints its own tables and hints on stdout: they go to tune/<strategy>/tune-console.log
+    with open(root / "tune-console.log", "a", encoding="utf-8") as tlog, contextlib.redirect_stdout(tlog):
+        grid = tuner.fit()
+    bar.bar.close()
 
     rows = []
     for res in grid:
