@@ -14,18 +14,24 @@ compares them there.
 Space file (`configs/tune/<strategy>.yaml` or any path)::
 
     strategy: huale                 # optional: the strategy this space belongs to
-    params:                         # <path in the strategy>: {<distribution>: args}
+    params:                         # <path>: {<distribution>: args}
       stages.1.weights.0: {uniform: [0.0, 2.0]}
       stages.0.keep: {choice: [2, 3, 4]}
-      random_share: {uniform: [0.0, 0.3]}
+      select.mix_random: {uniform: [0.0, 0.3]}
+      select.quota: {choice: [none, uniform]}
 
-Paths: `random_share`, `stages.<i>.<parameter>` and `stages.<i>.<parameter>.<j>` (an element
-of a list parameter). Distributions: uniform [lo, hi], loguniform [lo, hi], randint [lo, hi)
-and choice [values]. Every trial's strategy is validated like a strategy file.
+Paths `stages.<i>.<parameter>` and `stages.<i>.<parameter>.<j>` (an element of a list
+parameter) set the strategy's stages; any other path is a setting (`--set` key), e.g. the
+stage options every strategy has: `select.mix_random` (a random share of each batch) and
+`select.quota` (class-aware budget targets). Distributions: uniform [lo, hi], loguniform
+[lo, hi], randint [lo, hi) and choice [values]. Every trial's strategy and settings are
+validated like a strategy file and `--set` values.
 
 Outputs in `RUN/tune/<strategy>/` (or --out): `tune.json` (the search: every trial's
 parameters and curve, where ASHA stopped it; the best; defaults and best on both splits),
-`best_<strategy>.yaml` (run it with `--strategy PATH`), the split runs and Ray Tune's folder.
+`best_<strategy>.yaml` (the strategy with the best stage parameters: `--strategy PATH`) and
+`best_<strategy>.settings.yaml` (the best settings: `--config PATH`), the split runs and Ray
+Tune's folder.
 """
 from __future__ import annotations
 
@@ -95,11 +101,8 @@ def load_space(path: str | Path) -> dict:
 def _walk(data: dict, path: str, *, create: bool):
     """(container, key) of a dotted path in a strategy mapping."""
     parts = path.split(".")
-    if parts == ["random_share"]:
-        return data, "random_share"
     if len(parts) not in (3, 4) or parts[0] != "stages" or not parts[1].isdigit():
-        raise ConfigError(f"tune: parameter path {path!r}: expected random_share, stages.<i>.<param> "
-                          "or stages.<i>.<param>.<j>")
+        raise ConfigError(f"tune: parameter path {path!r}: expected stages.<i>.<param> or stages.<i>.<param>.<j>")
     stages = data.get("stages") or []
     i = int(parts[1])
     if i >= len(stages):
@@ -119,12 +122,20 @@ def _walk(data: dict, path: str, *, create: bool):
     return lst, j
 
 
+def is_setting(path: str) -> bool:
+    """Whether a space path is a setting (a `--set` key) rather than a strategy stage parameter."""
+    return not path.startswith("stages.")
+
+
 def apply_params(strategy_data: dict, params: dict[str, Any]) -> dict:
-    """A copy of a strategy mapping with the parameters set (validated as a strategy)."""
+    """A copy of a strategy mapping with the stage parameters set (validated as a strategy);
+    settings (`is_setting`) are left to `setting_overrides`."""
     from poolscout.engine.acquisition.strategies import parse_strategy
 
     out = copy.deepcopy(strategy_data)
     for path, value in params.items():
+        if is_setting(path):
+            continue
         holder, key = _walk(out, path, create=True)
         if isinstance(value, np.generic):
             value = value.item()
@@ -133,14 +144,44 @@ def apply_params(strategy_data: dict, params: dict[str, Any]) -> dict:
     return out
 
 
-def default_params(strategy_data: dict, space: dict) -> dict:
-    """The strategy's own values at the space's paths (None where it relies on the selector's default)."""
+def setting_overrides(params: dict[str, Any]) -> list[str]:
+    """`key=value` overrides of the settings among the parameters."""
+    out = []
+    for path, value in params.items():
+        if is_setting(path):
+            value = value.item() if isinstance(value, np.generic) else value
+            out.append(f"{path}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return out
+
+
+def check_space(cfg: Config, strategy_data: dict, space: dict) -> None:
+    """Refuse a space whose paths or values cannot work, before any trial runs: every stage
+    path must resolve in the strategy, and every setting must take the space's values (its
+    choices, or the bounds of a range) as a `--set` would (ConfigError naming the key)."""
+    from poolscout.engine.core.config import build_config
+
+    for path, (dist, args) in space["params"].items():
+        values = args if dist == "choice" else [args[0], args[1] - 1 if dist == "randint" else args[1]]
+        for v in values:
+            if is_setting(path):
+                build_config([], setting_overrides({path: v}), base=cfg)
+            else:
+                apply_params(strategy_data, {path: v})
+
+
+def default_params(strategy_data: dict, space: dict, cfg: Config | None = None) -> dict:
+    """The current values at the space's paths: the strategy's (None where it relies on the
+    selector's default) and, for settings, `cfg`'s."""
     out = {}
     for path in space["params"]:
+        if is_setting(path):
+            v: Any = cfg
+            for part in path.split("."):
+                v = getattr(v, part, None) if v is not None else None
+            out[path] = v
+            continue
         holder, key = _walk(strategy_data, path, create=False)
         out[path] = holder.get(key) if isinstance(holder, dict) else holder[key]
-    if out.get("random_share") is None and "random_share" in out:
-        out["random_share"] = 0.0
     return out
 
 
@@ -228,7 +269,7 @@ def _trial(config: dict, *, base: str, root: str, strategy_data: dict, files: li
     run = RunDir(Path(root) / f"trial_{trial_id}")
     share_cycle0(RunDir(Path(base)), run)
     strat = _write_strategy(run.root / "strategy.yaml", apply_params(strategy_data, config))
-    ov = [*overrides, f"select.strategy={strat}"]
+    ov = [*overrides, *setting_overrides(config), f"select.strategy={strat}"]
     for k in range(1, cycles + 1):
         loop_task(str(run.root), files, ov, k, threads=threads)
         c = read_curve(run)
@@ -293,7 +334,8 @@ def tune(run: RunDir, cfg: Config, *, strategy: str, space: str | Path | dict, t
                           f"{base_strategy.name!r}")
     strategy_data = yaml.safe_load(Path(base_strategy.path).read_text())
     strategy_data.setdefault("name", base_strategy.name)
-    defaults = default_params(strategy_data, sp)
+    check_space(cfg, strategy_data, sp)
+    defaults = default_params(strategy_data, sp, cfg)
     root = Path(out) if out is not None else run.root / "tune" / base_strategy.name
     root = root.expanduser().resolve()
     done = root / "tune.json"
@@ -368,14 +410,27 @@ def tune(run: RunDir, cfg: Config, *, strategy: str, space: str | Path | dict, t
                                 f"cycles of {budget}; AULC {best['aulc']:.3f} on the tuning split). "
                                 + str(strategy_data.get("description", "")))[:2000]
     best_file = _write_strategy(root / f"best_{base_strategy.name}.yaml", best_data)
+    best_settings = setting_overrides(best["params"])
+    settings_file = root / f"best_{base_strategy.name}.settings.yaml"
+    nested: dict = {}
+    for path, value in best["params"].items():
+        if is_setting(path):
+            *head, last = path.split(".")
+            d = nested
+            for part in head:
+                d = d.setdefault(part, {})
+            d[last] = value
+    io.atomic_write_text(settings_file, yaml.safe_dump(nested, sort_keys=False) if nested else "{}\n")
 
     # the check: defaults on A (the search's reference) and B, the best on B (never tuned on)
-    checks = {("defaults", "a"): default_file, ("defaults", "b"): default_file, ("best", "b"): best_file}
+    checks = {("defaults", "a"): (default_file, []), ("defaults", "b"): (default_file, []),
+              ("best", "b"): (best_file, best_settings)}
     refs = {}
-    for (who, split), f in checks.items():
+    for (who, split), (f, extra) in checks.items():
         r = RunDir(root / f"split_{split}" / who)
         share_cycle0(bases[split], r)
-        refs[(who, split)] = task.remote(str(r.root), files, [*overrides, f"select.strategy={f}"], cycles, threads)
+        refs[(who, split)] = task.remote(str(r.root), files, [*overrides, *extra, f"select.strategy={f}"], cycles,
+                                         threads)
     ray.get(list(refs.values()))
     curves = {f"{who}_{split}": read_curve(RunDir(root / f"split_{split}" / who)) for who, split in checks}
     delta_b = curves["best_b"]["aulc"] - curves["defaults_b"]["aulc"]
@@ -386,6 +441,8 @@ def tune(run: RunDir, cfg: Config, *, strategy: str, space: str | Path | dict, t
         "strategy": base_strategy.name, "space": {k: {d: a} for k, (d, a) in sp["params"].items()},
         "space_file": sp.get("path"), "defaults": _plain(defaults), "best_params": best["params"],
         "best_trial": best["trial"], "best_strategy_file": str(best_file),
+        "best_settings_file": str(settings_file), "best_settings": best_settings,
+        "use": f"--strategy {best_file}" + (f" --config {settings_file}" if best_settings else ""),
         "aulc": {"best_a": best["aulc"], "defaults_a": curves["defaults_a"]["aulc"],
                  "best_b": curves["best_b"]["aulc"], "defaults_b": curves["defaults_b"]["aulc"]},
         "curves": {"best_a": best["curve"], **curves},
@@ -399,7 +456,7 @@ def tune(run: RunDir, cfg: Config, *, strategy: str, space: str | Path | dict, t
         "seconds": round(time.time() - t0, 1),
     }
     io.atomic_write_json(done, doc)
-    log(f"[tune] {verdict}; best strategy file {best_file} ({doc['seconds']:.0f} s)")
+    log(f"[tune] {verdict}; run the best with {doc['use']} ({doc['seconds']:.0f} s)")
     return doc
 
 
@@ -407,4 +464,5 @@ def _plain(d: dict) -> dict:
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in (d or {}).items()}
 
 
-__all__ = ["apply_params", "default_params", "load_space", "make_split_run", "read_curve", "split_labeled", "tune"]
+__all__ = ["apply_params", "check_space", "default_params", "is_setting", "load_space", "make_split_run",
+           "read_curve", "setting_overrides", "split_labeled", "tune"]

@@ -9,8 +9,6 @@ File format (configs/strategies/<name>.yaml)::
         by: entropy:max              # every other key is a keyword parameter of it
         keep: 10
       - selector: coreset
-    random_share: 0.2                # optional, in [0, 1): that share of the budget is drawn
-                                     # uniformly from what the stages left (exploration)
 
 Every stage but the last narrows the candidate set: its picked ids become the rows of the
 next stage's table (all columns kept). The last stage picks `budget` images and must be a
@@ -44,7 +42,7 @@ from poolscout.engine.acquisition import signals as S
 from poolscout.engine.core.config import ConfigError, configs_dir
 from poolscout.engine.acquisition.selectors import SELECTORS, SelectContext, Selection
 
-_TOP_KEYS = ("name", "description", "stages", "random_share")
+_TOP_KEYS = ("name", "description", "stages")
 _RESERVED = ("table", "budget", "ctx")
 
 
@@ -93,7 +91,6 @@ class Strategy:
     stages: tuple[Stage, ...]
     path: str | None = None
     needs: Needs = field(default_factory=Needs)
-    random_share: float = 0.0
 
 
 def _needs(stages: tuple[Stage, ...]) -> Needs:
@@ -191,10 +188,7 @@ def parse_strategy(data: Any, source: str, default_name: str = "") -> Strategy:
         if i == len(raw) - 1 and not SELECTORS.entry(sel).meta.get("final", True):
             raise ConfigError(f"{where}.selector: {sel!r} narrows the candidates and cannot be the last stage")
         stages.append(Stage(sel, params))
-    share = data.get("random_share", 0.0)
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= float(share) < 1.0:
-        raise ConfigError(f"{source}: random_share must be a number in [0, 1), got {share!r}")
-    return Strategy(name, desc, tuple(stages), None, _needs(tuple(stages)), float(share))
+    return Strategy(name, desc, tuple(stages), None, _needs(tuple(stages)))
 
 
 def _strategies_dir() -> Path:
@@ -285,9 +279,6 @@ def select(strategy: Strategy, table: dict[str, np.ndarray], budget: int, *, ctx
     if int(budget) != budget or budget <= 0:
         raise ValueError(f"budget must be a positive integer, got {budget!r}")
     budget = int(budget)
-    n_random = int(round(strategy.random_share * budget)) if strategy.random_share > 0 else 0
-    if n_random:
-        return _with_random_share(strategy, table, budget, n_random, ctx=ctx)
     ids = np.asarray(table["image_id"], dtype=np.int64)
     n = len(ids)
     for k, v in table.items():
@@ -341,28 +332,6 @@ def select(strategy: Strategy, table: dict[str, np.ndarray], budget: int, *, ctx
             m["warning"] = warning
         merged.append(m)
     return Selection(np.asarray(final.image_id, dtype=np.int64), np.asarray(final.score, dtype=np.float64), merged)
-
-
-def _with_random_share(strategy: Strategy, table: dict[str, np.ndarray], budget: int, n_random: int, *,
-                       ctx: SelectContext) -> Selection:
-    """`random_share`: the stages pick budget - n_random images, then n_random more are drawn
-    uniformly (ctx.rng) from the candidates they left; those picks score NaN with rationale
-    {"random_share": {"share", "rank"}}."""
-    main = budget - n_random
-    ids = np.asarray(table["image_id"], dtype=np.int64)
-    inner = dataclasses.replace(strategy, random_share=0.0)
-    if main > 0:
-        sel = select(inner, table, main, ctx=ctx)
-        picked, scores, rats = np.asarray(sel.image_id, np.int64), list(np.asarray(sel.score, np.float64)), \
-            list(sel.rationale)
-    else:
-        picked, scores, rats = np.zeros(0, np.int64), [], []
-    rest = np.setdiff1d(ids, picked)
-    extra = ctx.rng.choice(rest, size=min(n_random, len(rest)), replace=False) if len(rest) else rest
-    for r in range(len(extra)):
-        scores.append(float("nan"))
-        rats.append({"random_share": {"share": strategy.random_share, "rank": r + 1}})
-    return Selection(np.concatenate([picked, np.asarray(extra, np.int64)]), np.asarray(scores, np.float64), rats)
 
 
 __all__ = ["Needs", "Stage", "Strategy", "load_strategy", "list_strategies", "parse_strategy", "required_signals",
