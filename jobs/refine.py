@@ -53,6 +53,30 @@ class RefineError(ValueError):
         self.status = int(status)
 
 
+def _boxes_by_image(run: RunDir, image_ids: np.ndarray | None = None) -> dict[int, np.ndarray]:
+    """The run's annotated boxes (x1, y1, x2, y2) grouped by image id, optionally only those images'."""
+    ann = io.read_table(run.annotations, columns=["image_id", "x1", "y1", "x2", "y2"])
+    if image_ids is not None:
+        ann = ann.filter(pc.is_in(ann["image_id"], pa.array(np.asarray(image_ids, np.int64))))
+    iid = ann["image_id"].to_numpy()
+    xyxy = np.stack([ann[c].to_numpy().astype(np.float64) for c in ("x1", "y1", "x2", "y2")], 1) \
+        if ann.num_rows else np.zeros((0, 4))
+    order = np.argsort(iid, kind="stable")
+    iid, xyxy = iid[order], xyxy[order]
+    starts = np.flatnonzero(np.r_[True, iid[1:] != iid[:-1]]) if len(iid) else np.zeros(0, np.int64)
+    return {int(iid[a]): xyxy[a:b] for a, b in zip(starts, np.r_[starts[1:], len(iid)].astype(np.int64))}
+
+
+def _values_at_centres(masks: dict[int, np.ndarray], owner: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Each patch's mask value at its centre (one gather per image)."""
+    out = np.zeros(len(owner), np.int64)
+    for i in np.unique(owner):
+        rows = np.flatnonzero(owner == i)
+        c = centres[rows]
+        out[rows] = masks[int(i)][c[:, 1], c[:, 0]]
+    return out
+
+
 def _load_truth(run: RunDir, image_ids: np.ndarray, sizes: dict) -> dict[int, np.ndarray] | None:
     """0/1 truth masks by image id, or None when the run has neither masks nor boxes."""
     masks = run.root / "masks.parquet"
@@ -72,11 +96,8 @@ def _load_truth(run: RunDir, image_ids: np.ndarray, sizes: dict) -> dict[int, np
         ann = io.read_table(run.annotations)
         if ann.num_rows == 0:
             return None
-        ann = ann.filter(pc.is_in(ann["image_id"], pa.array(np.asarray(image_ids, np.int64))))
-        by: dict[int, list] = {}
-        for iid, x1, y1, x2, y2 in zip(*(ann[c].to_numpy() for c in ("image_id", "x1", "y1", "x2", "y2"))):
-            by.setdefault(int(iid), []).append((x1, y1, x2, y2))
-        return {int(i): R.roi_mask((sizes[int(i)][1], sizes[int(i)][0]), np.array(by.get(int(i), []), np.float64))
+        by = _boxes_by_image(run, image_ids)
+        return {int(i): R.roi_mask((sizes[int(i)][1], sizes[int(i)][0]), by.get(int(i), np.zeros((0, 4))))
                 for i in image_ids}
     return None
 
@@ -201,11 +222,7 @@ class RefineSession:
         self.truth = _load_truth(self.run, ids, sizes)
         self._boxes = None
         if not (self.run.root / "masks.parquet").is_file() and self.run.annotations.is_file():
-            ann = io.read_table(self.run.annotations)
-            self._boxes = {}
-            for iid, x1, y1, x2, y2 in zip(*(ann[c].to_numpy() for c in ("image_id", "x1", "y1", "x2", "y2"))):
-                self._boxes.setdefault(int(iid), []).append((x1, y1, x2, y2))
-            self._boxes = {k: np.array(v, np.float64) for k, v in self._boxes.items()}
+            self._boxes = _boxes_by_image(self.run)
         man = io.read_table(self.run.manifest, columns=["image_id", "source_key"])
         keys = dict(zip(man["image_id"].to_pylist(), man["source_key"].to_pylist()))
         self.image_ids = [i for i, *_ in pool]
@@ -292,7 +309,7 @@ class RefineSession:
     def labels(self) -> np.ndarray:
         """The current label of every pool patch: the answer given for it, else its mask's
         value at its centre."""
-        lab = np.array([self.masks[int(i)][y, x] for i, (x, y) in zip(self.owner, self.centres)], np.int64)
+        lab = _values_at_centres(self.masks, self.owner, self.centres)
         for p, v in self.answered.items():
             lab[p] = v
         return lab
@@ -322,8 +339,7 @@ class RefineSession:
             refined = (np.concatenate(xs), np.concatenate(ys).astype(np.int64))
         if not initial and mode == "b" and refined is not None:
             return self.patches[:0], np.zeros(0, np.int64), refined  # observed patches only
-        labels = np.array([self.masks[int(i)][y, x] for i, (x, y) in zip(self.owner, self.centres)], np.int64)
-        return self.patches, labels, refined
+        return self.patches, _values_at_centres(self.masks, self.owner, self.centres), refined
 
     def _fit(self, initial: bool = False) -> dict:
         s = self.settings

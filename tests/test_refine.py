@@ -367,3 +367,37 @@ def test_cli_refine_simulate_and_errors(session_dir, tmp_path, one_thread):
     assert out.exit_code == 2 and "mode: 'c' -> 'a'" in out.output and "--restart" in out.output
     out = CliRunner().invoke(cli, [*args, "--init", "segmentation", "--simulate", "1"])
     assert out.exit_code == 2 and "init_masks" in out.output
+
+
+def test_boxes_by_image_and_centre_values_match_a_plain_loop(tmp_path, tiny_pool):
+    """A detection run: boxes grouped per image (one pass over the table) equal a row-by-row
+    grouping, and the truth masks are those boxes filled; mask values at patch centres
+    (one gather per image) equal a per-patch lookup."""
+    from poolscout.engine.core import io
+    from poolscout.engine.core.config import load_config
+    from poolscout.engine.core.run import RunDir
+    from poolscout.engine.data.pool import init_run
+    from poolscout.engine.methods import refine as R
+    from poolscout.jobs.refine import _boxes_by_image, _load_truth, _values_at_centres
+
+    run = RunDir(tmp_path / "run")
+    init_run(run, images=tiny_pool["images"], annotations=tiny_pool["annotations"], cfg=load_config(), progress=False)
+    ann = io.read_table(run.annotations).to_pydict()
+    plain: dict = {}
+    for i, *box in zip(ann["image_id"], ann["x1"], ann["y1"], ann["x2"], ann["y2"]):
+        plain.setdefault(int(i), []).append(box)
+    got = _boxes_by_image(run)
+    assert set(got) == set(plain) and len(plain) >= 10
+    for i, boxes in plain.items():
+        assert sorted(map(tuple, got[i].tolist())) == sorted(map(tuple, np.asarray(boxes, np.float64).tolist()))
+    some = np.array(sorted(plain)[:5], np.int64)
+    assert set(_boxes_by_image(run, some)) == set(some.tolist())
+    sizes = {int(i): (64, 64) for i in some}
+    truth = _load_truth(run, some, sizes)
+    for i in some:
+        assert np.array_equal(truth[int(i)], R.roi_mask((64, 64), np.asarray(plain[int(i)], np.float64)))
+    rng = np.random.default_rng(0)
+    owner = rng.choice(some, 200)
+    centres = rng.integers(0, 64, (200, 2)).astype(np.int32)
+    want = np.array([truth[int(i)][y, x] for i, (x, y) in zip(owner, centres)], np.int64)
+    assert np.array_equal(_values_at_centres(truth, owner, centres), want) and 0 < want.sum() < len(want)
