@@ -137,6 +137,14 @@ def token_cluster(tmp_path_factory):
             return r.returncode == 0 and "worker_node" in r.stdout and r.stdout.count(" node_") >= 2
 
         _wait(two_nodes, 120, "the worker raylet to join", logs)
+
+        # the job server answers before the head's agent has registered ("No available agent
+        # to submit job", HTTP 500): a first job, retried until accepted, waits for it
+        def accepts_jobs():
+            code, body = _http(f"{url}/api/jobs/", token, data=json.dumps({"entrypoint": "echo ready"}).encode())
+            return code == 200
+
+        _wait(accepts_jobs, 180, "the job server to accept a job", logs)
         yield SimpleNamespace(url=url, gcs=f"127.0.0.1:{gcs}", token=token, env=env, home=home, base=base,
                               logs=logs)
     finally:
