@@ -430,11 +430,14 @@ def reusable_loops(doc: dict | None, settings: dict, strategies: list[str], seed
 
 
 def check_reproduced(reused: dict, fresh: dict) -> None:
-    """Mark each reused loop with whether this run's cycle 0 of the same seed reproduced
-    its cycle-0 mAP50 exactly (same code and machine behaviour); None when no loop of that
-    seed ran here."""
+    """Mark each reused loop with whether this run's cycle 0 of the same seed and the same
+    cycle-0 group (the variant's extra settings: a cold-start variant picks another seed set)
+    reproduced its cycle-0 mAP50 exactly (same code and machine behaviour); None when no such
+    loop ran here."""
     for (strat, seed), r in reused.items():
-        new = [v["map50"][0] for (s2, sd2), v in fresh.items() if sd2 == seed and v.get("map50")]
+        group = variant(strat)[1]
+        new = [v["map50"][0] for (s2, sd2), v in fresh.items()
+               if sd2 == seed and variant(s2)[1] == group and v.get("map50")]
         r["provenance"]["cycle0_reproduced"] = (None if not new else
                                                 bool(all(abs(m - r["map50"][0]) < 1e-9 for m in new)))
 

@@ -155,6 +155,12 @@ def test_check_reproduced_compares_cycle0_of_the_same_seed(bench):
     fresh[("badge", 1)] = _loop(0.26)
     bench.check_reproduced(reused, fresh)
     assert reused[("entropy", 1)]["provenance"]["cycle0_reproduced"] is False
+    # a cold-start variant's cycle 0 (another seed set) is compared only with its own group
+    cold = {("maxherding_cold", 0): _loop(0.3)}
+    bench.check_reproduced(cold, fresh)
+    assert cold[("maxherding_cold", 0)]["provenance"]["cycle0_reproduced"] is None
+    bench.check_reproduced(cold, {**fresh, ("coreset_cold", 0): _loop(0.3)})
+    assert cold[("maxherding_cold", 0)]["provenance"]["cycle0_reproduced"] is True
 
 
 def test_git_commit_names_this_checkout(bench):

@@ -116,11 +116,19 @@ def token_cluster(tmp_path_factory):
     procs: list[subprocess.Popen] = []
     logs = [base / "head.log", base / "worker.log"]
     common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+
+    def own_ports() -> list[str]:
+        # every raylet's agents on free ports: the defaults (dashboard agent 52365, ...) are
+        # taken by the test session's own Ray, and a head whose agent cannot bind never
+        # accepts a job ("No available agent to submit job")
+        return [arg for opt in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                "--runtime-env-agent-port", "--metrics-export-port")
+                for arg in (opt, str(_free_port()))]
     try:
         procs.append(subprocess.Popen(
             [RAY, "start", "--head", "--port", str(gcs), "--include-dashboard", "true",
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-             "--ray-client-server-port", str(_free_port()), "--temp-dir", str(temp_dirs[0]), *common],
+             "--ray-client-server-port", str(_free_port()), "--temp-dir", str(temp_dirs[0]), *own_ports(), *common],
             env=env, stdout=logs[0].open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=base))
         url = f"http://127.0.0.1:{dash}"
         _wait(lambda: _http(f"{url}/api/version", token)[0] == 200 if procs[0].poll() is None else True,
@@ -128,7 +136,7 @@ def token_cluster(tmp_path_factory):
         assert procs[0].poll() is None, logs[0].read_text()[-3000:]
         procs.append(subprocess.Popen(
             [RAY, "start", "--address", f"127.0.0.1:{gcs}", "--resources", json.dumps({"worker_node": 1}),
-             "--temp-dir", str(temp_dirs[1]), *common],
+             "--temp-dir", str(temp_dirs[1]), *own_ports(), *common],
             env=env, stdout=logs[1].open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=base))
 
         def two_nodes():
@@ -139,7 +147,7 @@ def token_cluster(tmp_path_factory):
         _wait(two_nodes, 120, "the worker raylet to join", logs)
 
         # the job server answers before the head's agent has registered ("No available agent
-        # to submit job", HTTP 500): a first job, retried until accepted, waits for it
+        # to submit job", HTTP 500 for a while): a first job, retried until accepted, waits for it
         def accepts_jobs():
             code, body = _http(f"{url}/api/jobs/", token, data=json.dumps({"entrypoint": "echo ready"}).encode())
             return code == 200
