@@ -59,18 +59,15 @@ _TABLES = ("manifest.parquet", "annotations.parquet", "categories.json", "reject
 
 def load_space(path: str | Path) -> dict:
     """Read and check a space file; returns {"strategy": str | None, "params": {path: (dist, args)}}."""
-    from poolscout.engine.core.config import configs_dir
+    from poolscout.engine.core.config import configs_dir, load_yaml
 
     p = Path(path)
     if not p.is_file() and p.suffix not in (".yaml", ".yml") and "/" not in str(path):
         p = configs_dir() / "tune" / f"{path}.yaml"
     if not p.is_file():
         raise ConfigError(f"tune space file not found: {path}")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("params"), dict) or not doc["params"]:
+    doc = load_yaml(p)  # errors name the file: bad YAML, not UTF-8, not a mapping
+    if not isinstance(doc.get("params"), dict) or not doc["params"]:
         raise ConfigError(f"{p}: expected a mapping with a non-empty 'params' mapping")
     for key in doc:
         if key not in ("strategy", "params", "description"):
@@ -98,7 +95,7 @@ def load_space(path: str | Path) -> dict:
     return {"strategy": strategy, "params": params, "path": str(p)}
 
 
-def _walk(data: dict, path: str, *, create: bool):
+def _walk(data: dict, path: str):
     """(container, key) of a dotted path in a strategy mapping."""
     parts = path.split(".")
     if len(parts) not in (3, 4) or parts[0] != "stages" or not parts[1].isdigit():
@@ -136,7 +133,7 @@ def apply_params(strategy_data: dict, params: dict[str, Any]) -> dict:
     for path, value in params.items():
         if is_setting(path):
             continue
-        holder, key = _walk(out, path, create=True)
+        holder, key = _walk(out, path)
         if isinstance(value, np.generic):
             value = value.item()
         holder[key] = value
@@ -180,7 +177,7 @@ def default_params(strategy_data: dict, space: dict, cfg: Config | None = None) 
                 v = getattr(v, part, None) if v is not None else None
             out[path] = v
             continue
-        holder, key = _walk(strategy_data, path, create=False)
+        holder, key = _walk(strategy_data, path)
         out[path] = holder.get(key) if isinstance(holder, dict) else holder[key]
     return out
 
