@@ -4,8 +4,9 @@ Each setting starts a fresh local cluster (ray.cluster_utils.Cluster: a head tha
 CPU, so every scoring task lands on a worker raylet, plus N worker raylets of `--cpus-per-node`
 CPUs each), scores the same NEU-DET pool images with the Ray executor (detector actors:
 `score.concurrency` = N, each 0.75 CPU, so that decode and signal tasks fit beside them), and
-records images/s, images/s per CPU of the cluster and the driver's peak RSS (sampled every
-50 ms). On this 2-core machine, 4 raylets of 1 CPU oversubscribe the cores: the point is that
+records images/s, images/s per CPU of the cluster, the driver's peak RSS (sampled every
+50 ms) and how many of the machine's cores were busy on average (all processes: Ray's own
+daemons, the driver, decode tasks and actors). On this 2-core machine, 4 raylets of 1 CPU oversubscribe the cores: the point is that
 the same code spreads over more raylets and the driver's memory stays flat, not the speed-up.
 With a GPU (not on this machine), the stream is measured against a plain model forward on
 preloaded tensors.
@@ -90,14 +91,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             c = load_config([REPO / "configs" / "neu_det.yaml", REPO / "configs" / "cpu-small.yaml"],
                             [*base, f"score.concurrency={n * args.cpus_per_node}"])
+            import psutil
+
+            psutil.cpu_percent(None)  # starts the machine-wide CPU-use interval
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
                 s = score(run, c, progress=False, executor="ray", force=True)
                 wall = time.perf_counter() - t0
+            busy = psutil.cpu_percent(None) / 100 * (os.cpu_count() or 1)  # cores in use, mean over the run
             cpus = n * args.cpus_per_node
             rows.append({"raylets": n, "cpus": cpus, "images": n_pool, "seconds": round(wall, 2),
                          "images_per_s": round(n_pool / wall, 2), "images_per_s_per_cpu": round(n_pool / wall / cpus, 2),
-                         "driver_peak_rss_mb": round(mem.peak / 2**20, 1), "scored": s.get("scored")})
+                         "driver_peak_rss_mb": round(mem.peak / 2**20, 1), "cores_busy": round(busy, 2),
+                         "scored": s.get("scored")})
             print(json.dumps(rows[-1]), flush=True)
         finally:
             ray.shutdown()
