@@ -263,7 +263,43 @@ def _curve(run_dir: Path) -> dict:
         "seconds": {k: round(sum((m.get("timings_s") or {}).get(k, 0.0) for m in cyc), 1)
                     for k in ("train", "evaluate", "score", "select", "label")},
         "dominant_terms": _dominant_terms(run_dir),
+        "pseudo_labels": _pseudo_quality(run_dir),
     }
+
+
+def _pseudo_quality(run_dir: Path) -> list | None:
+    """Auto-labeling loops: per cycle that trained on pseudo labels, how many images and
+    boxes, their precision against the simulated oracle's truth (a pseudo box is right when
+    a true box of its class overlaps it at IoU >= 0.5; a box on an image with no true box is
+    wrong) and the share of the true boxes of those images they found. None without any."""
+    import pyarrow.parquet as pq
+    import torch
+    from torchvision.ops import box_iou
+
+    files = sorted((run_dir / "cycles").glob("*/pseudo_labels.parquet"), key=lambda f: int(f.parent.name))
+    if not files:
+        return None
+    cols = ["image_id", "category_id", "x1", "y1", "x2", "y2"]
+    truth = pq.read_table(run_dir / "annotations.parquet", columns=cols).to_pandas()
+    by_image = {int(i): g for i, g in truth.groupby("image_id")}
+    out = []
+    for f in files:
+        pseudo = pq.read_table(f, columns=cols).to_pandas()
+        right = found = n_true = 0
+        for iid, g in pseudo.groupby("image_id"):
+            t = by_image.get(int(iid))
+            if t is None:
+                continue
+            iou = box_iou(torch.tensor(g[cols[2:]].to_numpy(), dtype=torch.float64),
+                          torch.tensor(t[cols[2:]].to_numpy(), dtype=torch.float64)).numpy()
+            hit = (iou >= 0.5) & (g["category_id"].to_numpy()[:, None] == t["category_id"].to_numpy()[None, :])
+            right += int(hit.any(1).sum())
+            found += int(hit.any(0).sum())
+            n_true += len(t)
+        out.append({"cycle": int(f.parent.name), "images": int(pseudo["image_id"].nunique()),
+                    "boxes": int(len(pseudo)), "precision50": right / len(pseudo) if len(pseudo) else None,
+                    "recall50_on_their_images": found / n_true if n_true else None})
+    return out
 
 
 def _dominant_terms(run_dir: Path) -> dict | None:
@@ -352,6 +388,14 @@ def summarise(results: dict, rarest: str | None, rare_class: str | None = None) 
         for r in per_seed.values():
             for t, n in (r.get("dominant_terms") or {}).items():
                 terms[t] = terms.get(t, 0) + int(n)
+        pl = [c for r in per_seed.values() for c in (r.get("pseudo_labels") or [])]
+        if pl:  # auto-labeling: pseudo boxes per cycle and their precision (all cycles and seeds)
+            prec = [c["precision50"] for c in pl if c.get("precision50") is not None]
+            rec = [c["recall50_on_their_images"] for c in pl if c.get("recall50_on_their_images") is not None]
+            out[strat]["pseudo_boxes_per_cycle"] = float(np.mean([c["boxes"] for c in pl]))
+            out[strat]["pseudo_images_per_cycle"] = float(np.mean([c["images"] for c in pl]))
+            out[strat]["pseudo_precision50"] = float(np.mean(prec)) if prec else None
+            out[strat]["pseudo_recall50_on_their_images"] = float(np.mean(rec)) if rec else None
         if terms:  # GSAL: the share of picks whose rationale each term dominated (all seeds)
             total = sum(terms.values())
             out[strat]["dominant_term_shares"] = {t: n / total for t, n in sorted(terms.items())}
@@ -543,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             earlier = None
     reused = reusable_loops(earlier, {**settings, "dataset": spec["name"]}, strategies, seeds)
+    for (strat, seed), r in reused.items():  # a field added since: filled from the run directory if still here
+        if "pseudo_labels" not in r and (workdir / f"{strat}_s{seed}" / "cycles").is_dir():
+            r["pseudo_labels"] = _pseudo_quality(workdir / f"{strat}_s{seed}")
     if reused:
         print(f"reusing {len(reused)} finished loops from {out} "
               f"({', '.join(f'{k[0]} seed {k[1]}' for k in sorted(reused))}); --no-reuse reruns them", flush=True)
@@ -614,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
               f"to-reach-random {s['labels_to_reach_random_final']} images / {s['labels_to_reach_random_final_boxes']} boxes  {rarest} recall50 {s['rarest_class_recall50']}"
               + (f"  {rare[0]} share ratio {s['rare_share_ratio']} AP50 {s['rare_class_ap50']}" if rare else "")
               + (f"  dominant {s['dominant_term_shares']}" if s.get("dominant_term_shares") else "")
+              + (f"  pseudo {s['pseudo_boxes_per_cycle']:.0f} boxes/cycle, precision50 {s['pseudo_precision50']:.3f}"
+                 if s.get("pseudo_precision50") is not None else "")
               + (f"  (seeds {s['seeds_done']})" if len(s["seeds_done"]) < len(seeds) else ""))
     return 0
 

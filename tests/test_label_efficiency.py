@@ -166,3 +166,32 @@ def test_check_reproduced_compares_cycle0_of_the_same_seed(bench):
 def test_git_commit_names_this_checkout(bench):
     c = bench.git_commit()
     assert c is None or (len(c) == 12 and all(ch in "0123456789abcdef" for ch in c))
+
+
+def test_pseudo_quality_against_hand_counted_truth(bench, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def table(rows):
+        cols = ["image_id", "category_id", "x1", "y1", "x2", "y2"]
+        return pa.table({c: [r[i] for r in rows] for i, c in enumerate(cols)})
+
+    # truth: image 1 has two boxes of class 1 and 2; image 2 has one; image 3 is clean
+    pq.write_table(table([(1, 1, 0, 0, 10, 10), (1, 2, 20, 20, 30, 30), (2, 1, 0, 0, 10, 10)]),
+                   tmp_path / "annotations.parquet")
+    (tmp_path / "cycles" / "2").mkdir(parents=True)
+    pq.write_table(table([(1, 1, 0, 0, 10, 9),      # right: class 1, IoU 0.9
+                          (1, 1, 20, 20, 30, 30),   # wrong class on the class-2 box
+                          (2, 1, 0, 0, 10, 4),      # IoU 0.4: wrong
+                          (3, 2, 5, 5, 9, 9)]),     # clean image: wrong
+                   tmp_path / "cycles" / "2" / "pseudo_labels.parquet")
+    q = bench._pseudo_quality(tmp_path)
+    assert q == [{"cycle": 2, "images": 3, "boxes": 4, "precision50": pytest.approx(0.25),
+                  "recall50_on_their_images": pytest.approx(1 / 3)}]
+    plain = tmp_path / "plain"  # a loop without auto-labeling
+    (plain / "cycles" / "1").mkdir(parents=True)
+    assert bench._pseudo_quality(plain) is None
+    s = bench.summarise({"entropy_pseudo": {"0": {"labeled": [1, 2], "labeled_boxes": [1, 2], "map50": [0.1, 0.2],
+                                                  "map": [0.1, 0.1], "per_class_final": [], "pseudo_labels": q}}}, None)
+    assert s["entropy_pseudo"]["pseudo_precision50"] == pytest.approx(0.25)
+    assert s["entropy_pseudo"]["pseudo_boxes_per_cycle"] == 4.0
