@@ -448,6 +448,17 @@ def git_commit() -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """The CPU's model name and whether it has AVX-512: CPU kernels differ between machines, so
+    the same seeded training can end elsewhere (cycle0_reproduced says whether it did)."""
+    try:
+        info = Path(cpuinfo).read_text()
+    except OSError:
+        return platform.processor() or None
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), None)
+    return f"{name or 'unknown'}{', avx512f' if ' avx512f' in info else ''}"
+
+
 def reusable_loops(doc: dict | None, settings: dict, strategies: list[str], seeds: list[int]) -> dict:
     """Finished loops of an earlier results document that this run may take as they are.
 
@@ -593,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     if reused:
         print(f"reusing {len(reused)} finished loops from {out} "
               f"({', '.join(f'{k[0]} seed {k[1]}' for k in sorted(reused))}); --no-reuse reruns them", flush=True)
-    provenance = {"commit": git_commit(), "platform": platform.platform()}
+    provenance = {"commit": git_commit(), "platform": platform.platform(), "cpu": cpu_model()}
 
     from poolscout.jobs.ray_env import connect
 
@@ -643,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "label_efficiency", "dataset": spec["name"], "pool": str(args.pool), "preset": args.preset,
         "complete": not missing, "missing": missing,
         "settings": settings,
-        "machine": {"cpus": info["cpus"], "gpus": info["gpus"], "platform": platform.platform()},
+        "machine": {"cpus": info["cpus"], "gpus": info["gpus"], "platform": platform.platform(), "cpu": cpu_model()},
         "wall_seconds": round(wall, 1) + (float((earlier or {}).get("wall_seconds") or 0) if reused else 0.0),
         "summary": summary,
         "runs": results,

@@ -168,6 +168,16 @@ def test_git_commit_names_this_checkout(bench):
     assert c is None or (len(c) == 12 and all(ch in "0123456789abcdef" for ch in c))
 
 
+def test_cpu_model_names_the_processor(bench, tmp_path):
+    cpu = bench.cpu_model()
+    assert cpu is None or (cpu.strip() and not cpu.startswith(":"))
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse avx512f avx2\n")
+    assert bench.cpu_model(fake) == "Test CPU 9000, avx512f"
+    fake.write_text("processor\t: 0\nmodel name\t: Old CPU\nflags\t\t: fpu sse avx2\n")
+    assert bench.cpu_model(fake) == "Old CPU"
+
+
 def test_pseudo_quality_against_hand_counted_truth(bench, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
