@@ -484,17 +484,28 @@ def reusable_loops(doc: dict | None, settings: dict, strategies: list[str], seed
     return out
 
 
+def _run_key(loop: dict) -> tuple:
+    """Which run of the benchmark wrote a loop: its commit and when it was collected."""
+    p = loop.get("provenance") or {}
+    return p.get("commit"), p.get("collected") or p.get("finished")
+
+
 def check_reproduced(reused: dict, fresh: dict) -> None:
-    """Mark each reused loop with whether this run's cycle 0 of the same seed and the same
-    cycle-0 group (the variant's extra settings: a cold-start variant picks another seed set)
-    reproduced its cycle-0 mAP50 exactly (same code and machine behaviour); None when no such
-    loop ran here."""
+    """Mark each reused loop with whether the cycle 0 of every other run's loop of the same
+    seed and cycle-0 group (the variant's extra settings: a cold-start variant picks another
+    seed set) got the same mAP50 exactly: this run's fresh loops and reused loops that another
+    run wrote (same code and machine behaviour; seeded CPU training differs across CPU models).
+    With no such loop an earlier verdict stays (None if there was none)."""
     for (strat, seed), r in reused.items():
         group = variant(strat)[1]
-        new = [v["map50"][0] for (s2, sd2), v in fresh.items()
-               if sd2 == seed and variant(s2)[1] == group and v.get("map50")]
-        r["provenance"]["cycle0_reproduced"] = (None if not new else
-                                                bool(all(abs(m - r["map50"][0]) < 1e-9 for m in new)))
+        same = [v for (s2, sd2), v in fresh.items() if sd2 == seed and variant(s2)[1] == group]
+        same += [v for (s2, sd2), v in reused.items()
+                 if sd2 == seed and variant(s2)[1] == group and _run_key(v) != _run_key(r)]
+        new = [v["map50"][0] for v in same if v.get("map50")]
+        if new:
+            r["provenance"]["cycle0_reproduced"] = bool(all(abs(m - r["map50"][0]) < 1e-9 for m in new))
+        else:
+            r["provenance"].setdefault("cycle0_reproduced", None)
 
 
 def main(argv: list[str] | None = None) -> int:

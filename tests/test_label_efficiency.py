@@ -161,6 +161,18 @@ def test_check_reproduced_compares_cycle0_of_the_same_seed(bench):
     assert cold[("maxherding_cold", 0)]["provenance"]["cycle0_reproduced"] is None
     bench.check_reproduced(cold, {**fresh, ("coreset_cold", 0): _loop(0.3)})
     assert cold[("maxherding_cold", 0)]["provenance"]["cycle0_reproduced"] is True
+    # with nothing to compare against, an earlier verdict stays
+    bench.check_reproduced(cold, {})
+    assert cold[("maxherding_cold", 0)]["provenance"]["cycle0_reproduced"] is True
+    # reused loops that two different runs wrote are compared with each other
+    old, new = _loop(0.235), _loop(0.196)
+    new["provenance"].update(commit="def", collected="2026-12-06T20:19:15Z")
+    both = {("random", 0): old, ("entropy", 0): new}
+    bench.check_reproduced(both, {})
+    assert old["provenance"]["cycle0_reproduced"] is False and new["provenance"]["cycle0_reproduced"] is False
+    same_run = {("random", 1): _loop(0.2), ("entropy", 1): _loop(0.3)}  # one run: shared cycle 0, not compared
+    bench.check_reproduced(same_run, {})
+    assert same_run[("random", 1)]["provenance"]["cycle0_reproduced"] is None
 
 
 def test_git_commit_names_this_checkout(bench):
