@@ -273,32 +273,34 @@ def _pseudo_quality(run_dir: Path) -> list | None:
     a true box of its class overlaps it at IoU >= 0.5; a box on an image with no true box is
     wrong) and the share of the true boxes of those images they found. None without any."""
     import pyarrow.parquet as pq
-    import torch
-    from torchvision.ops import box_iou
+
+    from poolscout.kernels.boxes import ragged_max_iou
 
     files = sorted((run_dir / "cycles").glob("*/pseudo_labels.parquet"), key=lambda f: int(f.parent.name))
     if not files:
         return None
     cols = ["image_id", "category_id", "x1", "y1", "x2", "y2"]
-    truth = pq.read_table(run_dir / "annotations.parquet", columns=cols).to_pandas()
-    by_image = {int(i): g for i, g in truth.groupby("image_id")}
+
+    def ragged(path):  # (image ids sorted, boxes, class ids) of a table
+        t = pq.read_table(path, columns=cols).sort_by("image_id")
+        return (t["image_id"].to_numpy(), np.stack([t[c].to_numpy() for c in cols[2:]], 1).astype(np.float64),
+                t["category_id"].to_numpy())
+
+    t_ids, t_box, t_cls = ragged(run_dir / "annotations.parquet")
     out = []
     for f in files:
-        pseudo = pq.read_table(f, columns=cols).to_pandas()
-        right = found = n_true = 0
-        for iid, g in pseudo.groupby("image_id"):
-            t = by_image.get(int(iid))
-            if t is None:
-                continue
-            iou = box_iou(torch.tensor(g[cols[2:]].to_numpy(), dtype=torch.float64),
-                          torch.tensor(t[cols[2:]].to_numpy(), dtype=torch.float64)).numpy()
-            hit = (iou >= 0.5) & (g["category_id"].to_numpy()[:, None] == t["category_id"].to_numpy()[None, :])
-            right += int(hit.any(1).sum())
-            found += int(hit.any(0).sum())
-            n_true += len(t)
-        out.append({"cycle": int(f.parent.name), "images": int(pseudo["image_id"].nunique()),
-                    "boxes": int(len(pseudo)), "precision50": right / len(pseudo) if len(pseudo) else None,
-                    "recall50_on_their_images": found / n_true if n_true else None})
+        p_ids, p_box, p_cls = ragged(f)
+        ids = np.unique(p_ids)
+        p_off = np.searchsorted(p_ids, np.append(ids, np.iinfo(np.int64).max))
+        lo, hi = np.searchsorted(t_ids, ids, "left"), np.searchsorted(t_ids, ids, "right")
+        keep = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)] or [np.zeros(0, np.int64)])
+        t_off = np.concatenate([[0], np.cumsum(hi - lo)])
+        tb, tc = t_box[keep], t_cls[keep]
+        right = int((ragged_max_iou(p_box, p_off, tb, t_off, p_cls, tc)[0] >= 0.5).sum())
+        found = int((ragged_max_iou(tb, t_off, p_box, p_off, tc, p_cls)[0] >= 0.5).sum())
+        out.append({"cycle": int(f.parent.name), "images": int(len(ids)), "boxes": int(len(p_ids)),
+                    "precision50": right / len(p_ids) if len(p_ids) else None,
+                    "recall50_on_their_images": found / len(tb) if len(tb) else None})
     return out
 
 
@@ -609,13 +611,15 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             earlier = None
     reused = reusable_loops(earlier, {**settings, "dataset": spec["name"]}, strategies, seeds)
-    for (strat, seed), r in reused.items():  # a field added since: filled from the run directory if still here
-        if "pseudo_labels" not in r and (workdir / f"{strat}_s{seed}" / "cycles").is_dir():
-            r["pseudo_labels"] = _pseudo_quality(workdir / f"{strat}_s{seed}")
+    for (strat, seed), r in reused.items():  # fields added since: from the loop's run directory, if still here
+        d = workdir / f"{strat}_s{seed}"
+        if (d / "cycles").is_dir() and (c := _curve(d))["map50"] == r["map50"]:
+            r.update({k: v for k, v in c.items() if k not in r})
     if reused:
         print(f"reusing {len(reused)} finished loops from {out} "
               f"({', '.join(f'{k[0]} seed {k[1]}' for k in sorted(reused))}); --no-reuse reruns them", flush=True)
-    provenance = {"commit": git_commit(), "platform": platform.platform(), "cpu": cpu_model()}
+    cpu = cpu_model()
+    provenance = {"commit": git_commit(), "platform": platform.platform(), "cpu": cpu}
 
     from poolscout.jobs.ray_env import connect
 
@@ -665,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "label_efficiency", "dataset": spec["name"], "pool": str(args.pool), "preset": args.preset,
         "complete": not missing, "missing": missing,
         "settings": settings,
-        "machine": {"cpus": info["cpus"], "gpus": info["gpus"], "platform": platform.platform(), "cpu": cpu_model()},
+        "machine": {"cpus": info["cpus"], "gpus": info["gpus"], "platform": platform.platform(), "cpu": cpu},
         "wall_seconds": round(wall, 1) + (float((earlier or {}).get("wall_seconds") or 0) if reused else 0.0),
         "summary": summary,
         "runs": results,
