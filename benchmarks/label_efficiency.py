@@ -724,9 +724,11 @@ def run_loops(args, spec, files, runs, ovs, fractions, gsal, diffusion, workdir,
     if gsal:  # every loop's first scoring then reads the maps instead of computing them side by side
         from poolscout.jobs.score import warm_maps
 
-        key = next(iter(firsts.values()))
-        w = warm_maps(runs[key], runs[key].config(files, [o for o in ovs[key] if o != "gsal.threads=1"]))
-        print(f"map cache: {w['computed']} of {w['images']} images computed in {w['seconds']:.0f} s", flush=True)
+        # the maps' noise is drawn from the run's seed, so each seed has its own cache
+        for key in {k[1]: k for k in firsts.values()}.values():
+            w = warm_maps(runs[key], runs[key].config(files, [o for o in ovs[key] if o != "gsal.threads=1"]))
+            print(f"map cache (seed {key[1]}): {w['computed']} of {w['images']} images computed in "
+                  f"{w['seconds']:.0f} s", flush=True)
     print(f"{len(runs)} loops on {info['cpus']:.0f} CPUs / {info['gpus']:.0f} GPUs; logs in {workdir}/*/loop.log",
           flush=True)
     res = compare(runs, config_files=files, overrides=ovs, cycles=cycles, cpus_per_run=preset["cpus_per_run"],

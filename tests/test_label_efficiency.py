@@ -217,3 +217,19 @@ def test_pseudo_quality_against_hand_counted_truth(bench, tmp_path):
                                                   "map": [0.1, 0.1], "per_class_final": [], "pseudo_labels": q}}}, None)
     assert s["entropy_pseudo"]["pseudo_precision50"] == pytest.approx(0.25)
     assert s["entropy_pseudo"]["pseudo_boxes_per_cycle"] == 4.0
+
+
+def test_gsal_box_contrast_box_ratios():
+    """Box-mean over the image median, on maps at half the image's resolution."""
+    spec = importlib.util.spec_from_file_location("gsal_box_contrast", REPO / "benchmarks" / "gsal_box_contrast.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import numpy as np
+
+    maps = np.ones((2, 4, 4))
+    maps[0, 0:2, 2:4] = 5.0  # D: top-right quarter bright (median stays 1)
+    maps[1, 3, 0] = 9.0  # V: one bottom-left cell
+    # an 8 x 8 image: box (4, 0, 8, 4) is the top-right map quarter; (0, 6, 2, 8) the one V cell;
+    # a box thinner than a map cell still covers one cell
+    r = mod.box_ratios(maps, np.array([[4, 0, 8, 4], [0, 6, 2, 8], [5.2, 1.1, 5.4, 1.3]]), 8.0, 8.0)
+    np.testing.assert_allclose(r, [[5.0, 1.0], [1.0, 9.0], [5.0, 1.0]])
