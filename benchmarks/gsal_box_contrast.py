@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
+    import pyarrow as pa
+
     from poolscout.engine.core import io
     from poolscout.engine.models.diffusion import MapCache
 
@@ -58,25 +60,26 @@ def main() -> None:
     cats = {c["id"]: c["name"] for c in json.loads((run / "categories.json").read_text())}
     # one cache per (model, settings, seed): the harness's seeds draw different noise
     out = {"workdir": str(args.workdir), "run": run.name, "caches": {}}
+    ids = man.index.to_numpy(np.int64)
+    boxes = {int(i): g for i, g in ann.groupby("image_id")}
     for cdir in caches:
-        cache = MapCache(cdir)
-        index = cache._load_index()  # image id -> (part, row); the maps' resolution comes from their size
+        part = next(cdir.glob("part-*.arrow"))  # every part holds maps of one size: (2, r, r) flattened
+        r = int(round(np.sqrt(pa.ipc.open_file(str(part)).schema.field("maps").type.list_size / 2)))
+        found, maps = MapCache(cdir).get(ids, r)
         rows = []
-        for iid, g in ann.groupby("image_id"):
-            hit = index.get(int(iid))
-            if hit is None:
-                continue  # test images have no maps
-            flat = cache.tables[hit[0]]["maps"][hit[1]].values.to_numpy(zero_copy_only=False)
-            r = int(round(np.sqrt(flat.size / 2)))
-            ratios = box_ratios(flat.reshape(2, r, r), g[["x1", "y1", "x2", "y2"]].to_numpy(float),
+        for iid, m in zip(ids[found].tolist(), maps):
+            g = boxes.get(iid)
+            if g is None:
+                continue  # a defect-free image
+            ratios = box_ratios(m, g[["x1", "y1", "x2", "y2"]].to_numpy(float),
                                 float(man.loc[iid, "width"]), float(man.loc[iid, "height"]))
             rows += [(cats[int(c)], d, v) for c, (d, v) in zip(g["category_id"], ratios)]
         names = np.array([n for n, _, _ in rows])
         d = np.array([x for _, x, _ in rows])
         v = np.array([x for _, _, x in rows])
         pct = (np.argsort(np.argsort(d)) + 0.5) / len(d)  # percentile of each box's D ratio among all boxes
-        res = {"images": len(index), "boxes": int(len(d)), "classes": {}}
-        print(f"cache {cdir.name}: {len(index)} images, {len(d)} true boxes", flush=True)
+        res = {"images": int(found.sum()), "boxes": int(len(d)), "classes": {}}
+        print(f"cache {cdir.name}: {int(found.sum())} images, {len(d)} true boxes", flush=True)
         for c in sorted(set(names), key=lambda c: -np.median(d[names == c])):
             m = names == c
             res["classes"][c] = {"boxes": int(m.sum()), "d_ratio_median": round(float(np.median(d[m])), 3),
