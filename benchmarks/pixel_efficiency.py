@@ -10,17 +10,23 @@ The authors' protocol scaled to 2 CPUs (every figure is a flag):
 * per round: 1,000 random candidate pixels per image, local herding keeps b = 20, global
   herding keeps half, K = 5 noises; B = 100 pixels per round, round 0 + 4 rounds (500
   labeled pixels at the end: about one per pool image);
-* head: MLP 240-128-32-6, 50 epochs, Adam 1e-3, class-balanced cross-entropy;
+* head: MLP 240-128-32-6, 50 epochs, Adam 1e-3, cross-entropy weighted by 1 / sqrt(class count)
+  (`segment.head_class_weights`; inverse-count weights made the head paint a class it had seen
+  once over much of the test set);
 * evaluation: mIoU over the six classes on the test masks, 256 px on the longer side;
 * strategies: random, entropy, herding (stage 1 only), edald (stage 2 only), two_stage;
   seeds 0 and 1; two loops at a time on the embedded Ray, one CPU and one thread each.
 
     python benchmarks/pixel_efficiency.py
     python benchmarks/pixel_efficiency.py --herding-cost   # after the loops: their round-0 candidates
+    python benchmarks/pixel_efficiency.py --ceiling        # what the features allow with many labels
 
 Results: benchmarks/results/pixel_efficiency_magnetic_tile.json and .png (mIoU against labeled
 pixels, mean and range over seeds); `--herding-cost` adds the global stage's time and memory,
-sparse (FAISS kNN graph) against a dense kernel, at the pool's real candidate count.
+sparse (FAISS kNN graph) against a dense kernel, at the pool's real candidate count;
+`--ceiling` adds the mIoU a head reaches on the same features with `--ceiling-labels` random
+labeled pixels of half the test images (evaluated on the other half), per class weighting: the
+top of the scale the strategies' curves live on.
 """
 from __future__ import annotations
 
@@ -97,13 +103,24 @@ def aulc(x, y) -> float:
     return float(np.trapezoid(y, x) / (x[-1] - x[0])) if len(x) > 1 and x[-1] > x[0] else float(y[-1])
 
 
+def defect_pixels(m: dict) -> int:
+    """Labeled pixels of a defect class (not background) after a round."""
+    return int(sum(v for k, v in m["labeled_per_class"].items() if k != "background"))
+
+
 def summarise(results: dict) -> dict:
     out = {}
     for strat, per_seed in results.items():
         x = np.mean([[m["labeled_pixels"] for m in r["rounds"]] for r in per_seed.values()], 0)
+        dp = np.mean([[defect_pixels(m) for m in r["rounds"]] for r in per_seed.values()], 0)
+        last = [r["rounds"][-1]["labeled_per_class"] for r in per_seed.values()]
         y = np.array([[m["eval"]["miou"] for m in r["rounds"]] for r in per_seed.values()])
         out[strat] = {"labeled_pixels": x.tolist(), "miou_mean": y.mean(0).tolist(), "miou_std": y.std(0).tolist(),
                       "final_miou": float(y.mean(0)[-1]), "aulc": aulc(x, y.mean(0)),
+                      "defect_pixels_mean": dp.tolist(),
+                      "final_labeled_per_class": {c: float(np.mean([v[c] for v in last])) for c in last[0]},
+                      "final_pixel_accuracy": float(np.mean([r["rounds"][-1]["eval"]["pixel_accuracy"]
+                                                             for r in per_seed.values()])),
                       "final_per_class_iou": {c: float(np.mean([r["rounds"][-1]["eval"]["per_class_iou"][c] or 0.0
                                                                 for r in per_seed.values()]))
                                               for c in next(iter(per_seed.values()))["rounds"][-1]["eval"]
@@ -182,6 +199,70 @@ def herding_cost(workdir: Path, args) -> dict:
     return out
 
 
+def feature_ceiling(workdir: Path, args) -> dict:
+    """A head trained on `args.ceiling_labels` random pixels of the even-id test images (their
+    masks as labels) and scored on the odd-id ones, on the loops' features (grid of
+    `args.ceiling_side` px on the longer side), once per class weighting."""
+    import torch
+
+    from poolscout.engine.core import io
+    from poolscout.engine.core.config import configs_dir
+    from poolscout.engine.core.run import RunDir
+    from poolscout.engine.data.segmentation import read_mask
+    from poolscout.engine.models import pixel_features as F
+    from poolscout.engine.models.pixel_stage import PixelStage
+    from poolscout.jobs.segment import _image_rows, _stage_kwargs, masks_path
+
+    base = RunDir(workdir / "base")
+    if not base.exists():
+        raise SystemExit(f"error: {base.root} does not exist; run the loops first")
+    ov = [*base_overrides(args), f"gsal.model={workdir / 'diffusion' / 'model'}"]
+    cfg = base.config([str(configs_dir() / "magnetic_tile.yaml")], ov)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    rows = _image_rows(base, base.ids_in_state("test"))
+    rows = rows.join(io.read_table(masks_path(base)), keys="image_id", join_type="inner").sort_by("image_id")
+    kw = {k: v for k, v in _stage_kwargs(base, cfg, "pixels", 0, None).items() if k != "reads"}
+    stage = PixelStage(**kw)
+    c = len(cfg.dataset.classes) + 1
+    feats, labels, part = [], [], []
+    t0 = time.time()
+    for r in rows.to_pylist():
+        w, h = int(r["width"]), int(r["height"])
+        sc = min(1.0, args.ceiling_side / max(w, h))
+        gw, gh = max(1, round(w * sc)), max(1, round(h * sc))
+        gx, gy = np.meshgrid(np.arange(gw), np.arange(gh))
+        px = np.minimum(((gx.reshape(-1) + 0.5) / gw * w).astype(np.int64), w - 1)
+        py = np.minimum(((gy.reshape(-1) + 0.5) / gh * h).astype(np.int64), h - 1)
+        mask = read_mask(r["mask_uri"], fmt=cfg.segment.mask_format, num_classes=c - 1,
+                         mask_class=int(r["mask_class"] or 0), threshold=cfg.segment.mask_threshold, size=(w, h))
+        batch = {"image_id": np.array([r["image_id"]]), "uri": np.array([r["uri"]]), "width": np.array([w]),
+                 "height": np.array([h]), "req_x": np.array([px], dtype=object), "req_y": np.array([py], dtype=object)}
+        out = stage(batch)
+        if out["error"][0].as_py():
+            raise SystemExit(f"error: test image {r['image_id']}: {out['error'][0].as_py()}")
+        feats.append(out["feat"][0].values.to_numpy(zero_copy_only=False).astype(np.float16).reshape(len(px), -1))
+        labels.append(mask[py, px].astype(np.int64))
+        part.append(np.full(len(px), int(r["image_id"]) % 2))
+    x, y, part = np.concatenate(feats), np.concatenate(labels), np.concatenate(part)
+    ok = y != 255
+    train_rows, eval_rows = np.flatnonzero(ok & (part == 0)), np.flatnonzero(ok & (part == 1))
+    rng = np.random.default_rng(0)
+    pick = rng.choice(train_rows, min(args.ceiling_labels, len(train_rows)), replace=False)
+    res = {"labels": int(len(pick)), "labels_per_class": np.bincount(y[pick], minlength=c).tolist(),
+           "eval_pixels": int(len(eval_rows)), "grid_side": args.ceiling_side, "epochs": args.ceiling_epochs,
+           "features_s": round(time.time() - t0, 1), "miou": {}, "per_class_iou": {}}
+    for mode in F.CLASS_WEIGHTS:
+        head, _ = F.train_head(x[pick].astype(np.float32), y[pick], c, epochs=args.ceiling_epochs,
+                               class_weights=mode)
+        pred = F.predict_proba(head, x[eval_rows].astype(np.float32)).argmax(1)
+        miou, per = F.iou_from_confusion(F.confusion(pred, y[eval_rows], c))
+        res["miou"][mode], res["per_class_iou"][mode] = miou, per
+        print(f"ceiling, {mode} weights: mIoU {miou:.3f}", flush=True)
+    res["all_background_miou"] = F.iou_from_confusion(F.confusion(np.zeros(len(eval_rows), np.int64),
+                                                                  y[eval_rows], c))[0]
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
@@ -201,13 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--diffusion-steps", type=int, default=2500)
     ap.add_argument("--parallel", type=int, default=2, help="Loops at a time (one CPU each).")
     ap.add_argument("--herding-cost", action="store_true")
+    ap.add_argument("--ceiling", action="store_true")
+    ap.add_argument("--ceiling-labels", type=int, default=50_000)
+    ap.add_argument("--ceiling-side", type=int, default=96, help="Test grid's longer side for --ceiling.")
+    ap.add_argument("--ceiling-epochs", type=int, default=20)
     args = ap.parse_args(argv)
     workdir, out = Path(args.workdir), Path(args.out)
     workdir.mkdir(parents=True, exist_ok=True)
-    if args.herding_cost:
-        cost = herding_cost(workdir, args)
+    if args.herding_cost or args.ceiling:
+        key, cost = (("herding_cost", herding_cost(workdir, args)) if args.herding_cost
+                     else ("feature_ceiling", feature_ceiling(workdir, args)))
         doc = json.loads(out.read_text()) if out.is_file() else {}
-        doc["herding_cost"] = cost
+        doc[key] = cost
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=2))
         print(json.dumps(cost, indent=2))
@@ -237,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(results)
     doc = json.loads(out.read_text()) if out.is_file() else {}
     doc.update({"benchmark": "pixel_efficiency", "dataset": "magnetic_tile",
-                "settings": {**{k: v for k, v in vars(args).items() if k not in ("herding_cost",)},
+                "settings": {**{k: v for k, v in vars(args).items() if not k.startswith(("herding_cost", "ceiling"))},
                              "overrides": ov, "configs": [Path(f).name for f in files]},
                 "machine": {"cpus": info["cpus"], "gpus": info["gpus"], "platform": platform.platform()},
                 "wall_seconds": round(time.time() - t0, 1), "summary": summary, "runs": results})
@@ -248,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(summary, results, out.with_suffix(".png"),
          f"Magnetic Tile pixels: {args.budget} per round, {args.rounds + 1} rounds, seeds {seeds}")
     for s, v in sorted(summary.items(), key=lambda kv: -kv[1]["aulc"]):
-        print(f"  {s:10s} final mIoU {v['final_miou']:.3f}  AULC {v['aulc']:.3f}")
+        print(f"  {s:10s} final mIoU {v['final_miou']:.3f}  AULC {v['aulc']:.3f}  "
+              f"defect pixels labeled {v['defect_pixels_mean'][-1]:.1f}")
     return 0
 
 

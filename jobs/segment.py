@@ -347,14 +347,16 @@ def _train_head_in_process(run: RunDir, cfg: Config, out: Path) -> dict:
     t0 = time.time()
     try:
         head, losses = train_head(feats[keep], y[keep], len(cfg.dataset.classes) + 1, epochs=int(seg.head_epochs),
-                                  lr=float(seg.head_lr), batch=int(seg.head_batch_size), seed=int(cfg.seed))
+                                  lr=float(seg.head_lr), batch=int(seg.head_batch_size), seed=int(cfg.seed),
+                                  class_weights=seg.head_class_weights)
     finally:
         torch.set_num_threads(threads)
     tmp = out.with_name(f".{out.name}.tmp")
     torch.save(head.state_dict(), tmp)
     tmp.replace(out)
     counts = np.bincount(y[keep], minlength=len(cfg.dataset.classes) + 1)
-    return {"pixels": int(keep.sum()), "class_counts": counts.tolist(), "loss_first": losses[0],
+    return {"pixels": int(keep.sum()), "class_counts": counts.tolist(), "class_weights": seg.head_class_weights,
+            "loss_first": losses[0],
             "loss_last": losses[-1], "seconds": round(time.time() - t0, 2)}
 
 

@@ -17,12 +17,18 @@ def bench():
 
 
 def test_summary_by_hand(bench):
-    def run(mious):
-        return {"rounds": [{"labeled_pixels": 100 * (i + 1), "eval": {"miou": m, "per_class_iou":
-                                                                      {"background": 0.9, "crack": None}}}
-                           for i, m in enumerate(mious)], "seconds": 1.0}
+    def run(mious, cracks):
+        return {"rounds": [{"labeled_pixels": 100 * (i + 1),
+                            "labeled_per_class": {"background": 100 * (i + 1) - c, "crack": c},
+                            "eval": {"miou": m, "per_class_iou": {"background": 0.9, "crack": None},
+                                     "pixel_accuracy": 0.8 + 0.05 * i}}
+                           for i, (m, c) in enumerate(zip(mious, cracks))], "seconds": 1.0}
 
-    s = bench.summarise({"two_stage": {"0": run([0.2, 0.4, 0.6]), "1": run([0.2, 0.2, 0.4])}})["two_stage"]
+    s = bench.summarise({"two_stage": {"0": run([0.2, 0.4, 0.6], [1, 3, 6]),
+                                       "1": run([0.2, 0.2, 0.4], [0, 2, 3])}})["two_stage"]
+    assert s["defect_pixels_mean"] == pytest.approx([0.5, 2.5, 4.5])
+    assert s["final_labeled_per_class"] == {"background": pytest.approx(295.5), "crack": pytest.approx(4.5)}
+    assert s["final_pixel_accuracy"] == pytest.approx(0.9)
     assert s["labeled_pixels"] == [100, 200, 300] and s["miou_mean"] == pytest.approx([0.2, 0.3, 0.5])
     # trapezoid over [100, 300]: (0.25 * 100 + 0.4 * 100) / 200
     assert s["aulc"] == pytest.approx(0.325) and s["final_miou"] == pytest.approx(0.5)

@@ -79,6 +79,21 @@ def test_head_learns_separable_pixels_deterministically():
         F.train_head(x, np.full(600, 3), 3, epochs=1)
 
 
+def test_class_weights_by_hand():
+    y = np.array([0] * 96 + [1] + [2] * 3)  # class 3 unlabeled
+    # sqrt: 1/sqrt(96), 1, 1/sqrt(3), scaled so that sum(w * count) = 100
+    s = 100 / (96 / np.sqrt(96) + 1 + 3 / np.sqrt(3))
+    np.testing.assert_allclose(F.class_weight_vector(y, 4), [s / np.sqrt(96), s, s / np.sqrt(3), 0], rtol=1e-6)
+    # inverse: each labeled class carries a third of the loss
+    np.testing.assert_allclose(F.class_weight_vector(y, 4, "inverse"), [100 / 3 / 96, 100 / 3, 100 / 9, 0], rtol=1e-6)
+    assert F.class_weight_vector(y, 4, "none") is None
+    with pytest.raises(ValueError, match="class weights"):
+        F.class_weight_vector(y, 4, "balanced")
+    # the single rare pixel weighs sqrt(96) ~ 9.8x a background one, not 96x
+    w = F.class_weight_vector(y, 4)
+    assert w[1] / w[0] == pytest.approx(np.sqrt(96), rel=1e-6)
+
+
 def test_confusion_and_miou_by_hand():
     gt = np.array([[0, 0, 1], [1, 255, 2]])
     pred = np.array([[0, 1, 1], [1, 0, 0]])

@@ -379,6 +379,7 @@ class SegmentConfig:
     head_epochs: int = spec(50, ge(1))
     head_lr: float = spec(1e-3, within(0, 1, lo_open=True))
     head_batch_size: int = spec(256, ge(1))
+    head_class_weights: str = spec("sqrt", one_of("sqrt", "inverse", "none"))  # cross-entropy class weights
     eval_max_side: int = spec(256, ge(0))  # evaluation grid's longer side (0 = full resolution)
     batch_size: int = spec(4, ge(1))  # images per feature batch
     # feature stage (Ray Data actors)

@@ -172,10 +172,16 @@ class PixelHead(torch.nn.Module):
 
 def train_head(feats: np.ndarray, labels: np.ndarray, num_classes: int, *, epochs: int = 50, lr: float = 1e-3,
                batch: int = 256, weight_decay: float = 1e-4, hidden: Sequence[int] = (128, 32), seed: int = 0,
-               balanced: bool = True) -> tuple[PixelHead, list[float]]:
-    """Fit a PixelHead on labeled pixels (Adam, cross-entropy; `balanced`: class weights
-    inversely proportional to the labeled counts, so a few defect pixels among many
-    background ones still count). Deterministic for a seed on the CPU.
+               class_weights: str = "sqrt") -> tuple[PixelHead, list[float]]:
+    """Fit a PixelHead on labeled pixels (Adam, cross-entropy). Deterministic for a seed on
+    the CPU.
+
+    `class_weights` weighs the labeled classes: "sqrt" (default) by 1 / sqrt(count), "inverse"
+    by 1 / count, "none" equally; weights are scaled so the labeled pixels' mean weight is 1.
+    Inverse weights hurt at pixel budgets where a class has one or two labeled pixels: on
+    Magnetic Tile (500 random pixels, 5 defect classes) a single Break pixel weighed ~90x a
+    background one and the head painted Break over a fifth of the test images; sqrt keeps
+    rare classes in the loss without that (benchmarks/pixel_efficiency.py, README).
 
     Returns:
         (the head in eval mode, the mean loss of each epoch).
@@ -189,10 +195,8 @@ def train_head(feats: np.ndarray, labels: np.ndarray, num_classes: int, *, epoch
     g = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))
     head = PixelHead(x.shape[1], num_classes, hidden)
-    w = None
-    if balanced:
-        cnt = torch.bincount(y, minlength=num_classes).float()
-        w = torch.where(cnt > 0, cnt.sum() / (cnt.clamp(min=1) * (cnt > 0).sum()), torch.zeros_like(cnt))
+    w = class_weight_vector(y.numpy(), num_classes, class_weights)
+    w = None if w is None else torch.from_numpy(w)
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
     losses = []
     head.train()
@@ -209,6 +213,25 @@ def train_head(feats: np.ndarray, labels: np.ndarray, num_classes: int, *, epoch
             m += len(idx)
         losses.append(tot / m)
     return head.eval(), losses
+
+
+CLASS_WEIGHTS = ("sqrt", "inverse", "none")
+
+
+def class_weight_vector(labels: np.ndarray, num_classes: int, mode: str = "sqrt") -> np.ndarray | None:
+    """(C,) float32 cross-entropy weights of `mode` (see `train_head`) for these labels, 0 for
+    classes without a label, scaled to a mean weight of 1 over the labeled pixels; None for
+    "none"."""
+    if mode not in CLASS_WEIGHTS:
+        raise ValueError(f"class weights must be one of {CLASS_WEIGHTS}, got {mode!r}")
+    if mode == "none":
+        return None
+    cnt = np.bincount(np.asarray(labels, np.int64), minlength=num_classes).astype(np.float64)
+    have = cnt > 0
+    w = np.zeros(num_classes)
+    w[have] = 1.0 / (np.sqrt(cnt[have]) if mode == "sqrt" else cnt[have])
+    w *= cnt.sum() / max(float((w * cnt).sum()), 1e-12)
+    return w.astype(np.float32)
 
 
 @torch.no_grad()
@@ -241,5 +264,5 @@ def iou_from_confusion(conf: np.ndarray) -> tuple[float, list[float | None]]:
     return (float(np.mean(vals)) if vals else 0.0), per
 
 
-__all__ = ["PixelHead", "TIMESTEPS", "UNetFeatures", "confusion", "fixed_noise", "grid_coords", "image_to_model",
-           "iou_from_confusion", "predict_proba", "train_head"]
+__all__ = ["CLASS_WEIGHTS", "PixelHead", "TIMESTEPS", "UNetFeatures", "class_weight_vector", "confusion", "fixed_noise",
+           "grid_coords", "image_to_model", "iou_from_confusion", "predict_proba", "train_head"]
