@@ -128,25 +128,41 @@ def summarise(results: dict) -> dict:
     return out
 
 
-def plot(summary: dict, results: dict, path: Path, title: str) -> None:
+def plot(summary: dict, results: dict, path: Path, title: str, ceiling: dict | None = None) -> None:
+    """Left: test mIoU against labeled pixels (mean, range over seeds; the all-background
+    head's mIoU and the --ceiling heads' as dashed lines when known). Right: defect pixels
+    among the labeled ones."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
     for i, (s, v) in enumerate(sorted(summary.items(), key=lambda kv: -kv[1]["aulc"])):
         ys = np.array([[m["eval"]["miou"] for m in r["rounds"]] for r in results[s].values()])
+        ds = np.array([[defect_pixels(m) for m in r["rounds"]] for r in results[s].values()])
         c = "k" if s == "random" else f"C{i}"
-        ax.plot(v["labeled_pixels"], ys.mean(0), "-o", color=c, ms=4, label=f"{s} (AULC {v['aulc']:.3f})",
-                lw=2.2 if s in ("random", "two_stage") else 1.4)
+        lw = 2.2 if s in ("random", "two_stage") else 1.4
+        ax.plot(v["labeled_pixels"], ys.mean(0), "-o", color=c, ms=4, label=f"{s} (AULC {v['aulc']:.3f})", lw=lw)
+        ax2.plot(v["labeled_pixels"], ds.mean(0), "-o", color=c, ms=4, label=s, lw=lw)
         if len(ys) > 1:
             ax.fill_between(v["labeled_pixels"], ys.min(0), ys.max(0), color=c, alpha=0.12)
+            ax2.fill_between(v["labeled_pixels"], ds.min(0), ds.max(0), color=c, alpha=0.12)
+    if ceiling:
+        ax.axhline(ceiling["all_background_miou"], color="grey", ls=":", lw=1, label="all background")
+        for j, (mode, m) in enumerate(ceiling["miou"].items()):
+            ax.axhline(m, color=f"C{6 + j}", ls="--", lw=1,
+                       label=f"{ceiling['labels']:,} random labels, {mode} weights ({m:.3f})")
     ax.set_xlabel("labeled pixels")
     ax.set_ylabel("test mIoU (6 classes)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
+    ax2.set_xlabel("labeled pixels")
+    ax2.set_ylabel("labeled pixels of a defect class")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
+    ax2.set_title("defect pixels found (mean, range over seeds)", fontsize=9)
     fig.tight_layout()
     from poolscout.engine.core.io import atomic_savefig
 
@@ -263,6 +279,13 @@ def feature_ceiling(workdir: Path, args) -> dict:
     return res
 
 
+def replot(doc: dict, out: Path) -> None:
+    st = doc["settings"]
+    plot(doc["summary"], doc["runs"], out.with_suffix(".png"),
+         f"Magnetic Tile pixels: {st['budget']} per round, {st['rounds'] + 1} rounds, seeds {st['seeds']}",
+         doc.get("feature_ceiling"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
@@ -296,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         doc[key] = cost
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=2))
+        if doc.get("summary") and doc.get("runs"):
+            replot(doc, out)
         print(json.dumps(cost, indent=2))
         return 0
     base, files, ov = prepare(args, workdir)
@@ -331,8 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, out)
-    plot(summary, results, out.with_suffix(".png"),
-         f"Magnetic Tile pixels: {args.budget} per round, {args.rounds + 1} rounds, seeds {seeds}")
+    replot(doc, out)
     for s, v in sorted(summary.items(), key=lambda kv: -kv[1]["aulc"]):
         print(f"  {s:10s} final mIoU {v['final_miou']:.3f}  AULC {v['aulc']:.3f}  "
               f"defect pixels labeled {v['defect_pixels_mean'][-1]:.1f}")
