@@ -356,8 +356,7 @@ def _train_head_in_process(run: RunDir, cfg: Config, out: Path) -> dict:
     tmp.replace(out)
     counts = np.bincount(y[keep], minlength=len(cfg.dataset.classes) + 1)
     return {"pixels": int(keep.sum()), "class_counts": counts.tolist(), "class_weights": seg.head_class_weights,
-            "loss_first": losses[0],
-            "loss_last": losses[-1], "seconds": round(time.time() - t0, 2)}
+            "loss_first": losses[0], "loss_last": losses[-1], "seconds": round(time.time() - t0, 2)}
 
 
 def _ray_head_worker(config: dict) -> None:

@@ -179,9 +179,10 @@ def train_head(feats: np.ndarray, labels: np.ndarray, num_classes: int, *, epoch
     `class_weights` weighs the labeled classes: "sqrt" (default) by 1 / sqrt(count), "inverse"
     by 1 / count, "none" equally; weights are scaled so the labeled pixels' mean weight is 1.
     Inverse weights hurt at pixel budgets where a class has one or two labeled pixels: on
-    Magnetic Tile (500 random pixels, 5 defect classes) a single Break pixel weighed ~90x a
-    background one and the head painted Break over a fifth of the test images; sqrt keeps
-    rare classes in the loss without that (benchmarks/pixel_efficiency.py, README).
+    Magnetic Tile (100 random pixels, 96 of them background) a single Break or Fray pixel
+    weighed 96x a background one and the head painted defect classes over 29% of the test
+    pixels (84% after 500 labels); sqrt keeps rare classes in the loss without that
+    (benchmarks/pixel_efficiency.py, README).
 
     Returns:
         (the head in eval mode, the mean loss of each epoch).
