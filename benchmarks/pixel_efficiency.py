@@ -360,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
               + f" ({res['seconds']:.0f} s; {time.time() - t0:.0f} s elapsed)", flush=True)
     summary = summarise(results)
     doc = json.loads(out.read_text()) if out.is_file() else {}
+    loop_args = {k: v for k, v in vars(args).items() if not k.startswith(("herding_cost", "ceiling", "dense_picks"))}
     doc.update({"benchmark": "pixel_efficiency", "dataset": "magnetic_tile",
-                "settings": {**{k: v for k, v in vars(args).items() if not k.startswith(("herding_cost", "ceiling", "dense_picks"))},
+                "settings": {**loop_args,
                              "overrides": ov, "configs": [Path(f).name for f in files]},
                 "machine": {"cpus": info["cpus"], "gpus": info["gpus"], "platform": platform.platform()},
                 "wall_seconds": round(time.time() - t0, 1), "summary": summary, "runs": results})
