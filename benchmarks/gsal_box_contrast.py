@@ -28,15 +28,13 @@ sys.path.insert(0, str(REPO))
 
 def box_ratios(maps: np.ndarray, boxes: np.ndarray, w: float, h: float) -> np.ndarray:
     """(n, 2) box-mean over image median of D and V for boxes (n, 4) in image pixels; maps
-    (2, R, R) cover the whole image (GSAL's maps are the content region resized to R x R)."""
-    r = maps.shape[-1]
-    med = np.maximum(np.median(maps.reshape(2, -1), axis=1), 1e-12)
-    out = np.zeros((len(boxes), 2))
-    for j, (x1, y1, x2, y2) in enumerate(boxes):
-        c0, r0 = int(np.floor(x1 * r / w)), int(np.floor(y1 * r / h))
-        c1, r1 = max(int(np.ceil(x2 * r / w)), c0 + 1), max(int(np.ceil(y2 * r / h)), r0 + 1)
-        out[j] = maps[:, r0:r1, c0:c1].reshape(2, -1).mean(axis=1) / med
-    return out
+    (2, R, R) cover the whole image (GSAL's maps are the content region resized to R x R).
+    The values GSAL itself scores (`engine.methods.gsal.normalised_values`: the map cells whose
+    centres lie in the box, at least the one under its centre)."""
+    from poolscout.engine.methods.gsal import normalised_values
+
+    nv = normalised_values(maps[0], maps[1], np.asarray(boxes, np.float64).reshape(-1, 4), w, h)
+    return np.stack([nv["d_box"], nv["v_box"]], axis=1)
 
 
 def main() -> None:

@@ -238,7 +238,7 @@ def feature_ceiling(workdir: Path, args) -> dict:
     from poolscout.engine.core.run import RunDir
     from poolscout.engine.data.segmentation import read_mask
     from poolscout.engine.models import pixel_features as F
-    from poolscout.engine.models.pixel_stage import PixelStage
+    from poolscout.engine.models.pixel_stage import PixelStage, eval_grid
     from poolscout.jobs.segment import _image_rows, _stage_kwargs, masks_path
 
     base = RunDir(workdir / "base")
@@ -256,11 +256,7 @@ def feature_ceiling(workdir: Path, args) -> dict:
     t0 = time.time()
     for r in rows.to_pylist():
         w, h = int(r["width"]), int(r["height"])
-        sc = min(1.0, args.ceiling_side / max(w, h))
-        gw, gh = max(1, round(w * sc)), max(1, round(h * sc))
-        gx, gy = np.meshgrid(np.arange(gw), np.arange(gh))
-        px = np.minimum(((gx.reshape(-1) + 0.5) / gw * w).astype(np.int64), w - 1)
-        py = np.minimum(((gy.reshape(-1) + 0.5) / gh * h).astype(np.int64), h - 1)
+        px, py = eval_grid(w, h, args.ceiling_side)  # the loops' evaluation grid, coarser
         mask = read_mask(r["mask_uri"], fmt=cfg.segment.mask_format, num_classes=c - 1,
                          mask_class=int(r["mask_class"] or 0), threshold=cfg.segment.mask_threshold, size=(w, h))
         batch = {"image_id": np.array([r["image_id"]]), "uri": np.array([r["uri"]]), "width": np.array([w]),

@@ -94,6 +94,15 @@ def test_class_weights_by_hand():
     assert w[1] / w[0] == pytest.approx(np.sqrt(96), rel=1e-6)
 
 
+def test_eval_grid_by_hand():
+    from poolscout.engine.models.pixel_stage import eval_grid
+
+    px, py = eval_grid(4, 2)  # one cell per pixel
+    assert px.tolist() == [0, 1, 2, 3] * 2 and py.tolist() == [0] * 4 + [1] * 4
+    px, py = eval_grid(8, 4, 4)  # 4 x 2 cells of 2 x 2 pixels: their centres
+    assert px.tolist() == [1, 3, 5, 7] * 2 and py.tolist() == [1] * 4 + [3] * 4
+
+
 def test_confusion_and_miou_by_hand():
     gt = np.array([[0, 0, 1], [1, 255, 2]])
     pred = np.array([[0, 1, 1], [1, 0, 0]])

@@ -53,6 +53,18 @@ def candidate_pixels(width: int, height: int, n: int, *, seed: int, round_: int,
 READS = ("features", "head", "noises", "local")
 
 
+def eval_grid(width: int, height: int, max_side: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation grid of an image: at most `max_side` cells on the longer side (0 = one
+    per pixel), each cell's centre in image pixels (x, y), row by row."""
+    w, h = int(width), int(height)
+    s = 1.0 if not max_side or max(w, h) <= max_side else max_side / max(w, h)
+    gw, gh = max(1, int(round(w * s))), max(1, int(round(h * s)))
+    gx, gy = np.meshgrid(np.arange(gw), np.arange(gh))
+    px = np.minimum(((gx.reshape(-1) + 0.5) / gw * w).astype(np.int64), w - 1)
+    py = np.minimum(((gy.reshape(-1) + 0.5) / gh * h).astype(np.int64), h - 1)
+    return px, py
+
+
 def _as_list(v) -> np.ndarray:
     return np.asarray(v if v is not None else [], np.int64)
 
@@ -178,13 +190,7 @@ class PixelStage:
             except Exception as e:
                 out.append(e)
                 continue
-            side = max(w, h)
-            s = 1.0 if not self.eval_max_side or side <= self.eval_max_side else self.eval_max_side / side
-            gw, gh = max(1, int(round(w * s))), max(1, int(round(h * s)))
-            gx, gy = np.meshgrid(np.arange(gw), np.arange(gh))
-            # each grid cell's centre in image pixels, and the mask there (nearest)
-            px = np.minimum(((gx.reshape(-1) + 0.5) / gw * w).astype(np.int64), w - 1)
-            py = np.minimum(((gy.reshape(-1) + 0.5) / gh * h).astype(np.int64), h - 1)
+            px, py = eval_grid(w, h, self.eval_max_side)
             pred = np.concatenate([F.predict_proba(self.head, self._sample(maps, j, px[a : a + self.batch_pixels],
                                                                            py[a : a + self.batch_pixels], w, h)
                                                    ).argmax(1) for a in range(0, len(px), self.batch_pixels)])
@@ -236,4 +242,4 @@ def head_path(cycle_dir: Path) -> Path:
     return Path(cycle_dir) / "head.pt"
 
 
-__all__ = ["MODES", "PixelStage", "candidate_pixels", "head_path"]
+__all__ = ["MODES", "PixelStage", "candidate_pixels", "eval_grid", "head_path"]
